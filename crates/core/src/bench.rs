@@ -1,0 +1,1 @@
+//! Benchmark workloads (SPEC §13.7).

@@ -1,0 +1,1 @@
+//! See SPEC; filled in by its issue.

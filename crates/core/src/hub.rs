@@ -1,0 +1,1 @@
+//! Weight registry and sources (SPEC §13.6).

@@ -1,0 +1,1 @@
+//! SAM / MedSAM vit_b (SPEC §6).

@@ -1,0 +1,1 @@
+//! TransUNet R50-ViT-B/16 (SPEC §5).
