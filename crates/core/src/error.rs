@@ -27,10 +27,16 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
     pub fn file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::File { path: path.into(), msg: msg.into() }
+        Error::File {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
     pub fn msg(msg: impl Into<String>) -> Self {
         Error::Msg(msg.into())

@@ -36,16 +36,32 @@ pub fn load_fixture(name: &str) -> Result<HashMap<String, Tensor>> {
 
 /// A fixture tensor cast to f32 (for inputs stored as `f16 (exact)` or `u8`).
 pub fn get_f32(map: &HashMap<String, Tensor>, key: &str) -> Result<Tensor> {
-    let t = map.get(key).ok_or_else(|| Error::msg(format!("fixture has no tensor `{key}`")))?;
+    let t = map
+        .get(key)
+        .ok_or_else(|| Error::msg(format!("fixture has no tensor `{key}`")))?;
     Ok(t.to_dtype(DType::F32)?)
 }
 
 /// Compares `got` with `want`: `max|got − want| ≤ atol + rtol·max|want|`. On failure the message names the worst
 /// element, its flat index and both values (SPEC §17.3).
 pub fn assert_close(name: &str, got: &Tensor, want: &Tensor, atol: f64, rtol: f64) {
-    let g: Vec<f64> = got.to_dtype(DType::F64).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1()).expect("got");
-    let w: Vec<f64> = want.to_dtype(DType::F64).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1()).expect("want");
-    assert_eq!(got.dims(), want.dims(), "{name}: shape {:?} vs expected {:?}", got.dims(), want.dims());
+    let g: Vec<f64> = got
+        .to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .expect("got");
+    let w: Vec<f64> = want
+        .to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .expect("want");
+    assert_eq!(
+        got.dims(),
+        want.dims(),
+        "{name}: shape {:?} vs expected {:?}",
+        got.dims(),
+        want.dims()
+    );
     let scale = w.iter().fold(0.0f64, |m, v| m.max(v.abs()));
     let tol = atol + rtol * scale;
     let mut worst = (0usize, 0.0f64);
@@ -69,8 +85,16 @@ pub fn assert_close(name: &str, got: &Tensor, want: &Tensor, atol: f64, rtol: f6
 
 /// Gradient comparison of SPEC §17.3: relative L2 error ≤ `rel_l2` and cosine similarity ≥ `min_cos`.
 pub fn assert_grad_close(name: &str, got: &Tensor, want: &Tensor, rel_l2: f64, min_cos: f64) {
-    let g: Vec<f64> = got.to_dtype(DType::F64).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1()).expect("got");
-    let w: Vec<f64> = want.to_dtype(DType::F64).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1()).expect("want");
+    let g: Vec<f64> = got
+        .to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .expect("got");
+    let w: Vec<f64> = want
+        .to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .expect("want");
     assert_eq!(got.dims(), want.dims(), "{name}: shape mismatch");
     let (mut dd, mut ww, mut gg, mut gw) = (0.0, 0.0, 0.0, 0.0);
     for (a, b) in g.iter().zip(&w) {
@@ -81,5 +105,8 @@ pub fn assert_grad_close(name: &str, got: &Tensor, want: &Tensor, rel_l2: f64, m
     }
     let rel = dd.sqrt() / ww.sqrt().max(1e-30);
     let cos = gw / (gg.sqrt() * ww.sqrt()).max(1e-30);
-    assert!(rel <= rel_l2 && cos >= min_cos, "{name}: gradient rel L2 {rel:.3e} (max {rel_l2:.0e}), cosine {cos:.6} (min {min_cos})");
+    assert!(
+        rel <= rel_l2 && cos >= min_cos,
+        "{name}: gradient rel L2 {rel:.3e} (max {rel_l2:.0e}), cosine {cos:.6} (min {min_cos})"
+    );
 }
