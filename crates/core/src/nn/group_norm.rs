@@ -17,7 +17,7 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn new(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(Error::Config(format!(
                 "GroupNorm at `{}`: {channels} channels are not divisible into {groups} groups",
                 vb.prefix()
@@ -53,7 +53,7 @@ impl GroupNorm {
     /// Statistics per (sample, group) over `(C/G, H, W)`; biased variance, eps inside the sqrt (PyTorch).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        if c % self.groups != 0 {
+        if !c.is_multiple_of(self.groups) {
             return Err(Error::msg(format!(
                 "GroupNorm: input has {c} channels, not divisible by {} groups",
                 self.groups
