@@ -240,3 +240,26 @@ fn strided_std_conv_rejects_mixed_parity() {
         &[1, 4, 4, 5]
     );
 }
+
+#[test]
+fn layer_norm_half_precision_uses_f32_statistics() {
+    let x = (Tensor::randn(0.0f32, 1.0, (2, 5, 256), &cpu()).unwrap() + 3.0).unwrap();
+    let vm = VarMap::new();
+    let ln =
+        nn::LayerNorm::new(256, 1e-6, VarBuilder::from_varmap(&vm, DType::F32, &cpu())).unwrap();
+    let want = ln.forward(&x).unwrap();
+    let ln16 = nn::LayerNorm::from_tensors(
+        ln.weight().to_dtype(DType::BF16).unwrap(),
+        ln.bias().to_dtype(DType::BF16).unwrap(),
+        1e-6,
+    );
+    let got = ln16.forward(&x.to_dtype(DType::BF16).unwrap()).unwrap();
+    assert_eq!(got.dtype(), DType::BF16);
+    assert_close(
+        "bf16 LayerNorm",
+        &got.to_dtype(DType::F32).unwrap(),
+        &want,
+        0.0,
+        2e-2,
+    );
+}

@@ -138,3 +138,24 @@ fn bilinear_closed_form_2_to_4() {
         assert_eq!(z, vec![1.0, 5.0]);
     }
 }
+
+#[test]
+fn cached_taps_are_per_dtype_and_reused() {
+    // The per-axis tap cache must key on dtype: the same sizes in f32, f64 and again f32 give consistent results.
+    let f = fixture();
+    let x = get_f32(&f, "in_14").unwrap();
+    let want = get_f32(&f, "bilinear_14_to_28_acT").unwrap();
+    let a = nn::resize_bilinear(&x, 28, 28, true).unwrap();
+    let x64 = x.to_dtype(DType::F64).unwrap();
+    let b = nn::resize_bilinear(&x64, 28, 28, true).unwrap();
+    assert_eq!(b.dtype(), DType::F64);
+    let c = nn::resize_bilinear(&x, 28, 28, true).unwrap();
+    assert_close("f32 first", &a, &want, 0.0, 5e-6);
+    assert_close("f64", &b, &want, 0.0, 5e-6);
+    assert_close("f32 cached", &c, &a, 0.0, 0.0);
+    // Non-square, different per-axis sizes reuse axis entries independently.
+    let d = nn::resize_bilinear(&x, 28, 7, false).unwrap();
+    assert_eq!(d.dims(), &[1, 2, 28, 7]);
+    let n = nn::resize_nearest(&x, 28, 9).unwrap();
+    assert_eq!(n.dims(), &[1, 2, 28, 9]);
+}

@@ -15,6 +15,7 @@ mod loss;
 mod norm;
 mod pool;
 mod resize;
+mod resize_cache;
 
 pub use act::{gelu, softmax};
 pub use batchnorm::BatchNorm2d;

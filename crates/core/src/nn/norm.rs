@@ -5,16 +5,22 @@
 //! `(x − μ)/√(σ² + eps)·w + b`). `forward_fast` keeps the fused kernel for frozen, no-grad use (SAM encoder).
 use super::init::{ONES, ZEROS};
 use crate::Result;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 /// Normalises `x` along `dim` with the two-pass (centred) biased variance, which is more accurate in f32 than
-/// `E[x²] − E[x]²`.
+/// `E[x²] − E[x]²`. Half-precision inputs are normalised in f32 and cast back (as `layer_norm_slow` does): the
+/// statistics of a 768/256-wide row are too coarse in bf16.
 fn normalise(x: &Tensor, dim: usize, eps: f64) -> Result<Tensor> {
-    let mean = x.mean_keepdim(dim)?;
-    let xc = x.broadcast_sub(&mean)?;
+    let dtype = x.dtype();
+    let xf = match dtype {
+        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
+        _ => x.clone(),
+    };
+    let mean = xf.mean_keepdim(dim)?;
+    let xc = xf.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(dim)?;
-    Ok(xc.broadcast_div(&(var + eps)?.sqrt()?)?)
+    Ok(xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?)
 }
 
 /// LayerNorm over the last dimension; keys `weight`, `bias` (shape `(dim)`).

@@ -5,6 +5,7 @@
 //! Source positions follow PyTorch's f32 arithmetic exactly (scale rounded to the dtype first, then
 //! `s = r·(o+0.5) − 0.5` in that dtype), which reproduces `F.interpolate` to about 1 ulp; computing positions in
 //! f64 would drift by up to ~2e-6 (SPEC §0).
+use super::resize_cache::{get_or_build, AxisKey, AxisTensors};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 
@@ -151,27 +152,81 @@ fn index_tensor(ids: Vec<u32>, dev: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(ids, n, dev)?)
 }
 
-/// Lerps along `dim` (2 or 3) of a 4-D tensor. Weights are built on the host in f64 holding the exact dtype values,
-/// then cast (exactly) to the tensor dtype and moved to its device.
+/// Bilinear tensors of one axis on `x`'s device. Weights are built on the host in f64 holding the exact
+/// dtype values, then cast (exactly) to the tensor dtype and moved to the device.
+fn bilinear_axis(
+    x: &Tensor,
+    dim: usize,
+    n_in: usize,
+    n_out: usize,
+    ac: bool,
+) -> Result<AxisTensors> {
+    let dev = x.device();
+    let key = AxisKey {
+        align_corners: Some(ac),
+        n_in,
+        n_out,
+        dim,
+        dtype: x.dtype(),
+    };
+    get_or_build(key, dev, || {
+        let taps = bilinear_taps(n_in, n_out, ac, x.dtype() == DType::F64);
+        let mut shape = [1usize; 4];
+        shape[dim] = n_out;
+        let weight = |v: Vec<f64>| -> Result<Tensor> {
+            Ok(Tensor::from_vec(v, &shape[..], &Device::Cpu)?
+                .to_dtype(x.dtype())?
+                .to_device(dev)?)
+        };
+        Ok(AxisTensors::Bilinear {
+            i0: index_tensor(taps.i0, dev)?,
+            i1: index_tensor(taps.i1, dev)?,
+            l0: weight(taps.l0)?,
+            l1: weight(taps.l1)?,
+        })
+    })
+}
+
+/// Lerps along `dim` (2 or 3) of a 4-D tensor: `l0·x[i0] + l1·x[i1]`.
 fn lerp_axis(x: &Tensor, dim: usize, n_in: usize, n_out: usize, ac: bool) -> Result<Tensor> {
     if n_in == n_out {
         return Ok(x.clone());
     }
-    let taps = bilinear_taps(n_in, n_out, ac, x.dtype() == DType::F64);
-    let dev = x.device();
-    let mut shape = [1usize; 4];
-    shape[dim] = n_out;
-    let weight = |v: Vec<f64>| -> Result<Tensor> {
-        Ok(Tensor::from_vec(v, &shape[..], &Device::Cpu)?
-            .to_dtype(x.dtype())?
-            .to_device(dev)?)
+    let AxisTensors::Bilinear { i0, i1, l0, l1 } = bilinear_axis(x, dim, n_in, n_out, ac)? else {
+        return Err(Error::msg(
+            "resize: bilinear cache entry holds nearest indices",
+        ));
     };
-    let l0 = weight(taps.l0)?;
-    let l1 = weight(taps.l1)?;
-    let a = x.index_select(&index_tensor(taps.i0, dev)?, dim)?;
-    let b = x.index_select(&index_tensor(taps.i1, dev)?, dim)?;
+    let a = x.index_select(&i0, dim)?;
+    let b = x.index_select(&i1, dim)?;
     // `l0·a + l1·b` (not `a + l1·(b − a)`) matches PyTorch's weighting order.
     Ok((a.broadcast_mul(&l0)? + b.broadcast_mul(&l1)?)?)
+}
+
+/// Nearest gather along `dim` with the §0 index rule.
+fn nearest_axis(x: &Tensor, dim: usize, n_in: usize, n_out: usize) -> Result<Tensor> {
+    if n_in == n_out {
+        return Ok(x.clone());
+    }
+    let dev = x.device();
+    let key = AxisKey {
+        align_corners: None,
+        n_in,
+        n_out,
+        dim,
+        dtype: x.dtype(),
+    };
+    let t = get_or_build(key, dev, || {
+        Ok(AxisTensors::Nearest {
+            idx: index_tensor(nearest_indices(n_in, n_out), dev)?,
+        })
+    })?;
+    match t {
+        AxisTensors::Nearest { idx } => Ok(x.index_select(&idx, dim)?),
+        AxisTensors::Bilinear { .. } => Err(Error::msg(
+            "resize: nearest cache entry holds bilinear taps",
+        )),
+    }
 }
 
 /// Bilinear resize of `(B, C, H, W)` to `(out_h, out_w)`, no antialiasing; `align_corners` as in PyTorch.
@@ -190,14 +245,6 @@ pub fn resize_bilinear(
 /// Nearest resize (PyTorch `mode='nearest'`, floor mapping). Differentiable (gradient is summed into the source).
 pub fn resize_nearest(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
     let (h, w) = check_sizes("resize_nearest", x, out_h, out_w)?;
-    let dev = x.device();
-    let y = if h == out_h {
-        x.clone()
-    } else {
-        x.index_select(&index_tensor(nearest_indices(h, out_h), dev)?, 2)?
-    };
-    if w == out_w {
-        return Ok(y);
-    }
-    Ok(y.index_select(&index_tensor(nearest_indices(w, out_w), dev)?, 3)?)
+    let y = nearest_axis(x, 2, h, out_h)?;
+    nearest_axis(&y, 3, w, out_w)
 }
