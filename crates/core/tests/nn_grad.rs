@@ -169,6 +169,31 @@ fn fd_softmax() {
 }
 
 #[test]
+fn fd_log_softmax_and_sigmoid() {
+    let x = rand_t(&[2, 3, 5], -3.0, 3.0, 35);
+    for dim in 0..3 {
+        fd_check(
+            &format!("log_softmax dim {dim}"),
+            std::slice::from_ref(&x),
+            |t| nn::log_softmax(&t[0], dim),
+            RTOL,
+            200,
+        );
+    }
+    // exp(log_softmax) == softmax
+    let a = nn::log_softmax(&x, 1).unwrap().exp().unwrap();
+    let b = nn::softmax(&x, 1).unwrap();
+    ultrarefiner::testing::assert_close("exp(log_softmax)", &a, &b, 1e-15, 0.0);
+    fd_check(
+        "sigmoid",
+        std::slice::from_ref(&x),
+        |t| nn::sigmoid(&t[0]),
+        RTOL,
+        200,
+    );
+}
+
+#[test]
 fn fd_resize_bilinear() {
     let x = rand_t(&[1, 2, 5, 7], -1.0, 1.0, 12);
     for &ac in &[false, true] {

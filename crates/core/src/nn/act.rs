@@ -17,3 +17,17 @@ pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
     let s = e.sum_keepdim(dim)?;
     Ok(e.broadcast_div(&s)?)
 }
+
+/// Numerically stable log-softmax along `dim` (cross-entropy, SPEC §9.1): `x − m − log Σ exp(x − m)` with the
+/// detached max `m`.
+pub fn log_softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    let max = x.max_keepdim(dim)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(dim)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// `σ(x) = 1/(1+e^−x)` via candle's sigmoid op, whose backward (`σ(1−σ)`) is registered and checked in the tests.
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::sigmoid(x)?)
+}

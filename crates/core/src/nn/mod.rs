@@ -1,8 +1,22 @@
 //! Differentiable op toolkit (SPEC §0 resampling kernels, §1.1, §5, §6.8, §16).
 //!
 //! candle 0.11.1 silently detaches several fused kernels and has wrong backward rules for others (SPEC §16.1). Every
-//! op here is built from primitives whose backward is correct, and is finite-difference tested in f64. Models use
-//! these instead of the candle equivalents on every gradient path.
+//! op here is built from primitives whose backward is correct, and is finite-difference tested in f64
+//! (`tests/nn_grad.rs`). Models use these instead of the candle equivalents on every gradient path:
+//!
+//! | need | use | instead of |
+//! |---|---|---|
+//! | softmax / log-softmax over `dim` | [`softmax`], [`log_softmax`] | `softmax_last_dim` |
+//! | LayerNorm (last axis / NCHW channels) | [`LayerNorm`], [`LayerNorm2d`] (`forward_fast` only when frozen) | `candle_nn::LayerNorm` |
+//! | bilinear / nearest resize | [`resize_bilinear`], [`resize_nearest`] | `upsample_*2d` |
+//! | 3×3/s2 max-pool | [`max_pool_3x3_s2`] | `max_pool2d` |
+//! | BCE with logits | [`bce_with_logits`] | `binary_cross_entropy_with_logit` |
+//! | GELU | [`gelu`] (erf) | `.gelu()` |
+//! | TransUNet ResNet | [`StdConv2d`], [`GroupNorm`] | — |
+//! | BatchNorm with buffers | [`BatchNorm2d::forward_t`] | `candle_nn::BatchNorm` |
+//! | dropout from the project RNG | [`Dropout::forward_t`] | `candle_nn::Dropout` |
+//! | PyTorch-initialised layers | [`conv2d`], [`conv_transpose2d`], [`linear`], [`init`] | candle's kaiming-normal defaults |
+//! | LoRA adapters | [`LoraLinear`] | — |
 mod act;
 mod batchnorm;
 mod conv;
@@ -17,7 +31,7 @@ mod pool;
 mod resize;
 mod resize_cache;
 
-pub use act::{gelu, softmax};
+pub use act::{gelu, log_softmax, sigmoid, softmax};
 pub use batchnorm::BatchNorm2d;
 pub use conv::{check_strided_input, conv2d, conv_transpose2d, StdConv2d, STD_CONV_EPS};
 pub use dropout::{dropout_mask, Dropout};
