@@ -69,13 +69,18 @@ ur_phase1_dir() { echo "$CHECKPOINT_ROOT/transunet/$1/fold_$2"; }
 ur_phase2_dir() { echo "$CHECKPOINT_ROOT/sam_finetuned/$1"; }
 ur_phase3_dir() { echo "$CHECKPOINT_ROOT/ultra_refiner/$1/fold_$2"; }
 
-# Status of a run directory: complete | running | failed | missing (no summary.json) | unknown (unreadable status).
+# Status of a run directory: complete | running | failed (summary.json, SPEC §11.1.5) | missing (no directory) |
+# started (a directory without summary.json) | unknown (no readable status).
 ur_run_status() {
   local f="$1/summary.json" status
-  [[ -f "$f" ]] || {
+  if [[ ! -d "$1" ]]; then
     echo missing
     return
-  }
+  fi
+  if [[ ! -f "$f" ]]; then
+    echo started
+    return
+  fi
   status=$(tr -d '\n' <"$f" | grep -o '"status"[[:space:]]*:[[:space:]]*"[a-z]*"' | head -n1 | sed 's/.*"\([a-z]*\)"$/\1/' || true)
   case "$status" in
   complete | running | failed) echo "$status" ;;
@@ -100,12 +105,16 @@ ur_requeue_target() {
 }
 
 UR_CHILD_PID=
+UR_PENDING_SIG=
 UR_GOT_TERM=0
 ur_forward_signal() {
-  [[ "$1" == TERM ]] && UR_GOT_TERM=1
+  if [[ "$1" == TERM ]]; then UR_GOT_TERM=1; fi
+  if [[ -z "$UR_CHILD_PID" ]]; then
+    UR_PENDING_SIG=$1 # arrived before the binary started: delivered right after it starts
+    return 0
+  fi
   echo "[ur] batch shell got SIG$1, forwarding it to pid $UR_CHILD_PID" >&2
-  [[ -n "$UR_CHILD_PID" ]] && kill -s "$1" "$UR_CHILD_PID" 2>/dev/null
-  return 0
+  kill -s "$1" "$UR_CHILD_PID" 2>/dev/null || true
 }
 
 # Run a training binary in the background so that the batch shell can forward SIGUSR1/SIGTERM to it
@@ -118,10 +127,16 @@ ur_run_with_requeue() {
   local rc=0 target
   echo "[ur] $(date -u '+%Y-%m-%dT%H:%M:%SZ') host=$(hostname) job=${SLURM_JOB_ID:-none} restart=${SLURM_RESTART_COUNT:-0}" >&2
   echo "[ur] running: $*" >&2
-  "$@" &
-  UR_CHILD_PID=$!
+  UR_CHILD_PID=
+  UR_PENDING_SIG=
+  # Traps first (the binary starts with default handlers: bash resets caught signals in children).
   trap 'ur_forward_signal USR1' USR1
   trap 'ur_forward_signal TERM' TERM
+  "$@" &
+  UR_CHILD_PID=$!
+  if [[ -n "$UR_PENDING_SIG" ]]; then
+    kill -s "$UR_PENDING_SIG" "$UR_CHILD_PID" 2>/dev/null || true
+  fi
   while :; do
     rc=0
     wait "$UR_CHILD_PID" || rc=$?

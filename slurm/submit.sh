@@ -20,7 +20,7 @@ Submits the UltraRefiner training workflow to Slurm (SPEC §14), skipping everyt
 
 Array task ids are fixed: t = dataset_index*5 + fold with the dataset order BUSI=0, BUSBRA=1, BUS=2, BUS_UC=3,
 BUS_UCLM=4 (t = 0..24), whatever subset is selected. A task whose summary.json says "complete" is reported as
-skipped; all others (no run directory yet, "running", "failed") are submitted as one array with a throttle,
+skipped; all others (new, started without a summary.json, "running", "failed") are submitted as one array,
 e.g. --array=0,3,7-24%8. Every task runs its binary with --resume auto, so an interrupted run continues from its
 latest checkpoint. The jobs are chained:
 
@@ -75,7 +75,7 @@ dry_run=0
 parallel_p2=0
 
 need_value() {
-  (($2 >= 2)) || die "$1 needs a value"
+  if (($2 < 2)) || [[ "$3" == --* ]]; then die "$1 needs a value"; fi
 }
 
 while (($# > 0)); do
@@ -87,7 +87,7 @@ while (($# > 0)); do
   --dry-run) dry_run=1 ;;
   --parallel-p2) parallel_p2=1 ;;
   --phases | --datasets | --folds | --throttle)
-    need_value "$1" "$#"
+    need_value "$1" "$#" "${2:-}"
     case "$1" in
     --phases) opt_phases=$2 ;;
     --datasets) opt_datasets=$2 ;;
