@@ -100,7 +100,12 @@ impl Sandbox {
         // An empty site file: the built-in defaults, whatever the developer's slurm/site.env says.
         let site_env = fake.join("site.env");
         fs::write(&site_env, "# test site settings\n").unwrap();
-        Sandbox { _tmp: tmp, repo, fake, site_env }
+        Sandbox {
+            _tmp: tmp,
+            repo,
+            fake,
+            site_env,
+        }
     }
 
     fn ckpt(&self) -> PathBuf {
@@ -117,7 +122,11 @@ impl Sandbox {
                 c.env_remove(k);
             }
         }
-        let path = format!("{}:{}", self.fake.join("bin").display(), std::env::var("PATH").unwrap_or_default());
+        let path = format!(
+            "{}:{}",
+            self.fake.join("bin").display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         c.env("PATH", path)
             .env("FAKE_SLURM_DIR", &self.fake)
             .env("UR_SITE_ENV", &self.site_env)
@@ -159,12 +168,21 @@ impl Sandbox {
         for t in 0..=6 {
             self.complete(&format!("transunet/{}/fold_{}", DATASETS[t / 5], t % 5));
         }
-        self.summary("transunet/BUS/fold_2", r#"{"status":"running","epochs":150}"#);
-        self.summary("transunet/BUS_UC/fold_0", r#"{"best":{"value":0.5},"status" : "failed"}"#);
+        self.summary(
+            "transunet/BUS/fold_2",
+            r#"{"status":"running","epochs":150}"#,
+        );
+        self.summary(
+            "transunet/BUS_UC/fold_0",
+            r#"{"best":{"value":0.5},"status" : "failed"}"#,
+        );
         let latest = self.ckpt().join("transunet/BUS_UCLM/fold_0");
         fs::create_dir_all(&latest).unwrap();
         fs::write(latest.join("latest.json"), "{}").unwrap();
-        self.summary("sam_finetuned/BUS_BUSBRA_BUSI_BUS_UC_BUS_UCLM", "{\"status\": \"running\"}");
+        self.summary(
+            "sam_finetuned/BUS_BUSBRA_BUSI_BUS_UC_BUS_UCLM",
+            "{\"status\": \"running\"}",
+        );
         for t in [1usize, 2, 4, 5, 6] {
             self.complete(&format!("ultra_refiner/{}/fold_{}", DATASETS[t / 5], t % 5));
         }
@@ -190,7 +208,13 @@ fn stderr(o: &Output) -> String {
 }
 
 fn assert_ok(o: &Output) {
-    assert!(o.status.success(), "exit {:?}\nstdout:\n{}\nstderr:\n{}", o.status, stdout(o), stderr(o));
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        stdout(o),
+        stderr(o)
+    );
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -205,8 +229,14 @@ fn dry_run_partial_tree_matches_golden() {
     assert_ok(&out);
     let got = stdout(&out);
     assert!(sb.calls().is_empty(), "dry run called: {:?}", sb.calls());
-    assert!(!sb.repo.join("logs").exists(), "dry run must not create logs/");
-    assert!(!got.contains(&*sb.fake.to_string_lossy()), "dry-run output must not contain temp paths:\n{got}");
+    assert!(
+        !sb.repo.join("logs").exists(),
+        "dry run must not create logs/"
+    );
+    assert!(
+        !got.contains(&*sb.fake.to_string_lossy()),
+        "dry-run output must not contain temp paths:\n{got}"
+    );
 
     let golden = workspace_root().join("tests/golden/slurm_dry_run.txt");
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
@@ -221,12 +251,24 @@ fn dry_run_partial_tree_matches_golden() {
                 panic!("dry-run output differs from {} at line {}:\n got: {g}\nwant: {w}\n\nfull output:\n{got}", golden.display(), i + 1);
             }
         }
-        panic!("dry-run output differs in length from {}:\n{got}", golden.display());
+        panic!(
+            "dry-run output differs in length from {}:\n{got}",
+            golden.display()
+        );
     }
     // The essentials, independently of the golden file.
-    assert!(got.contains("sbatch --parsable --array=7-24%8 slurm/phase1.sbatch\n"), "{got}");
-    assert!(got.contains("--dependency=afterok:<P1> --kill-on-invalid-dep=yes slurm/phase2.sbatch"), "{got}");
-    assert!(got.contains("--array=0,3,7-24%8 --dependency=afterok:<P1>:<P2>"), "{got}");
+    assert!(
+        got.contains("sbatch --parsable --array=7-24%8 slurm/phase1.sbatch\n"),
+        "{got}"
+    );
+    assert!(
+        got.contains("--dependency=afterok:<P1> --kill-on-invalid-dep=yes slurm/phase2.sbatch"),
+        "{got}"
+    );
+    assert!(
+        got.contains("--array=0,3,7-24%8 --dependency=afterok:<P1>:<P2>"),
+        "{got}"
+    );
 }
 
 #[test]
@@ -248,11 +290,23 @@ fn real_submission_chains_phases_with_job_ids() {
         ]
     );
     let s = stdout(&out);
-    assert!(s.contains("Submitted: phase1=1001 phase2=1002 phase3=1003"), "{s}");
+    assert!(
+        s.contains("Submitted: phase1=1001 phase2=1002 phase3=1003"),
+        "{s}"
+    );
     assert!(s.contains("squeue -u tester"), "{s}");
-    assert!(s.contains("task 12  BUS      fold 2  running   -> submit"), "{s}");
-    assert!(s.contains("task  3  BUSI     fold 3  complete  -> skipped"), "{s}");
-    assert!(sb.repo.join("logs").is_dir(), "logs/ must exist before the jobs start");
+    assert!(
+        s.contains("task 12  BUS      fold 2  running   -> submit"),
+        "{s}"
+    );
+    assert!(
+        s.contains("task  3  BUSI     fold 3  complete  -> skipped"),
+        "{s}"
+    );
+    assert!(
+        sb.repo.join("logs").is_dir(),
+        "logs/ must exist before the jobs start"
+    );
 }
 
 #[test]
@@ -263,9 +317,17 @@ fn phase0_parallel_p2_throttle_and_site_settings() {
         "PARTITION=gpu\nACCOUNT=proj42\nSBATCH_EXTRA=(--constraint=h100 --mail-type=FAIL)\n",
     )
     .unwrap();
-    let out = sb.submit(&["--phases", "0,1,2,3", "--parallel-p2", "--throttle=4", "--datasets", "busi , BUS"]);
+    let out = sb.submit(&[
+        "--phases",
+        "0,1,2,3",
+        "--parallel-p2",
+        "--throttle=4",
+        "--datasets",
+        "busi , BUS",
+    ]);
     assert_ok(&out);
-    let base = "sbatch --parsable --partition=gpu --account=proj42 --constraint=h100 --mail-type=FAIL";
+    let base =
+        "sbatch --parsable --partition=gpu --account=proj42 --constraint=h100 --mail-type=FAIL";
     assert_eq!(
         sb.calls(),
         vec![
@@ -279,7 +341,10 @@ fn phase0_parallel_p2_throttle_and_site_settings() {
         ]
     );
     let s = stdout(&out);
-    assert!(s.contains("sam_finetuned/BUS_BUSI"), "phase 2 run = sorted dataset names: {s}");
+    assert!(
+        s.contains("sam_finetuned/BUS_BUSI"),
+        "phase 2 run = sorted dataset names: {s}"
+    );
 }
 
 #[test]
@@ -309,17 +374,36 @@ fn finished_phase_is_left_out_of_the_chain() {
     fs::remove_file(sb.ckpt().join("ultra_refiner/BUS_UC/fold_3/summary.json")).unwrap();
     let out = sb.submit(&[]);
     assert_ok(&out);
-    assert_eq!(sb.calls(), vec![format!("sbatch --parsable --array=18%8 slurm/phase3.sbatch {ALL}")]);
+    assert_eq!(
+        sb.calls(),
+        vec![format!(
+            "sbatch --parsable --array=18%8 slurm/phase3.sbatch {ALL}"
+        )]
+    );
 }
 
 #[test]
 fn missing_prerequisites_are_warned_about() {
     let sb = Sandbox::new();
-    let out = sb.submit(&["--phases", "3", "--datasets", "BUS", "--folds", "0", "--dry-run"]);
+    let out = sb.submit(&[
+        "--phases",
+        "3",
+        "--datasets",
+        "BUS",
+        "--folds",
+        "0",
+        "--dry-run",
+    ]);
     assert_ok(&out);
     let s = stdout(&out);
-    assert!(s.contains("warning: phase 3 task 10 needs phase 1 BUS fold 0 (status: missing)"), "{s}");
-    assert!(s.contains("warning: phase 3 needs the phase 2 run BUS (status: missing)"), "{s}");
+    assert!(
+        s.contains("warning: phase 3 task 10 needs phase 1 BUS fold 0 (status: missing)"),
+        "{s}"
+    );
+    assert!(
+        s.contains("warning: phase 3 needs the phase 2 run BUS (status: missing)"),
+        "{s}"
+    );
 }
 
 #[test]
@@ -330,7 +414,10 @@ fn nothing_to_do_submits_nothing() {
         let out = sb.submit(args);
         assert_ok(&out);
         let s = stdout(&out);
-        assert!(s.contains("Nothing to submit: every selected task is complete."), "{s}");
+        assert!(
+            s.contains("Nothing to submit: every selected task is complete."),
+            "{s}"
+        );
         assert!(!s.contains("sbatch --parsable"), "{s}");
     }
     assert!(sb.calls().is_empty(), "{:?}", sb.calls());
@@ -340,7 +427,10 @@ fn nothing_to_do_submits_nothing() {
 fn unknown_dataset_phase_fold_and_option_are_clear_errors() {
     let sb = Sandbox::new();
     let cases: [(&[&str], &str); 7] = [
-        (&["--datasets", "BUSI,FOO"], "unknown dataset 'FOO' (valid: BUSI BUSBRA BUS BUS_UC BUS_UCLM, or all)"),
+        (
+            &["--datasets", "BUSI,FOO"],
+            "unknown dataset 'FOO' (valid: BUSI BUSBRA BUS BUS_UC BUS_UCLM, or all)",
+        ),
         (&["--datasets", "UDIAT"], "test-only"),
         (&["--phases", "1,4"], "unknown phase '4' (valid: 0-3)"),
         (&["--folds", "5"], "unknown fold '5' (valid: 0-4)"),
@@ -351,18 +441,55 @@ fn unknown_dataset_phase_fold_and_option_are_clear_errors() {
     for (args, msg) in cases {
         let out = sb.submit(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
-        assert!(stderr(&out).contains(msg), "{args:?}: stderr lacks {msg:?}:\n{}", stderr(&out));
-        assert!(stdout(&out).is_empty(), "{args:?} printed a plan:\n{}", stdout(&out));
+        assert!(
+            stderr(&out).contains(msg),
+            "{args:?}: stderr lacks {msg:?}:\n{}",
+            stderr(&out)
+        );
+        assert!(
+            stdout(&out).is_empty(),
+            "{args:?} printed a plan:\n{}",
+            stdout(&out)
+        );
     }
     assert!(sb.calls().is_empty());
 }
 
 #[test]
+fn shipped_site_env_works() {
+    let sb = Sandbox::new();
+    let out = sb
+        .command("bash")
+        .arg(sb.repo.join("slurm/submit.sh"))
+        .arg("--dry-run")
+        .env_remove("UR_SITE_ENV")
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let s = stdout(&out);
+    assert!(s.contains("slurm/phase1.sbatch"), "{s}");
+    assert!(
+        stderr(&out).contains("site settings: slurm/site.env"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn sbatch_failure_is_reported() {
     let sb = Sandbox::new();
-    let out = sb.command("bash").arg(sb.repo.join("slurm/submit.sh")).env("FAKE_SBATCH_FAIL", "1").output().unwrap();
+    let out = sb
+        .command("bash")
+        .arg(sb.repo.join("slurm/submit.sh"))
+        .env("FAKE_SBATCH_FAIL", "1")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("sbatch failed for phase 1"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("sbatch failed for phase 1"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -371,7 +498,17 @@ fn help_teaches() {
     let out = sb.submit(&["--help"]);
     assert_ok(&out);
     let s = stdout(&out);
-    for needle in ["--phases", "--datasets", "--folds", "--throttle", "--dry-run", "--parallel-p2", "site.env", "summary.json", "afterok"] {
+    for needle in [
+        "--phases",
+        "--datasets",
+        "--folds",
+        "--throttle",
+        "--dry-run",
+        "--parallel-p2",
+        "site.env",
+        "summary.json",
+        "afterok",
+    ] {
         assert!(s.contains(needle), "--help lacks {needle}");
     }
 }
@@ -382,23 +519,57 @@ fn scripts_pass_bash_syntax_check_and_shellcheck_if_present() {
     let mut scripts: Vec<PathBuf> = fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("sh" | "sbatch" | "env")))
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("sh" | "sbatch" | "env")
+            )
+        })
         .collect();
     scripts.sort();
-    let names: Vec<String> = scripts.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
-    for want in ["submit.sh", "common.sh", "site.env", "phase1.sbatch", "phase2.sbatch", "phase3.sbatch", "prepare.sbatch"] {
+    let names: Vec<String> = scripts
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for want in [
+        "submit.sh",
+        "common.sh",
+        "site.env",
+        "phase1.sbatch",
+        "phase2.sbatch",
+        "phase3.sbatch",
+        "prepare.sbatch",
+    ] {
         assert!(names.iter().any(|n| n == want), "slurm/{want} missing");
     }
     for s in &scripts {
         let out = Command::new("bash").arg("-n").arg(s).output().unwrap();
-        assert!(out.status.success(), "bash -n {}: {}", s.display(), stderr(&out));
+        assert!(
+            out.status.success(),
+            "bash -n {}: {}",
+            s.display(),
+            stderr(&out)
+        );
     }
-    for s in ["submit.sh", "phase1.sbatch", "phase2.sbatch", "phase3.sbatch", "prepare.sbatch"] {
+    for s in [
+        "submit.sh",
+        "phase1.sbatch",
+        "phase2.sbatch",
+        "phase3.sbatch",
+        "prepare.sbatch",
+    ] {
         let mode = fs::metadata(dir.join(s)).unwrap().permissions().mode();
-        assert!(mode & 0o111 != 0 || s.ends_with(".sbatch"), "slurm/{s} is not executable");
+        assert!(
+            mode & 0o111 != 0 || s.ends_with(".sbatch"),
+            "slurm/{s} is not executable"
+        );
     }
     // shellcheck is optional (not every machine has it).
-    let sc = Command::new("shellcheck").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status();
+    let sc = Command::new("shellcheck")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
     if matches!(sc, Ok(st) if st.success()) {
         let out = Command::new("shellcheck")
             .arg("-x")
@@ -420,15 +591,30 @@ fn templates_carry_the_spec_directives() {
     ] {
         let text = fs::read_to_string(workspace_root().join("slurm").join(name)).unwrap();
         let directives: Vec<&str> = text.lines().filter(|l| l.starts_with("#SBATCH")).collect();
-        let has = |d: &str| directives.iter().any(|l| l.trim() == format!("#SBATCH {d}"));
-        for d in ["--cpus-per-task=16", "--mem=64G", "--time=48:00:00", "--requeue"] {
+        let has = |d: &str| {
+            directives
+                .iter()
+                .any(|l| l.trim() == format!("#SBATCH {d}"))
+        };
+        for d in [
+            "--cpus-per-task=16",
+            "--mem=64G",
+            "--time=48:00:00",
+            "--requeue",
+        ] {
             assert!(has(d), "{name} lacks #SBATCH {d}");
         }
         assert_eq!(has("--gres=gpu:1"), gpu, "{name}: --gres=gpu:1");
         assert_eq!(has("-o logs/%x_%A_%a.out"), array, "{name}: array log name");
-        assert!(text.contains("source \"${UR_SITE_ENV:-slurm/site.env}\""), "{name} must source site.env");
+        assert!(
+            text.contains("source \"${UR_SITE_ENV:-slurm/site.env}\""),
+            "{name} must source site.env"
+        );
         if name != "prepare.sbatch" {
-            assert!(text.contains("--resume auto"), "{name} must run with --resume auto");
+            assert!(
+                text.contains("--resume auto"),
+                "{name} must run with --resume auto"
+            );
         }
     }
 }
@@ -444,13 +630,18 @@ impl Sandbox {
         for b in ["phase1", "phase2", "phase3", "ultrarefiner"] {
             write_exec(&bin.join(b), FAKE_BINARY);
         }
-        let mut f = fs::OpenOptions::new().append(true).open(&self.site_env).unwrap();
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(&self.site_env)
+            .unwrap();
         writeln!(f, "BIN_DIR=\"${{BIN_DIR:-{}}}\"", bin.display()).unwrap();
     }
 
     fn job(&self, template: &str, args: &[&str], env: &[(&str, &str)]) -> Command {
         let mut c = self.command("bash");
-        c.arg(format!("slurm/{template}")).args(args).env("SLURM_SUBMIT_DIR", &self.repo);
+        c.arg(format!("slurm/{template}"))
+            .args(args)
+            .env("SLURM_SUBMIT_DIR", &self.repo);
         for (k, v) in env {
             c.env(k, v);
         }
@@ -469,9 +660,17 @@ impl Sandbox {
 fn phase1_task_maps_to_dataset_and_fold_and_requeues_on_75() {
     let sb = Sandbox::new();
     sb.fake_binaries();
-    let env = [("SLURM_JOB_ID", "512"), ("SLURM_ARRAY_JOB_ID", "500"), ("SLURM_ARRAY_TASK_ID", "12")];
+    let env = [
+        ("SLURM_JOB_ID", "512"),
+        ("SLURM_ARRAY_JOB_ID", "500"),
+        ("SLURM_ARRAY_TASK_ID", "12"),
+    ];
 
-    let out = sb.job("phase1.sbatch", &[], &env).env("FAKE_EXIT", "0").output().unwrap();
+    let out = sb
+        .job("phase1.sbatch", &[], &env)
+        .env("FAKE_EXIT", "0")
+        .output()
+        .unwrap();
     assert_ok(&out);
     let ck = sb.ckpt();
     assert_eq!(
@@ -482,25 +681,50 @@ fn phase1_task_maps_to_dataset_and_fold_and_requeues_on_75() {
             ck.display()
         )]
     );
-    assert!(sb.calls().is_empty(), "no requeue on success: {:?}", sb.calls());
+    assert!(
+        sb.calls().is_empty(),
+        "no requeue on success: {:?}",
+        sb.calls()
+    );
 
-    let out = sb.job("phase1.sbatch", &[], &env).env("FAKE_EXIT", "75").output().unwrap();
+    let out = sb
+        .job("phase1.sbatch", &[], &env)
+        .env("FAKE_EXIT", "75")
+        .output()
+        .unwrap();
     assert_ok(&out);
     assert_eq!(sb.calls(), vec!["scontrol requeue 500_12".to_string()]);
 
-    let out = sb.job("phase1.sbatch", &[], &env).env("FAKE_EXIT", "3").output().unwrap();
-    assert_eq!(out.status.code(), Some(3), "a real failure keeps its status");
+    let out = sb
+        .job("phase1.sbatch", &[], &env)
+        .env("FAKE_EXIT", "3")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a real failure keeps its status"
+    );
     assert_eq!(sb.calls().len(), 1, "no requeue on failure");
 
     // Every task id maps as SPEC §14 says; an out-of-range id is an error.
     for t in [0usize, 4, 5, 19, 24] {
         let id = t.to_string();
-        let out = sb.job("phase1.sbatch", &[], &[("SLURM_ARRAY_TASK_ID", &id)]).output().unwrap();
+        let out = sb
+            .job("phase1.sbatch", &[], &[("SLURM_ARRAY_TASK_ID", &id)])
+            .output()
+            .unwrap();
         assert_ok(&out);
         let last = sb.bin_calls().last().unwrap().clone();
-        assert!(last.contains(&format!("--dataset {} --fold {} ", DATASETS[t / 5], t % 5)), "task {t}: {last}");
+        assert!(
+            last.contains(&format!("--dataset {} --fold {} ", DATASETS[t / 5], t % 5)),
+            "task {t}: {last}"
+        );
     }
-    let out = sb.job("phase1.sbatch", &[], &[("SLURM_ARRAY_TASK_ID", "25")]).output().unwrap();
+    let out = sb
+        .job("phase1.sbatch", &[], &[("SLURM_ARRAY_TASK_ID", "25")])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(stderr(&out).contains("outside 0..24"), "{}", stderr(&out));
 }
@@ -511,7 +735,11 @@ fn phase2_phase3_prepare_command_lines() {
     sb.fake_binaries();
     let ck = sb.ckpt();
 
-    let out = sb.job("phase2.sbatch", &["BUSI", "BUS"], &[("SLURM_JOB_ID", "77")]).env("FAKE_EXIT", "75").output().unwrap();
+    let out = sb
+        .job("phase2.sbatch", &["BUSI", "BUS"], &[("SLURM_JOB_ID", "77")])
+        .env("FAKE_EXIT", "75")
+        .output()
+        .unwrap();
     assert_ok(&out);
     assert_eq!(
         sb.bin_calls().last().unwrap(),
@@ -522,9 +750,20 @@ fn phase2_phase3_prepare_command_lines() {
             ck.display()
         )
     );
-    assert_eq!(sb.calls(), vec!["scontrol requeue 77".to_string()], "non-array job: plain job id");
+    assert_eq!(
+        sb.calls(),
+        vec!["scontrol requeue 77".to_string()],
+        "non-array job: plain job id"
+    );
 
-    let out = sb.job("phase3.sbatch", &[], &[("SLURM_ARRAY_TASK_ID", "21"), ("SLURM_CPUS_PER_TASK", "8")]).output().unwrap();
+    let out = sb
+        .job(
+            "phase3.sbatch",
+            &[],
+            &[("SLURM_ARRAY_TASK_ID", "21"), ("SLURM_CPUS_PER_TASK", "8")],
+        )
+        .output()
+        .unwrap();
     assert_ok(&out);
     assert_eq!(
         sb.bin_calls().last().unwrap(),
@@ -537,7 +776,14 @@ fn phase2_phase3_prepare_command_lines() {
         )
     );
 
-    let out = sb.job("prepare.sbatch", &["BUSI", "BUS_UC"], &[("SLURM_JOB_ID", "5")]).output().unwrap();
+    let out = sb
+        .job(
+            "prepare.sbatch",
+            &["BUSI", "BUS_UC"],
+            &[("SLURM_JOB_ID", "5")],
+        )
+        .output()
+        .unwrap();
     assert_ok(&out);
     let calls = sb.bin_calls();
     assert_eq!(
@@ -552,15 +798,29 @@ fn phase2_phase3_prepare_command_lines() {
     );
 
     // A missing binary is a clear error, not a requeue loop.
-    let out = sb.job("phase1.sbatch", &[], &[("SLURM_ARRAY_TASK_ID", "0"), ("BIN_DIR", "/nonexistent")]).output().unwrap();
+    let out = sb
+        .job(
+            "phase1.sbatch",
+            &[],
+            &[("SLURM_ARRAY_TASK_ID", "0"), ("BIN_DIR", "/nonexistent")],
+        )
+        .output()
+        .unwrap();
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("binary '/nonexistent/phase1' not found"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("binary '/nonexistent/phase1' not found"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 fn wait_for(path: &Path, what: &str) {
     let t0 = Instant::now();
     while !path.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -587,14 +847,26 @@ fn batch_shell_forwards_signals() {
         let sb = Sandbox::new();
         sb.fake_binaries();
         let mut child = sb
-            .job("phase1.sbatch", &[], &[("SLURM_JOB_ID", "612"), ("SLURM_ARRAY_JOB_ID", "600"), ("SLURM_ARRAY_TASK_ID", "3")])
+            .job(
+                "phase1.sbatch",
+                &[],
+                &[
+                    ("SLURM_JOB_ID", "612"),
+                    ("SLURM_ARRAY_JOB_ID", "600"),
+                    ("SLURM_ARRAY_TASK_ID", "3"),
+                ],
+            )
             .env("FAKE_WAIT_SIGNAL", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
         wait_for(&sb.fake.join("started"), "the fake binary to start");
-        let st = Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status().unwrap();
+        let st = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
         assert!(st.success());
         let status = wait_child(&mut child);
         let signals = fs::read_to_string(sb.fake.join("signals.log")).unwrap_or_default();
@@ -604,7 +876,11 @@ fn batch_shell_forwards_signals() {
             assert_eq!(sb.calls(), vec!["scontrol requeue 600_3".to_string()]);
         } else {
             assert_eq!(status.code(), Some(75));
-            assert!(sb.calls().is_empty(), "no requeue after SIGTERM: {:?}", sb.calls());
+            assert!(
+                sb.calls().is_empty(),
+                "no requeue after SIGTERM: {:?}",
+                sb.calls()
+            );
         }
     }
 }
