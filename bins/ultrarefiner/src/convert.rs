@@ -1,5 +1,5 @@
 //! `ultrarefiner convert`: normalises a supported weight file to canonical safetensors + JSON sidecar (SPEC §13.5).
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, ValueEnum};
 use std::path::PathBuf;
 use ultrarefiner::config::Config;
@@ -43,9 +43,13 @@ pub fn run(a: Args) -> Result<()> {
     let cfg = Config::load(&a.config)?;
     match a.from {
         FromFormat::Npz | FromFormat::Timm => {
-            let fmt = if a.from == FromFormat::Npz { EncoderFormat::Npz } else { EncoderFormat::Timm };
-            let conv = convert_encoder_file(fmt, &a.input, &a.output, &cfg.model.transunet)
-                .with_context(|| format!("converting {} ({})", a.input.display(), fmt.name()))?;
+            let fmt = if a.from == FromFormat::Npz {
+                EncoderFormat::Npz
+            } else {
+                EncoderFormat::Timm
+            };
+            // Library errors already name the file and the offending arrays.
+            let conv = convert_encoder_file(fmt, &a.input, &a.output, &cfg.model.transunet)?;
             eprintln!(
                 "wrote {} ({} tensors; {} source arrays read, {} ignored)",
                 a.output.display(),

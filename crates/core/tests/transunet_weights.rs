@@ -10,7 +10,10 @@ use ultrarefiner::models::transunet::{read_checkpoint, save_safetensors_atomic, 
 use ultrarefiner::testing::{fixture_path, shared_dir};
 
 fn preset(name: &str) -> TransUnetConfig {
-    ultrarefiner::config::Config::load(name).expect("preset").model.transunet
+    ultrarefiner::config::Config::load(name)
+        .expect("preset")
+        .model
+        .transunet
 }
 
 fn fixture_weights() -> HashMap<String, Tensor> {
@@ -22,14 +25,30 @@ fn npz_path() -> std::path::PathBuf {
 }
 
 fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect()
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
 }
 
 /// Rewrites the members of an npz archive (optionally dropping one, replacing one, or deflate-compressing all).
-fn rewrite_npz(src: &Path, dst: &Path, deflate: bool, skip: Option<&str>, replace: Option<(&str, &Tensor)>) {
+fn rewrite_npz(
+    src: &Path,
+    dst: &Path,
+    deflate: bool,
+    skip: Option<&str>,
+    replace: Option<(&str, &Tensor)>,
+) {
     let mut zin = zip::ZipArchive::new(std::fs::File::open(src).unwrap()).unwrap();
     let mut zout = zip::ZipWriter::new(std::fs::File::create(dst).unwrap());
-    let method = if deflate { zip::CompressionMethod::Deflated } else { zip::CompressionMethod::Stored };
+    let method = if deflate {
+        zip::CompressionMethod::Deflated
+    } else {
+        zip::CompressionMethod::Stored
+    };
     let opts = zip::write::SimpleFileOptions::default().compression_method(method);
     for i in 0..zin.len() {
         let mut f = zin.by_index(i).unwrap();
@@ -65,16 +84,33 @@ fn transunet_npz_narrow_reproduces_fixture_encoder() {
     assert_eq!(want.len(), 76);
     assert_eq!(conv.tensors.len(), 76);
     assert_eq!(conv.read.len(), 76);
-    assert_eq!(conv.ignored, vec!["cls", "head/bias", "head/kernel", "pre_logits/bias", "pre_logits/kernel"]);
+    assert_eq!(
+        conv.ignored,
+        vec![
+            "cls",
+            "head/bias",
+            "head/kernel",
+            "pre_logits/bias",
+            "pre_logits/kernel"
+        ]
+    );
     for k in want {
-        let got = conv.tensors.get(k).unwrap_or_else(|| panic!("conversion lacks `{k}`"));
+        let got = conv
+            .tensors
+            .get(k)
+            .unwrap_or_else(|| panic!("conversion lacks `{k}`"));
         assert_eq!(got.dims(), w[k].dims(), "{k}");
         assert!(bits(got) == bits(&w[k]), "`{k}` differs from the fixture");
     }
     // Loading into the model: the converted encoder + the fixture decoder give a strict, complete state dict.
-    let mut all: HashMap<String, Tensor> = w.iter().filter(|(k, _)| !k.starts_with("transformer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut all: HashMap<String, Tensor> = w
+        .iter()
+        .filter(|(k, _)| !k.starts_with("transformer."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     all.extend(conv.tensors.into_iter());
-    TransUnet::from_tensors(&cfg, all, DType::F32, &Device::Cpu).expect("strict load of converted weights");
+    TransUnet::from_tensors(&cfg, all, DType::F32, &Device::Cpu)
+        .expect("strict load of converted weights");
 }
 
 #[test]
@@ -114,10 +150,14 @@ fn transunet_npz_errors_name_the_key_or_file() {
     let e = convert_npz(&p, &cfg).unwrap_err().to_string();
     assert!(e.contains("truncated.npz"), "{e}");
     // Nonexistent file.
-    let e = convert_npz(&dir.path().join("nope.npz"), &cfg).unwrap_err().to_string();
+    let e = convert_npz(&dir.path().join("nope.npz"), &cfg)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("nope.npz"), "{e}");
     // Wrong preset: the narrow npz does not fit `tiny`.
-    let e = convert_npz(&npz_path(), &preset("tiny")).unwrap_err().to_string();
+    let e = convert_npz(&npz_path(), &preset("tiny"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("shape"), "{e}");
 }
 
@@ -125,25 +165,42 @@ fn transunet_npz_errors_name_the_key_or_file() {
 /// (353 arrays read, 5 ignored) and yields every encoder tensor of the `paper` model.
 #[test]
 fn transunet_npz_paper_manifest_covered() {
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture_path("r50_vit_b16_npz_keys.json").unwrap()).unwrap()).unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_path("r50_vit_b16_npz_keys.json").unwrap()).unwrap(),
+    )
+    .unwrap();
     let keys = manifest["keys"].as_array().unwrap();
     assert_eq!(keys.len(), 358);
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("r50_vit_b16_random.npz");
     {
-        let mut zout = zip::ZipWriter::new(std::io::BufWriter::new(std::fs::File::create(&p).unwrap()));
+        let mut zout =
+            zip::ZipWriter::new(std::io::BufWriter::new(std::fs::File::create(&p).unwrap()));
         let opts = zip::write::SimpleFileOptions::default()
             .compression_method(zip::CompressionMethod::Stored)
             .large_file(false);
         let mut state: u64 = 0x1234_5678;
         for k in keys {
             let name = k["key"].as_str().unwrap();
-            let shape: Vec<usize> = k["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+            let shape: Vec<usize> = k["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as usize)
+                .collect();
             let n: usize = shape.iter().product();
-            let sh = shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
-            let sh = if shape.len() == 1 { format!("{sh},") } else { sh };
-            let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({sh}), }}");
+            let sh = shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            let sh = if shape.len() == 1 {
+                format!("{sh},")
+            } else {
+                sh
+            };
+            let mut header =
+                format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({sh}), }}");
             while (10 + header.len() + 1) % 64 != 0 {
                 header.push(' ');
             }
@@ -168,7 +225,16 @@ fn transunet_npz_paper_manifest_covered() {
     let cfg = preset("paper");
     let conv = convert_npz(&p, &cfg).expect("paper npz converts");
     assert_eq!(conv.read.len(), 353);
-    assert_eq!(conv.ignored, vec!["cls", "head/bias", "head/kernel", "pre_logits/bias", "pre_logits/kernel"]);
+    assert_eq!(
+        conv.ignored,
+        vec![
+            "cls",
+            "head/bias",
+            "head/kernel",
+            "pre_logits/bias",
+            "pre_logits/kernel"
+        ]
+    );
     let expected = encoder_shapes(&cfg);
     assert_eq!(expected.len(), conv.tensors.len());
     for (k, shape) in &expected {
@@ -192,7 +258,9 @@ fn transunet_pos_embed_resize_for_other_grids() {
     let pe = &conv.tensors["transformer.embeddings.position_embeddings"];
     assert_eq!(pe.dims(), &[1, 256, 64]);
     // Corner-aligned: the four corners equal the source corners.
-    let src = &fixture_weights()["transformer.embeddings.position_embeddings"].squeeze(0).unwrap();
+    let src = &fixture_weights()["transformer.embeddings.position_embeddings"]
+        .squeeze(0)
+        .unwrap();
     let dst = pe.squeeze(0).unwrap();
     for (s, d) in [(0usize, 0usize), (13, 15), (182, 240), (195, 255)] {
         let a = src.get(s).unwrap().to_vec1::<f32>().unwrap();
@@ -213,24 +281,48 @@ fn transunet_timm_layout_converts() {
     let w = fixture_weights();
     let hm = "transformer.embeddings.hybrid_model";
     let mut t: HashMap<String, Tensor> = HashMap::new();
-    t.insert("patch_embed.backbone.stem.conv.weight".into(), w[&format!("{hm}.root.conv.weight")].clone());
+    t.insert(
+        "patch_embed.backbone.stem.conv.weight".into(),
+        w[&format!("{hm}.root.conv.weight")].clone(),
+    );
     for s in ["weight", "bias"] {
-        t.insert(format!("patch_embed.backbone.stem.norm.{s}"), w[&format!("{hm}.root.gn.{s}")].clone());
-        t.insert(format!("patch_embed.proj.{s}"), w[&format!("transformer.embeddings.patch_embeddings.{s}")].clone());
-        t.insert(format!("norm.{s}"), w[&format!("transformer.encoder.encoder_norm.{s}")].clone());
+        t.insert(
+            format!("patch_embed.backbone.stem.norm.{s}"),
+            w[&format!("{hm}.root.gn.{s}")].clone(),
+        );
+        t.insert(
+            format!("patch_embed.proj.{s}"),
+            w[&format!("transformer.embeddings.patch_embeddings.{s}")].clone(),
+        );
+        t.insert(
+            format!("norm.{s}"),
+            w[&format!("transformer.encoder.encoder_norm.{s}")].clone(),
+        );
     }
     for b in 1..=3 {
         let st = format!("patch_embed.backbone.stages.{}.blocks.0", b - 1);
         let u = format!("{hm}.body.block{b}.unit1");
         for k in 1..=3 {
-            t.insert(format!("{st}.conv{k}.weight"), w[&format!("{u}.conv{k}.weight")].clone());
+            t.insert(
+                format!("{st}.conv{k}.weight"),
+                w[&format!("{u}.conv{k}.weight")].clone(),
+            );
             for s in ["weight", "bias"] {
-                t.insert(format!("{st}.norm{k}.{s}"), w[&format!("{u}.gn{k}.{s}")].clone());
+                t.insert(
+                    format!("{st}.norm{k}.{s}"),
+                    w[&format!("{u}.gn{k}.{s}")].clone(),
+                );
             }
         }
-        t.insert(format!("{st}.downsample.conv.weight"), w[&format!("{u}.downsample.weight")].clone());
+        t.insert(
+            format!("{st}.downsample.conv.weight"),
+            w[&format!("{u}.downsample.weight")].clone(),
+        );
         for s in ["weight", "bias"] {
-            t.insert(format!("{st}.downsample.norm.{s}"), w[&format!("{u}.gn_proj.{s}")].clone());
+            t.insert(
+                format!("{st}.downsample.norm.{s}"),
+                w[&format!("{u}.gn_proj.{s}")].clone(),
+            );
         }
     }
     let pe = &w["transformer.embeddings.position_embeddings"];
@@ -240,13 +332,34 @@ fn transunet_timm_layout_converts() {
     for i in 0..2 {
         let l = format!("transformer.encoder.layer.{i}");
         for s in ["weight", "bias"] {
-            t.insert(format!("blocks.{i}.norm1.{s}"), w[&format!("{l}.attention_norm.{s}")].clone());
-            t.insert(format!("blocks.{i}.norm2.{s}"), w[&format!("{l}.ffn_norm.{s}")].clone());
-            t.insert(format!("blocks.{i}.mlp.fc1.{s}"), w[&format!("{l}.ffn.fc1.{s}")].clone());
-            t.insert(format!("blocks.{i}.mlp.fc2.{s}"), w[&format!("{l}.ffn.fc2.{s}")].clone());
-            t.insert(format!("blocks.{i}.attn.proj.{s}"), w[&format!("{l}.attn.out.{s}")].clone());
-            let qkv: Vec<&Tensor> = ["query", "key", "value"].iter().map(|n| &w[&format!("{l}.attn.{n}.{s}")]).collect();
-            t.insert(format!("blocks.{i}.attn.qkv.{s}"), Tensor::cat(&qkv, 0).unwrap());
+            t.insert(
+                format!("blocks.{i}.norm1.{s}"),
+                w[&format!("{l}.attention_norm.{s}")].clone(),
+            );
+            t.insert(
+                format!("blocks.{i}.norm2.{s}"),
+                w[&format!("{l}.ffn_norm.{s}")].clone(),
+            );
+            t.insert(
+                format!("blocks.{i}.mlp.fc1.{s}"),
+                w[&format!("{l}.ffn.fc1.{s}")].clone(),
+            );
+            t.insert(
+                format!("blocks.{i}.mlp.fc2.{s}"),
+                w[&format!("{l}.ffn.fc2.{s}")].clone(),
+            );
+            t.insert(
+                format!("blocks.{i}.attn.proj.{s}"),
+                w[&format!("{l}.attn.out.{s}")].clone(),
+            );
+            let qkv: Vec<&Tensor> = ["query", "key", "value"]
+                .iter()
+                .map(|n| &w[&format!("{l}.attn.{n}.{s}")])
+                .collect();
+            t.insert(
+                format!("blocks.{i}.attn.qkv.{s}"),
+                Tensor::cat(&qkv, 0).unwrap(),
+            );
         }
     }
     let dir = tempfile::tempdir().unwrap();
@@ -257,10 +370,16 @@ fn transunet_timm_layout_converts() {
     let npz = convert_npz(&npz_path(), &cfg).unwrap();
     assert_eq!(conv.tensors.len(), npz.tensors.len());
     for (k, v) in &npz.tensors {
-        assert!(bits(v) == bits(&conv.tensors[k]), "{k}: timm and npz conversions differ");
+        assert!(
+            bits(v) == bits(&conv.tensors[k]),
+            "{k}: timm and npz conversions differ"
+        );
     }
     // An unknown tensor is an error naming it.
-    t.insert("blocks.9.attn.qkv.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+    t.insert(
+        "blocks.9.attn.qkv.weight".into(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    );
     candle_core::safetensors::save(&t, &p).unwrap();
     let e = convert_timm(&p, &cfg).unwrap_err().to_string();
     assert!(e.contains("blocks.9.attn.qkv.weight"), "{e}");
@@ -270,11 +389,17 @@ fn transunet_timm_layout_converts() {
 #[test]
 fn transunet_real_npz_equals_timm_when_present() {
     let root = shared_dir().unwrap().parent().unwrap().to_path_buf();
-    let npz = ["weights/R50+ViT-B_16.npz", "main/weights/R50+ViT-B_16.npz"].iter().map(|p| root.join(p)).find(|p| p.is_file());
-    let timm = ["weights/vit_base_r50_s16_224.orig_in21k.safetensors", "main/weights/vit_base_r50_s16_224.orig_in21k.safetensors"]
+    let npz = ["weights/R50+ViT-B_16.npz", "main/weights/R50+ViT-B_16.npz"]
         .iter()
         .map(|p| root.join(p))
         .find(|p| p.is_file());
+    let timm = [
+        "weights/vit_base_r50_s16_224.orig_in21k.safetensors",
+        "main/weights/vit_base_r50_s16_224.orig_in21k.safetensors",
+    ]
+    .iter()
+    .map(|p| root.join(p))
+    .find(|p| p.is_file());
     let (Some(npz), Some(timm)) = (npz, timm) else {
         eprintln!("skipped: real R50+ViT-B_16 npz and timm safetensors not both present");
         return;
@@ -294,32 +419,61 @@ fn transunet_canonical_loading_is_strict() {
     // Complete: loads; num_batches_tracked optional.
     let mut no_nbt = w.clone();
     no_nbt.retain(|k, _| !k.ends_with("num_batches_tracked"));
-    TransUnet::from_tensors(&cfg, no_nbt, DType::F32, &Device::Cpu).expect("num_batches_tracked is optional");
+    TransUnet::from_tensors(&cfg, no_nbt, DType::F32, &Device::Cpu)
+        .expect("num_batches_tracked is optional");
     // Missing key.
     let mut m = w.clone();
     m.remove("decoder.blocks.2.conv1.0.weight");
     m.remove("decoder.conv_more.1.running_var");
-    let e = TransUnet::from_tensors(&cfg, m, DType::F32, &Device::Cpu).unwrap_err().to_string();
-    assert!(e.contains("decoder.blocks.2.conv1.0.weight") && e.contains("decoder.conv_more.1.running_var"), "{e}");
+    let e = TransUnet::from_tensors(&cfg, m, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("decoder.blocks.2.conv1.0.weight")
+            && e.contains("decoder.conv_more.1.running_var"),
+        "{e}"
+    );
     // Unexpected key.
     let mut u = w.clone();
-    u.insert("decoder.extra.weight".into(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap());
-    let e = TransUnet::from_tensors(&cfg, u, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    u.insert(
+        "decoder.extra.weight".into(),
+        Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let e = TransUnet::from_tensors(&cfg, u, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("decoder.extra.weight"), "{e}");
     // Wrong shape.
     let mut s = w.clone();
-    s.insert("segmentation_head.0.bias".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
-    let e = TransUnet::from_tensors(&cfg, s, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    s.insert(
+        "segmentation_head.0.bias".into(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let e = TransUnet::from_tensors(&cfg, s, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("segmentation_head.0.bias"), "{e}");
     // __optim__ keys are ignored by read_checkpoint; a prefix selects a sub-model.
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("ckpt.safetensors");
-    let mut with_optim: Vec<(String, Tensor)> = w.iter().map(|(k, v)| (format!("transunet.{k}"), v.clone())).collect();
-    with_optim.push(("__optim__.g0.momentum.transunet.segmentation_head.0.bias".into(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap()));
-    with_optim.push(("sam.some.weight".into(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap()));
+    let mut with_optim: Vec<(String, Tensor)> = w
+        .iter()
+        .map(|(k, v)| (format!("transunet.{k}"), v.clone()))
+        .collect();
+    with_optim.push((
+        "__optim__.g0.momentum.transunet.segmentation_head.0.bias".into(),
+        Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+    ));
+    with_optim.push((
+        "sam.some.weight".into(),
+        Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+    ));
     save_safetensors_atomic(&p, &with_optim).unwrap();
-    TransUnet::from_checkpoint(&cfg, &p, "transunet", DType::F32, &Device::Cpu).expect("prefixed checkpoint");
-    let e = TransUnet::from_checkpoint(&cfg, &p, "", DType::F32, &Device::Cpu).unwrap_err().to_string();
+    TransUnet::from_checkpoint(&cfg, &p, "transunet", DType::F32, &Device::Cpu)
+        .expect("prefixed checkpoint");
+    let e = TransUnet::from_checkpoint(&cfg, &p, "", DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("sam.some.weight"), "{e}");
 }
 
@@ -328,19 +482,50 @@ fn transunet_convert_writes_canonical_file_atomically() {
     use ultrarefiner::convert::npz::{convert_encoder_file, EncoderFormat};
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("sub").join("r50-narrow.safetensors");
-    let conv = convert_encoder_file(EncoderFormat::Npz, &npz_path(), &out, &preset("narrow")).unwrap();
+    let conv =
+        convert_encoder_file(EncoderFormat::Npz, &npz_path(), &out, &preset("narrow")).unwrap();
     let back = read_checkpoint(&out, "").unwrap();
     assert_eq!(back.len(), conv.tensors.len());
     for (k, v) in &conv.tensors {
         assert!(bits(v) == bits(&back[k]), "{k}");
     }
-    let side: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.with_extension("json")).unwrap()).unwrap();
+    let side: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.with_extension("json")).unwrap())
+            .unwrap();
     assert_eq!(side["format"], "npz");
     assert_eq!(side["tensor_count"], 76);
     assert_eq!(side["source_sha256"].as_str().unwrap().len(), 64);
-    let names: Vec<String> = std::fs::read_dir(out.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    let names: Vec<String> = std::fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
     assert_eq!(names.len(), 2, "no temporary files left: {names:?}");
     // The converted file is accepted as a pretrained encoder source.
-    let enc = ultrarefiner::models::transunet::load_pretrained_encoder(&out, &preset("narrow")).unwrap();
+    let enc =
+        ultrarefiner::models::transunet::load_pretrained_encoder(&out, &preset("narrow")).unwrap();
     assert_eq!(enc.len(), 76);
+}
+
+#[test]
+fn transunet_npz_rejects_fortran_order() {
+    use ultrarefiner::convert::npz::decode_npy;
+    let t = Tensor::arange(0f32, 6f32, &Device::Cpu)
+        .unwrap()
+        .reshape((2, 3))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.npy");
+    t.write_npy(&p).unwrap();
+    let bytes = std::fs::read(&p).unwrap();
+    let back = decode_npy(&bytes).unwrap();
+    assert_eq!(back.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
+    let pat = b"'fortran_order': False";
+    let i = bytes.windows(pat.len()).position(|w| w == pat).unwrap();
+    let mut fortran = bytes.clone();
+    fortran[i..i + pat.len()].copy_from_slice(b"'fortran_order': True ");
+    let e = decode_npy(&fortran).unwrap_err();
+    assert!(e.contains("Fortran"), "{e}");
+    assert!(decode_npy(&bytes[..bytes.len() - 3])
+        .unwrap_err()
+        .contains("truncated"));
 }

@@ -17,21 +17,53 @@ pub const MAPPING_VERSION: u32 = 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Slot {
     RootConv,
-    RootGn { bias: bool },
+    RootGn {
+        bias: bool,
+    },
     /// `block{b}.unit{u}.conv{k}` (1-based b, u, k).
-    UnitConv { b: usize, u: usize, k: usize },
-    UnitGn { b: usize, u: usize, k: usize, bias: bool },
-    Downsample { b: usize },
-    GnProj { b: usize, bias: bool },
-    Patch { bias: bool },
+    UnitConv {
+        b: usize,
+        u: usize,
+        k: usize,
+    },
+    UnitGn {
+        b: usize,
+        u: usize,
+        k: usize,
+        bias: bool,
+    },
+    Downsample {
+        b: usize,
+    },
+    GnProj {
+        b: usize,
+        bias: bool,
+    },
+    Patch {
+        bias: bool,
+    },
     PosEmbed,
     /// `layer.{i}.attention_norm` (`ffn = false`) or `ffn_norm`.
-    Norm { i: usize, ffn: bool, bias: bool },
+    Norm {
+        i: usize,
+        ffn: bool,
+        bias: bool,
+    },
     /// `layer.{i}.attn.{query,key,value,out}` with `which` 0..4.
-    Attn { i: usize, which: usize, bias: bool },
+    Attn {
+        i: usize,
+        which: usize,
+        bias: bool,
+    },
     /// `layer.{i}.ffn.fc{k}`.
-    Fc { i: usize, k: usize, bias: bool },
-    EncoderNorm { bias: bool },
+    Fc {
+        i: usize,
+        k: usize,
+        bias: bool,
+    },
+    EncoderNorm {
+        bias: bool,
+    },
 }
 
 const ATTN_NAMES: [&str; 4] = ["query", "key", "value", "out"];
@@ -52,16 +84,28 @@ impl Slot {
             Slot::RootConv => format!("{r}.root.conv.weight"),
             Slot::RootGn { bias } => format!("{r}.root.gn.{}", wb(bias)),
             Slot::UnitConv { b, u, k } => format!("{r}.body.block{b}.unit{u}.conv{k}.weight"),
-            Slot::UnitGn { b, u, k, bias } => format!("{r}.body.block{b}.unit{u}.gn{k}.{}", wb(bias)),
+            Slot::UnitGn { b, u, k, bias } => {
+                format!("{r}.body.block{b}.unit{u}.gn{k}.{}", wb(bias))
+            }
             Slot::Downsample { b } => format!("{r}.body.block{b}.unit1.downsample.weight"),
             Slot::GnProj { b, bias } => format!("{r}.body.block{b}.unit1.gn_proj.{}", wb(bias)),
             Slot::Patch { bias } => format!("transformer.embeddings.patch_embeddings.{}", wb(bias)),
             Slot::PosEmbed => "transformer.embeddings.position_embeddings".to_string(),
             Slot::Norm { i, ffn, bias } => {
-                format!("transformer.encoder.layer.{i}.{}.{}", if ffn { "ffn_norm" } else { "attention_norm" }, wb(bias))
+                format!(
+                    "transformer.encoder.layer.{i}.{}.{}",
+                    if ffn { "ffn_norm" } else { "attention_norm" },
+                    wb(bias)
+                )
             }
-            Slot::Attn { i, which, bias } => format!("transformer.encoder.layer.{i}.attn.{}.{}", ATTN_NAMES[which], wb(bias)),
-            Slot::Fc { i, k, bias } => format!("transformer.encoder.layer.{i}.ffn.fc{k}.{}", wb(bias)),
+            Slot::Attn { i, which, bias } => format!(
+                "transformer.encoder.layer.{i}.attn.{}.{}",
+                ATTN_NAMES[which],
+                wb(bias)
+            ),
+            Slot::Fc { i, k, bias } => {
+                format!("transformer.encoder.layer.{i}.ffn.fc{k}.{}", wb(bias))
+            }
             Slot::EncoderNorm { bias } => format!("transformer.encoder.encoder_norm.{}", wb(bias)),
         }
     }
@@ -88,8 +132,24 @@ pub fn encoder_slots(cfg: &TransUnetConfig) -> Vec<(Slot, Vec<usize>)> {
             v.push((Slot::UnitConv { b, u, k: 3 }, vec![cout, cmid, 1, 1]));
             for k in 1..=3 {
                 let c = if k == 3 { cout } else { cmid };
-                v.push((Slot::UnitGn { b, u, k, bias: false }, vec![c]));
-                v.push((Slot::UnitGn { b, u, k, bias: true }, vec![c]));
+                v.push((
+                    Slot::UnitGn {
+                        b,
+                        u,
+                        k,
+                        bias: false,
+                    },
+                    vec![c],
+                ));
+                v.push((
+                    Slot::UnitGn {
+                        b,
+                        u,
+                        k,
+                        bias: true,
+                    },
+                    vec![c],
+                ));
             }
             // The first unit of every stage projects (stride 2 in stages 2, 3; cin ≠ cout in stage 1).
             if u == 1 {
@@ -109,13 +169,55 @@ pub fn encoder_slots(cfg: &TransUnetConfig) -> Vec<(Slot, Vec<usize>)> {
             }
         }
         for which in 0..4 {
-            v.push((Slot::Attn { i, which, bias: false }, vec![d, d]));
-            v.push((Slot::Attn { i, which, bias: true }, vec![d]));
+            v.push((
+                Slot::Attn {
+                    i,
+                    which,
+                    bias: false,
+                },
+                vec![d, d],
+            ));
+            v.push((
+                Slot::Attn {
+                    i,
+                    which,
+                    bias: true,
+                },
+                vec![d],
+            ));
         }
-        v.push((Slot::Fc { i, k: 1, bias: false }, vec![cfg.mlp_dim, d]));
-        v.push((Slot::Fc { i, k: 1, bias: true }, vec![cfg.mlp_dim]));
-        v.push((Slot::Fc { i, k: 2, bias: false }, vec![d, cfg.mlp_dim]));
-        v.push((Slot::Fc { i, k: 2, bias: true }, vec![d]));
+        v.push((
+            Slot::Fc {
+                i,
+                k: 1,
+                bias: false,
+            },
+            vec![cfg.mlp_dim, d],
+        ));
+        v.push((
+            Slot::Fc {
+                i,
+                k: 1,
+                bias: true,
+            },
+            vec![cfg.mlp_dim],
+        ));
+        v.push((
+            Slot::Fc {
+                i,
+                k: 2,
+                bias: false,
+            },
+            vec![d, cfg.mlp_dim],
+        ));
+        v.push((
+            Slot::Fc {
+                i,
+                k: 2,
+                bias: true,
+            },
+            vec![d],
+        ));
     }
     v.push((Slot::EncoderNorm { bias: false }, vec![d]));
     v.push((Slot::EncoderNorm { bias: true }, vec![d]));
@@ -124,7 +226,10 @@ pub fn encoder_slots(cfg: &TransUnetConfig) -> Vec<(Slot, Vec<usize>)> {
 
 /// Canonical `transformer.*` keys and shapes of `cfg`.
 pub fn encoder_shapes(cfg: &TransUnetConfig) -> BTreeMap<String, Vec<usize>> {
-    encoder_slots(cfg).into_iter().map(|(s, shape)| (s.key(), shape)).collect()
+    encoder_slots(cfg)
+        .into_iter()
+        .map(|(s, shape)| (s.key(), shape))
+        .collect()
 }
 
 /// A read-only set of named source arrays (npz members, safetensors entries).
@@ -148,12 +253,22 @@ pub struct NpzSource {
 impl NpzSource {
     pub fn open(path: &Path) -> Result<Self> {
         let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let archive = zip::ZipArchive::new(std::io::BufReader::new(f))
-            .map_err(|e| Error::file(path, format!("not a readable .npz archive (truncated or corrupt?): {e}")))?;
-        let mut names: Vec<String> =
-            archive.file_names().map(|n| n.strip_suffix(".npy").unwrap_or(n).to_string()).collect();
+        let archive = zip::ZipArchive::new(std::io::BufReader::new(f)).map_err(|e| {
+            Error::file(
+                path,
+                format!("not a readable .npz archive (truncated or corrupt?): {e}"),
+            )
+        })?;
+        let mut names: Vec<String> = archive
+            .file_names()
+            .map(|n| n.strip_suffix(".npy").unwrap_or(n).to_string())
+            .collect();
         names.sort();
-        Ok(Self { path: path.to_path_buf(), archive: std::sync::Mutex::new(archive), names })
+        Ok(Self {
+            path: path.to_path_buf(),
+            archive: std::sync::Mutex::new(archive),
+            names,
+        })
     }
 }
 
@@ -172,18 +287,29 @@ pub fn parse_npy_header(bytes: &[u8]) -> std::result::Result<(NpyHeader, usize),
     }
     let (len, start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
         v => return Err(format!("unsupported .npy version {v}")),
     };
-    let hdr = bytes.get(start..start + len).ok_or("truncated .npy header")?;
+    let hdr = bytes
+        .get(start..start + len)
+        .ok_or("truncated .npy header")?;
     let hdr = std::str::from_utf8(hdr).map_err(|_| "non-UTF-8 .npy header")?;
     let field = |key: &str| -> Option<&str> {
         let i = hdr.find(&format!("'{key}'"))?;
-        let rest = hdr[i + key.len() + 2..].trim_start().strip_prefix(':')?.trim_start();
+        let rest = hdr[i + key.len() + 2..]
+            .trim_start()
+            .strip_prefix(':')?
+            .trim_start();
         Some(rest)
     };
     let descr = field("descr").ok_or("no descr in .npy header")?;
-    let descr = descr.strip_prefix('\'').and_then(|d| d.split('\'').next()).ok_or("bad descr")?;
+    let descr = descr
+        .strip_prefix('\'')
+        .and_then(|d| d.split('\'').next())
+        .ok_or("bad descr")?;
     let dtype = match descr {
         "<f4" | "=f4" => DType::F32,
         "<f8" | "=f8" => DType::F64,
@@ -192,19 +318,37 @@ pub fn parse_npy_header(bytes: &[u8]) -> std::result::Result<(NpyHeader, usize),
         "<i4" | "=i4" => DType::I32,
         "|u1" | "<u1" | "=u1" | "|b1" => DType::U8,
         "<u4" | "=u4" => DType::U32,
-        d => return Err(format!("unsupported array dtype `{d}` (expected little-endian float/int)")),
+        d => {
+            return Err(format!(
+                "unsupported array dtype `{d}` (expected little-endian float/int)"
+            ))
+        }
     };
     let fo = field("fortran_order").ok_or("no fortran_order in .npy header")?;
     let fortran_order = fo.starts_with("True");
     let sh = field("shape").ok_or("no shape in .npy header")?;
-    let sh = sh.strip_prefix('(').and_then(|s| s.split(')').next()).ok_or("bad shape")?;
+    let sh = sh
+        .strip_prefix('(')
+        .and_then(|s| s.split(')').next())
+        .ok_or("bad shape")?;
     let shape = sh
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.trim_end_matches('L').parse::<usize>().map_err(|_| format!("bad shape entry `{s}`")))
+        .map(|s| {
+            s.trim_end_matches('L')
+                .parse::<usize>()
+                .map_err(|_| format!("bad shape entry `{s}`"))
+        })
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    Ok((NpyHeader { dtype, fortran_order, shape }, start + len))
+    Ok((
+        NpyHeader {
+            dtype,
+            fortran_order,
+            shape,
+        },
+        start + len,
+    ))
 }
 
 /// Decodes a whole `.npy` buffer into a CPU tensor (C order only; SPEC §16.5 rejects Fortran order).
@@ -217,9 +361,13 @@ pub fn decode_npy(bytes: &[u8]) -> std::result::Result<Tensor, String> {
     let need = n * h.dtype.size_in_bytes();
     let data = &bytes[off..];
     if data.len() < need {
-        return Err(format!("truncated array data: {} of {need} bytes", data.len()));
+        return Err(format!(
+            "truncated array data: {} of {need} bytes",
+            data.len()
+        ));
     }
-    Tensor::from_raw_buffer(&data[..need], h.dtype, &h.shape, &Device::Cpu).map_err(|e| e.to_string())
+    Tensor::from_raw_buffer(&data[..need], h.dtype, &h.shape, &Device::Cpu)
+        .map_err(|e| e.to_string())
 }
 
 impl TensorSource for NpzSource {
@@ -234,13 +382,27 @@ impl TensorSource for NpzSource {
         if !self.names.iter().any(|n| n == name) {
             return Ok(None);
         }
-        let mut zip = self.archive.lock().map_err(|_| Error::msg("npz reader lock poisoned"))?;
-        let member = if zip.index_for_name(&format!("{name}.npy")).is_some() { format!("{name}.npy") } else { name.to_string() };
-        let mut f = zip.by_name(&member).map_err(|e| Error::file(&self.path, format!("array `{name}`: {e}")))?;
+        let mut zip = self
+            .archive
+            .lock()
+            .map_err(|_| Error::msg("npz reader lock poisoned"))?;
+        let member = if zip.index_for_name(&format!("{name}.npy")).is_some() {
+            format!("{name}.npy")
+        } else {
+            name.to_string()
+        };
+        let mut f = zip
+            .by_name(&member)
+            .map_err(|e| Error::file(&self.path, format!("array `{name}`: {e}")))?;
         let mut buf = Vec::with_capacity(f.size() as usize);
-        f.read_to_end(&mut buf)
-            .map_err(|e| Error::file(&self.path, format!("cannot read array `{name}` (truncated or corrupt?): {e}")))?;
-        let t = decode_npy(&buf).map_err(|e| Error::file(&self.path, format!("array `{name}`: {e}")))?;
+        f.read_to_end(&mut buf).map_err(|e| {
+            Error::file(
+                &self.path,
+                format!("cannot read array `{name}` (truncated or corrupt?): {e}"),
+            )
+        })?;
+        let t = decode_npy(&buf)
+            .map_err(|e| Error::file(&self.path, format!("array `{name}`: {e}")))?;
         Ok(Some(t))
     }
 }
@@ -292,22 +454,52 @@ pub fn npz_mapping(cfg: &TransUnetConfig) -> Vec<Mapping> {
             let (source, transform) = match slot {
                 Slot::RootConv => ("conv_root/kernel".to_string(), Transform::HwioToOihw),
                 Slot::RootGn { bias } => (format!("gn_root/{}", sb(bias)), Transform::Flatten),
-                Slot::UnitConv { b, u, k } => (format!("block{b}/unit{u}/conv{k}/kernel"), Transform::HwioToOihw),
-                Slot::UnitGn { b, u, k, bias } => (format!("block{b}/unit{u}/gn{k}/{}", sb(bias)), Transform::Flatten),
-                Slot::Downsample { b } => (format!("block{b}/unit1/conv_proj/kernel"), Transform::HwioToOihw),
-                Slot::GnProj { b, bias } => (format!("block{b}/unit1/gn_proj/{}", sb(bias)), Transform::Flatten),
-                Slot::Patch { bias: false } => ("embedding/kernel".to_string(), Transform::HwioToOihw),
+                Slot::UnitConv { b, u, k } => (
+                    format!("block{b}/unit{u}/conv{k}/kernel"),
+                    Transform::HwioToOihw,
+                ),
+                Slot::UnitGn { b, u, k, bias } => (
+                    format!("block{b}/unit{u}/gn{k}/{}", sb(bias)),
+                    Transform::Flatten,
+                ),
+                Slot::Downsample { b } => (
+                    format!("block{b}/unit1/conv_proj/kernel"),
+                    Transform::HwioToOihw,
+                ),
+                Slot::GnProj { b, bias } => (
+                    format!("block{b}/unit1/gn_proj/{}", sb(bias)),
+                    Transform::Flatten,
+                ),
+                Slot::Patch { bias: false } => {
+                    ("embedding/kernel".to_string(), Transform::HwioToOihw)
+                }
                 Slot::Patch { bias: true } => ("embedding/bias".to_string(), Transform::Copy),
-                Slot::PosEmbed => ("Transformer/posembed_input/pos_embedding".to_string(), Transform::PosEmbed),
+                Slot::PosEmbed => (
+                    "Transformer/posembed_input/pos_embedding".to_string(),
+                    Transform::PosEmbed,
+                ),
                 Slot::Norm { i, ffn, bias } => (
-                    format!("Transformer/encoderblock_{i}/LayerNorm_{}/{}", if ffn { 2 } else { 0 }, sb(bias)),
+                    format!(
+                        "Transformer/encoderblock_{i}/LayerNorm_{}/{}",
+                        if ffn { 2 } else { 0 },
+                        sb(bias)
+                    ),
                     Transform::Copy,
                 ),
                 Slot::Attn { i, which, bias } => {
                     let name = ATTN_NAMES[which];
-                    let base = format!("Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/{name}");
+                    let base = format!(
+                        "Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/{name}"
+                    );
                     if bias {
-                        (format!("{base}/bias"), if which == 3 { Transform::Copy } else { Transform::Reshape })
+                        (
+                            format!("{base}/bias"),
+                            if which == 3 {
+                                Transform::Copy
+                            } else {
+                                Transform::Reshape
+                            },
+                        )
                     } else {
                         (format!("{base}/kernel"), Transform::KernelT)
                     }
@@ -320,9 +512,16 @@ pub fn npz_mapping(cfg: &TransUnetConfig) -> Vec<Mapping> {
                         (format!("{base}/kernel"), Transform::KernelT)
                     }
                 }
-                Slot::EncoderNorm { bias } => (format!("Transformer/encoder_norm/{}", sb(bias)), Transform::Copy),
+                Slot::EncoderNorm { bias } => (
+                    format!("Transformer/encoder_norm/{}", sb(bias)),
+                    Transform::Copy,
+                ),
             };
-            Mapping { slot, source, transform }
+            Mapping {
+                slot,
+                source,
+                transform,
+            }
         })
         .collect()
 }
@@ -337,7 +536,9 @@ pub fn resize_pos_grid(rows: &Tensor, g: usize) -> Result<Tensor> {
     let (n, d) = rows.dims2()?;
     let g0 = (n as f64).sqrt().round() as usize;
     if g0 * g0 != n {
-        return Err(Error::Weights(format!("{n} position-embedding rows do not form a square grid")));
+        return Err(Error::Weights(format!(
+            "{n} position-embedding rows do not form a square grid"
+        )));
     }
     if g0 == g {
         return Ok(rows.clone());
@@ -356,7 +557,13 @@ fn apply(
     path: &Path,
 ) -> Result<Tensor> {
     let bad = |why: &str| {
-        Error::file(path, format!("array `{name}` has shape {:?}; {why} (target shape {want:?})", t.dims()))
+        Error::file(
+            path,
+            format!(
+                "array `{name}` has shape {:?}; {why} (target shape {want:?})",
+                t.dims()
+            ),
+        )
     };
     let numel: usize = want.iter().product();
     let t = t.to_dtype(DType::F32)?;
@@ -388,12 +595,16 @@ fn apply(
                 && t.rank() >= 2
                 && match t.rank() {
                     2 => t.dims() == [i, o],
-                    3 if name.ends_with("/out/kernel") => t.dims()[2] == o && t.dims()[0] * t.dims()[1] == i,
+                    3 if name.ends_with("/out/kernel") => {
+                        t.dims()[2] == o && t.dims()[0] * t.dims()[1] == i
+                    }
                     3 => t.dims()[0] == i && t.dims()[1] * t.dims()[2] == o,
                     _ => false,
                 };
             if !ok {
-                return Err(bad(&format!("expected an ({i}, {o}) kernel (attention kernels split into heads)")));
+                return Err(bad(&format!(
+                    "expected an ({i}, {o}) kernel (attention kernels split into heads)"
+                )));
             }
             t.reshape((i, o))?.t()?
         }
@@ -441,6 +652,17 @@ fn apply(
     Ok(out.contiguous()?.to_device(&Device::Cpu)?)
 }
 
+/// `a, b, c, … and N more` (at most `max` names), for one-sentence error messages.
+pub fn key_list<S: AsRef<str>>(keys: &[S], max: usize) -> String {
+    let shown: Vec<&str> = keys.iter().take(max).map(|k| k.as_ref()).collect();
+    let more = keys.len().saturating_sub(max);
+    let mut out = shown.join(", ");
+    if more > 0 {
+        out.push_str(&format!(" … and {more} more"));
+    }
+    out
+}
+
 /// Runs `mapping` over `src`: every mapped array must exist; arrays that are neither mapped nor `ignored` are
 /// errors (naming them), as are shape mismatches.
 pub fn run_mapping(
@@ -452,19 +674,35 @@ pub fn run_mapping(
     let shapes: BTreeMap<String, Vec<usize>> = encoder_shapes(cfg);
     let names = src.names();
     let name_set: std::collections::BTreeSet<&str> = names.iter().map(|s| s.as_str()).collect();
-    let mapped: std::collections::BTreeSet<&str> = mapping.iter().map(|m| m.source.as_str()).collect();
-    let missing: Vec<&str> = mapped.iter().copied().filter(|n| !name_set.contains(n)).collect();
+    let mapped: std::collections::BTreeSet<&str> =
+        mapping.iter().map(|m| m.source.as_str()).collect();
+    let missing: Vec<&str> = mapped
+        .iter()
+        .copied()
+        .filter(|n| !name_set.contains(n))
+        .collect();
     if !missing.is_empty() {
-        return Err(Error::file(src.path(), format!("missing arrays: {}", missing.join(", "))));
+        return Err(Error::file(
+            src.path(),
+            format!(
+                "{} missing arrays (does the configuration match the file?): {}",
+                missing.len(),
+                key_list(&missing, 8)
+            ),
+        ));
     }
-    let unmapped: Vec<&str> =
-        names.iter().map(|s| s.as_str()).filter(|n| !mapped.contains(n) && !ignored(n)).collect();
+    let unmapped: Vec<&str> = names
+        .iter()
+        .map(|s| s.as_str())
+        .filter(|n| !mapped.contains(n) && !ignored(n))
+        .collect();
     if !unmapped.is_empty() {
         return Err(Error::file(
             src.path(),
             format!(
-                "arrays with no place in this TransUNet configuration (wrong depth/width preset?): {}",
-                unmapped.join(", ")
+                "{} arrays have no place in this TransUNet configuration (wrong depth/width preset?): {}",
+                unmapped.len(),
+                key_list(&unmapped, 8)
             ),
         ));
     }
@@ -474,9 +712,9 @@ pub fn run_mapping(
         let t = match cache.get(&m.source) {
             Some(t) => t.clone(),
             None => {
-                let t = src
-                    .get(&m.source)?
-                    .ok_or_else(|| Error::file(src.path(), format!("missing array `{}`", m.source)))?;
+                let t = src.get(&m.source)?.ok_or_else(|| {
+                    Error::file(src.path(), format!("missing array `{}`", m.source))
+                })?;
                 cache.insert(m.source.clone(), t.clone());
                 t
             }
@@ -486,11 +724,19 @@ pub fn run_mapping(
         let out = apply(&t, m.transform, want, &m.source, src.path())?;
         tensors.insert(key, out);
     }
-    let ign: Vec<String> = names.iter().filter(|n| !mapped.contains(n.as_str())).cloned().collect();
+    let ign: Vec<String> = names
+        .iter()
+        .filter(|n| !mapped.contains(n.as_str()))
+        .cloned()
+        .collect();
     for n in &ign {
         tracing::debug!("{}: ignoring array `{n}`", src.path().display());
     }
-    Ok(Conversion { tensors, read: mapped.into_iter().map(String::from).collect(), ignored: ign })
+    Ok(Conversion {
+        tensors,
+        read: mapped.into_iter().map(String::from).collect(),
+        ignored: ign,
+    })
 }
 
 /// Converts an ImageNet-21k R50+ViT-B/16 `.npz` (uncompressed or deflate-compressed) for `cfg` (SPEC §5.5).
@@ -524,11 +770,15 @@ pub fn write_text_atomic(path: &Path, text: &str) -> Result<()> {
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "file".into());
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "file".into());
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let res = (|| -> Result<()> {
         let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(text.as_bytes()).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(text.as_bytes())
+            .map_err(|e| Error::io(&tmp, e))?;
         f.sync_all().map_err(|e| Error::io(&tmp, e))?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     })();
@@ -547,7 +797,10 @@ pub fn write_converted(
     format: &str,
     provenance: Option<&str>,
 ) -> Result<PathBuf> {
-    let list: Vec<(String, Tensor)> = tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let list: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     crate::models::transunet::save_safetensors_atomic(output, &list)?;
     let sidecar = output.with_extension("json");
     let json = serde_json::json!({

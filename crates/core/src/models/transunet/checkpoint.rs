@@ -11,6 +11,7 @@
 //!   canonical `transformer.*` tensors.
 use super::TransUnet;
 use crate::config::TransUnetConfig;
+use crate::convert::npz::key_list;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::{Init, VarBuilder, VarMap};
@@ -24,7 +25,8 @@ pub const OPTIM_PREFIX: &str = "__optim__.";
 /// Reads a canonical safetensors file onto the CPU. Keys under `__optim__.` are dropped. With a non-empty `prefix`
 /// (e.g. `"transunet"` for Phase 3 checkpoints) only keys below `prefix.` are kept, with the prefix removed.
 pub fn read_checkpoint(path: &Path, prefix: &str) -> Result<HashMap<String, Tensor>> {
-    let all = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::file(path, e.to_string()))?;
+    let all = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| Error::file(path, e.to_string()))?;
     let mut out = HashMap::new();
     for (k, t) in all {
         if k.starts_with(OPTIM_PREFIX) {
@@ -39,7 +41,11 @@ pub fn read_checkpoint(path: &Path, prefix: &str) -> Result<HashMap<String, Tens
     if out.is_empty() {
         return Err(Error::file(
             path,
-            if prefix.is_empty() { "no model tensors".to_string() } else { format!("no tensors under `{prefix}.`") },
+            if prefix.is_empty() {
+                "no model tensors".to_string()
+            } else {
+                format!("no tensors under `{prefix}.`")
+            },
         ));
     }
     Ok(out)
@@ -66,13 +72,24 @@ impl RecordingBackend {
 }
 
 impl candle_nn::var_builder::SimpleBackend for RecordingBackend {
-    fn get(&self, s: Shape, name: &str, _h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let mut rec = self.record();
         rec.seen.insert(name.to_string());
         match self.tensors.get(name) {
             Some(t) if t.shape() == &s => t.to_dtype(dtype)?.to_device(dev),
             Some(t) => {
-                rec.bad_shape.push(format!("`{name}` has shape {:?}, the model expects {:?}", t.dims(), s.dims()));
+                rec.bad_shape.push(format!(
+                    "`{name}` has shape {:?}, the model expects {:?}",
+                    t.dims(),
+                    s.dims()
+                ));
                 Tensor::zeros(s, dtype, dev)
             }
             None => {
@@ -106,7 +123,10 @@ impl TransUnet {
     ) -> Result<Self> {
         let keys: BTreeSet<String> = tensors.keys().cloned().collect();
         let log = Arc::new(Mutex::new(Record::default()));
-        let backend = RecordingBackend { tensors, log: log.clone() };
+        let backend = RecordingBackend {
+            tensors,
+            log: log.clone(),
+        };
         let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
         let model = TransUnet::new(cfg, vb)?;
         let mut rec = log.lock().unwrap_or_else(|p| p.into_inner());
@@ -119,17 +139,19 @@ impl TransUnet {
         let unexpected: Vec<&String> = keys.iter().filter(|k| !rec.seen.contains(*k)).collect();
         let mut problems = Vec::new();
         if !rec.missing.is_empty() {
-            problems.push(format!("missing keys: {}", rec.missing.join(", ")));
+            problems.push(format!("missing keys: {}", key_list(&rec.missing, 12)));
         }
         if !rec.bad_shape.is_empty() {
-            problems.push(rec.bad_shape.join("; "));
+            problems.push(key_list(&rec.bad_shape, 6));
         }
         if !unexpected.is_empty() {
-            let u: Vec<&str> = unexpected.iter().map(|s| s.as_str()).collect();
-            problems.push(format!("unexpected keys: {}", u.join(", ")));
+            problems.push(format!("unexpected keys: {}", key_list(&unexpected, 12)));
         }
         if !problems.is_empty() {
-            return Err(Error::Weights(format!("TransUNet weights do not match the configuration: {}", problems.join("; "))));
+            return Err(Error::Weights(format!(
+                "TransUNet weights do not match the configuration: {}",
+                problems.join("; ")
+            )));
         }
         Ok(model)
     }
@@ -143,7 +165,8 @@ impl TransUnet {
         device: &Device,
     ) -> Result<Self> {
         let tensors = read_checkpoint(path, prefix)?;
-        Self::from_tensors(cfg, tensors, dtype, device).map_err(|e| Error::file(path, e.to_string()))
+        Self::from_tensors(cfg, tensors, dtype, device)
+            .map_err(|e| Error::file(path, e.to_string()))
     }
 }
 
@@ -175,8 +198,17 @@ pub fn load_into_varmap(
     mode: LoadMode,
 ) -> Result<LoadReport> {
     let prefix = model.prefix();
-    let full = |k: &str| if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
-    let vars = varmap.data().lock().map_err(|_| Error::msg("VarMap lock poisoned"))?;
+    let full = |k: &str| {
+        if prefix.is_empty() {
+            k.to_string()
+        } else {
+            format!("{prefix}.{k}")
+        }
+    };
+    let vars = varmap
+        .data()
+        .lock()
+        .map_err(|_| Error::msg("VarMap lock poisoned"))?;
     let mut report = LoadReport::default();
     let mut known = BTreeSet::new();
     let mut problems = Vec::new();
@@ -187,7 +219,9 @@ pub fn load_into_varmap(
             if prefix.is_empty() {
                 Some(k.clone())
             } else {
-                k.strip_prefix(prefix).and_then(|r| r.strip_prefix('.')).map(|r| r.to_string())
+                k.strip_prefix(prefix)
+                    .and_then(|r| r.strip_prefix('.'))
+                    .map(|r| r.to_string())
             }
         })
         .collect();
@@ -198,7 +232,11 @@ pub fn load_into_varmap(
         match tensors.get(key) {
             Some(t) => {
                 if t.dims() != var.dims() {
-                    problems.push(format!("`{key}` has shape {:?}, the model expects {:?}", t.dims(), var.dims()));
+                    problems.push(format!(
+                        "`{key}` has shape {:?}, the model expects {:?}",
+                        t.dims(),
+                        var.dims()
+                    ));
                     continue;
                 }
                 var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
@@ -224,8 +262,7 @@ pub fn load_into_varmap(
     let mut unexpected: Vec<&String> = tensors.keys().filter(|k| !known.contains(*k)).collect();
     unexpected.sort();
     if !unexpected.is_empty() {
-        let u: Vec<&str> = unexpected.iter().map(|s| s.as_str()).collect();
-        problems.push(format!("unexpected keys: {}", u.join(", ")));
+        problems.push(format!("unexpected keys: {}", key_list(&unexpected, 12)));
     }
     let missing_bad: Vec<&str> = report
         .missing
@@ -234,17 +271,21 @@ pub fn load_into_varmap(
         .map(|s| s.as_str())
         .collect();
     if !missing_bad.is_empty() {
-        problems.push(format!("missing keys: {}", missing_bad.join(", ")));
+        problems.push(format!("missing keys: {}", key_list(&missing_bad, 12)));
     }
     if !problems.is_empty() {
-        return Err(Error::Weights(format!("cannot load TransUNet weights: {}", problems.join("; "))));
+        return Err(Error::Weights(format!(
+            "cannot load TransUNet weights: {}",
+            problems.join("; ")
+        )));
     }
     // Only the buffers the source has (strict mode guarantees all means/variances are there).
     for (prefix_bn, bn) in model.decoder.batch_norms() {
         let p = model.strip(prefix_bn);
         for name in ["running_mean", "running_var", "num_batches_tracked"] {
             if let Some(t) = buffers.get(&format!("{p}.{name}")) {
-                bn.set_buffer(name, t).map_err(|e| Error::Weights(format!("`{p}.{name}`: {e}")))?;
+                bn.set_buffer(name, t)
+                    .map_err(|e| Error::Weights(format!("`{p}.{name}`: {e}")))?;
             }
         }
     }
@@ -254,7 +295,10 @@ pub fn load_into_varmap(
 /// Canonical tensors of a trainable model: its `Var`s (prefix removed) and BatchNorm buffers, sorted by key.
 pub fn state_dict(model: &TransUnet, varmap: &VarMap) -> Result<Vec<(String, Tensor)>> {
     let prefix = model.prefix();
-    let vars = varmap.data().lock().map_err(|_| Error::msg("VarMap lock poisoned"))?;
+    let vars = varmap
+        .data()
+        .lock()
+        .map_err(|_| Error::msg("VarMap lock poisoned"))?;
     let mut out: BTreeMap<String, Tensor> = BTreeMap::new();
     for (k, v) in vars.iter() {
         let key = if prefix.is_empty() {
@@ -280,7 +324,10 @@ pub fn save_safetensors_atomic(path: &Path, tensors: &[(String, Tensor)]) -> Res
         _ => std::path::PathBuf::from("."),
     };
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "weights".into());
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "weights".into());
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let map: HashMap<String, Tensor> = tensors.iter().cloned().collect();
     let res = (|| -> Result<()> {
@@ -302,8 +349,14 @@ pub fn save_safetensors_atomic(path: &Path, tensors: &[(String, Tensor)]) -> Res
 /// Pretrained encoder weights from `path` as canonical `transformer.*` tensors for `cfg`:
 /// `.npz` → SPEC §5.5; safetensors with timm keys (`pos_embed`) → SPEC §5.6; other safetensors → canonical keys
 /// (only `transformer.*` tensors are used; each is shape-checked against `cfg`).
-pub fn load_pretrained_encoder(path: &Path, cfg: &TransUnetConfig) -> Result<BTreeMap<String, Tensor>> {
-    let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
+pub fn load_pretrained_encoder(
+    path: &Path,
+    cfg: &TransUnetConfig,
+) -> Result<BTreeMap<String, Tensor>> {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
     if ext == "npz" {
         return Ok(crate::convert::npz::convert_npz(path, cfg)?.tensors);
     }
@@ -323,14 +376,23 @@ pub fn load_pretrained_encoder(path: &Path, cfg: &TransUnetConfig) -> Result<BTr
             Some(t) if t.dims() == shape.as_slice() => {
                 out.insert(key.clone(), t.to_dtype(DType::F32)?);
             }
-            Some(t) => problems.push(format!("`{key}` has shape {:?}, expected {:?}", t.dims(), shape)),
+            Some(t) => problems.push(format!(
+                "`{key}` has shape {:?}, expected {:?}",
+                t.dims(),
+                shape
+            )),
             None => problems.push(format!("missing `{key}`")),
         }
     }
-    let unexpected: Vec<&String> =
-        all.keys().filter(|k| k.starts_with("transformer.") && !expected.contains_key(*k)).collect();
+    let unexpected: Vec<&String> = all
+        .keys()
+        .filter(|k| k.starts_with("transformer.") && !expected.contains_key(*k))
+        .collect();
     if !unexpected.is_empty() {
-        problems.push(format!("unexpected encoder keys: {unexpected:?}"));
+        problems.push(format!(
+            "unexpected encoder keys: {}",
+            key_list(&unexpected, 12)
+        ));
     }
     if !problems.is_empty() {
         return Err(Error::file(path, problems.join("; ")));

@@ -24,7 +24,11 @@ impl Conv2dReLU {
     pub fn new(cin: usize, cout: usize, vb: VarBuilder) -> Result<Self> {
         let conv = conv2d(cin, cout, 3, 1, 1, false, vb.pp("0"))?;
         let bn = BatchNorm2d::new(cout, BN_EPS, BN_MOMENTUM, vb.pp("1"))?;
-        Ok(Self { conv, bn, prefix: vb.pp("1").prefix() })
+        Ok(Self {
+            conv,
+            bn,
+            prefix: vb.pp("1").prefix(),
+        })
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -89,7 +93,10 @@ impl DecoderCup {
         let conv_more = Conv2dReLU::new(cfg.hidden_size, head, vb.pp("conv_more"))?;
         let dc = &cfg.decoder_channels;
         if dc.len() != 4 {
-            return Err(Error::Config(format!("transunet.decoder_channels must have 4 entries, got {}", dc.len())));
+            return Err(Error::Config(format!(
+                "transunet.decoder_channels must have 4 entries, got {}",
+                dc.len()
+            )));
         }
         let skips = cfg.skip_channels();
         let bvb = vb.pp("blocks");
@@ -98,7 +105,11 @@ impl DecoderCup {
             let cin = if i == 0 { head } else { dc[i - 1] };
             blocks.push(DecoderBlock::new(cin, dc[i], skips[i], bvb.pp(i))?);
         }
-        Ok(Self { conv_more, blocks, n_skip: cfg.n_skip })
+        Ok(Self {
+            conv_more,
+            blocks,
+            n_skip: cfg.n_skip,
+        })
     }
 
     /// `features`: skip features in decoder order (`[f1, f2, f3]`).
@@ -106,12 +117,21 @@ impl DecoderCup {
         let (b, n, d) = hidden.dims3()?;
         let g = (n as f64).sqrt().round() as usize;
         if g * g != n {
-            return Err(Error::msg(format!("TransUNet decoder: {n} tokens do not form a square grid")));
+            return Err(Error::msg(format!(
+                "TransUNet decoder: {n} tokens do not form a square grid"
+            )));
         }
-        let x = hidden.transpose(1, 2)?.contiguous()?.reshape((b, d, g, g))?;
+        let x = hidden
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, d, g, g))?;
         let mut x = self.conv_more.forward_t(&x, train)?;
         for (i, block) in self.blocks.iter().enumerate() {
-            let skip = if i < self.n_skip { features.get(i) } else { None };
+            let skip = if i < self.n_skip {
+                features.get(i)
+            } else {
+                None
+            };
             x = block.forward_t(&x, skip, train)?;
         }
         Ok(x)
@@ -138,7 +158,9 @@ impl SegmentationHead {
     /// `vb` points at `segmentation_head`.
     pub fn new(cfg: &TransUnetConfig, vb: VarBuilder) -> Result<Self> {
         let cin = cfg.decoder_channels[3];
-        Ok(Self { conv: conv2d(cin, cfg.n_classes, 3, 1, 1, true, vb.pp("0"))? })
+        Ok(Self {
+            conv: conv2d(cin, cfg.n_classes, 3, 1, 1, true, vb.pp("0"))?,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

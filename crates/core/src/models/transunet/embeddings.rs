@@ -38,9 +38,15 @@ impl Embeddings {
         // The original's patch size is img_size/16/grid = 1 for the hybrid model: a 1×1 convolution with stride 1.
         let patch_embeddings = conv2d(cin, d, 1, 1, 0, true, vb.pp("patch_embeddings"))?;
         let g = cfg.grid();
-        let position_embeddings = vb.get_with_hints((1, g * g, d), "position_embeddings", Init::Const(0.0))?;
+        let position_embeddings =
+            vb.get_with_hints((1, g * g, d), "position_embeddings", Init::Const(0.0))?;
         let dropout = Dropout::new(cfg.dropout as f64);
-        Ok(Self { hybrid_model, patch_embeddings, position_embeddings, dropout })
+        Ok(Self {
+            hybrid_model,
+            patch_embeddings,
+            position_embeddings,
+            dropout,
+        })
     }
 
     pub fn forward_t(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<EmbeddingsOutput> {
@@ -49,6 +55,11 @@ impl Embeddings {
         let p = p.flatten_from(2)?.transpose(1, 2)?; // (B, g², D)
         let pre_dropout = p.broadcast_add(&self.position_embeddings)?;
         let x = self.dropout.forward_t(&pre_dropout, dropout_seed)?;
-        Ok(EmbeddingsOutput { x, pre_dropout, resnet_out: r.x, features: r.features })
+        Ok(EmbeddingsOutput {
+            x,
+            pre_dropout,
+            resnet_out: r.x,
+            features: r.features,
+        })
     }
 }

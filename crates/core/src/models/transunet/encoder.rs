@@ -47,7 +47,9 @@ impl Attention {
 
     fn heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, n, _) = x.dims3()?;
-        Ok(x.reshape((b, n, self.num_heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+        Ok(x.reshape((b, n, self.num_heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?)
     }
 
     /// `seeds`: dropout seeds of the attention-probability and output-projection dropouts.
@@ -59,7 +61,11 @@ impl Attention {
         let scores = (q.matmul(&k.t()?.contiguous()?)? / (self.head_dim as f64).sqrt())?;
         let probs = nn::softmax(&scores, 3)?;
         let probs = self.attn_dropout.forward_t(&probs, seeds.map(|s| s.0))?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, n, d))?;
+        let ctx = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, n, d))?;
         let out = self.out.forward(&ctx)?;
         self.proj_dropout.forward_t(&out, seeds.map(|s| s.1))
     }
@@ -75,8 +81,22 @@ pub struct Mlp {
 
 fn xavier_linear(fan_in: usize, fan_out: usize, vb: VarBuilder) -> Result<Linear> {
     let bound = (6.0 / (fan_in + fan_out) as f64).sqrt();
-    let w = vb.get_with_hints((fan_out, fan_in), "weight", Init::Uniform { lo: -bound, up: bound })?;
-    let b = vb.get_with_hints(fan_out, "bias", Init::Randn { mean: 0.0, stdev: 1e-6 })?;
+    let w = vb.get_with_hints(
+        (fan_out, fan_in),
+        "weight",
+        Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
+    let b = vb.get_with_hints(
+        fan_out,
+        "bias",
+        Init::Randn {
+            mean: 0.0,
+            stdev: 1e-6,
+        },
+    )?;
     Ok(Linear::new(w, Some(b)))
 }
 
@@ -121,7 +141,9 @@ impl Block {
         let site = |s: u64, i: u64| crate::rng::mix(s, "dropout-site", &[i]);
         let attn_seeds = seed.map(|s| (site(s, 0), site(s, 1)));
         let mlp_seeds = seed.map(|s| (site(s, 2), site(s, 3)));
-        let h = self.attn.forward_t(&self.attention_norm.forward(x)?, attn_seeds)?;
+        let h = self
+            .attn
+            .forward_t(&self.attention_norm.forward(x)?, attn_seeds)?;
         let x = (x + h)?;
         let h = self.ffn.forward_t(&self.ffn_norm.forward(&x)?, mlp_seeds)?;
         Ok((x + h)?)
@@ -139,9 +161,14 @@ impl Encoder {
     /// `vb` points at `transformer.encoder`.
     pub fn new(cfg: &TransUnetConfig, vb: VarBuilder) -> Result<Self> {
         let lvb = vb.pp("layer");
-        let layers = (0..cfg.num_layers).map(|i| Block::new(cfg, lvb.pp(i))).collect::<Result<Vec<_>>>()?;
+        let layers = (0..cfg.num_layers)
+            .map(|i| Block::new(cfg, lvb.pp(i)))
+            .collect::<Result<Vec<_>>>()?;
         let encoder_norm = LayerNorm::new(cfg.hidden_size, LN_EPS, vb.pp("encoder_norm"))?;
-        Ok(Self { layers, encoder_norm })
+        Ok(Self {
+            layers,
+            encoder_norm,
+        })
     }
 
     /// `seed`: dropout seed of the encoder (None = no dropout); block `i` uses `mix(seed, "dropout-layer", [i])`.

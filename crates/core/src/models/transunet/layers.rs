@@ -7,15 +7,36 @@ use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, VarBuilder};
 /// PyTorch default `U(−1/√fan_in, 1/√fan_in)` for weights and biases.
 pub fn torch_uniform(fan_in: usize) -> Init {
     let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
-    Init::Uniform { lo: -bound, up: bound }
+    Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
 }
 
 /// `Conv2d(cin → cout, k×k, stride, padding)`; keys `weight` `(cout, cin, k, k)` and (optionally) `bias`.
-pub fn conv2d(cin: usize, cout: usize, k: usize, stride: usize, padding: usize, bias: bool, vb: VarBuilder) -> Result<Conv2d> {
+pub fn conv2d(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    bias: bool,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
     let fan_in = cin * k * k;
     let w = vb.get_with_hints((cout, cin, k, k), "weight", torch_uniform(fan_in))?;
-    let b = if bias { Some(vb.get_with_hints(cout, "bias", torch_uniform(fan_in))?) } else { None };
-    let cfg = Conv2dConfig { padding, stride, dilation: 1, groups: 1, cudnn_fwd_algo: None };
+    let b = if bias {
+        Some(vb.get_with_hints(cout, "bias", torch_uniform(fan_in))?)
+    } else {
+        None
+    };
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        dilation: 1,
+        groups: 1,
+        cudnn_fwd_algo: None,
+    };
     Ok(Conv2d::new(w, b, cfg))
 }
 
@@ -35,7 +56,10 @@ pub struct Dropout {
 
 impl Dropout {
     pub fn new(p: f64) -> Self {
-        Self { p, inner: crate::nn::Dropout::new(p) }
+        Self {
+            p,
+            inner: crate::nn::Dropout::new(p),
+        }
     }
 
     pub fn forward_t(&self, x: &Tensor, seed: Option<u64>) -> Result<Tensor> {

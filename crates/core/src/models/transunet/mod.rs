@@ -59,7 +59,10 @@ pub struct TransUnet {
 pub fn validate_config(cfg: &TransUnetConfig) -> Result<()> {
     let bad = |m: String| Err(Error::Config(m));
     if cfg.img_size == 0 || cfg.img_size % 16 != 0 {
-        return bad(format!("transunet.img_size {} must be a positive multiple of 16", cfg.img_size));
+        return bad(format!(
+            "transunet.img_size {} must be a positive multiple of 16",
+            cfg.img_size
+        ));
     }
     if cfg.resnet_width == 0 || cfg.gn_groups == 0 || cfg.resnet_width % cfg.gn_groups != 0 {
         return bad(format!(
@@ -93,7 +96,14 @@ impl TransUnet {
         let encoder = Encoder::new(cfg, tvb.pp("encoder"))?;
         let decoder = DecoderCup::new(cfg, vb.pp("decoder"))?;
         let head = SegmentationHead::new(cfg, vb.pp("segmentation_head"))?;
-        Ok(Self { cfg: cfg.clone(), embeddings, encoder, decoder, head, prefix })
+        Ok(Self {
+            cfg: cfg.clone(),
+            embeddings,
+            encoder,
+            decoder,
+            head,
+            prefix,
+        })
     }
 
     pub fn config(&self) -> &TransUnetConfig {
@@ -110,7 +120,9 @@ impl TransUnet {
     /// statistics. `dropout_seed`: with `train`, enables dropout with masks derived from this seed (SPEC §11.1.6:
     /// pass `rng::mix(seed, "dropout", &[epoch, step])`); `None` disables dropout. Returns logits `(B, n_classes, S, S)`.
     pub fn forward_t(&self, x: &Tensor, train: bool, dropout_seed: Option<u64>) -> Result<Tensor> {
-        Ok(self.forward_with_intermediates(x, train, dropout_seed)?.logits)
+        Ok(self
+            .forward_with_intermediates(x, train, dropout_seed)?
+            .logits)
     }
 
     /// Eval-mode forward (running statistics, no dropout).
@@ -135,7 +147,11 @@ impl TransUnet {
         let x = match c {
             1 => x.repeat((1, 3, 1, 1))?,
             3 => x.clone(),
-            _ => return Err(Error::Arg(format!("TransUNet input must have 1 or 3 channels, got {c}"))),
+            _ => {
+                return Err(Error::Arg(format!(
+                    "TransUNet input must have 1 or 3 channels, got {c}"
+                )))
+            }
         };
         let seed = if train { dropout_seed } else { None };
         let emb_seed = seed.map(|s| crate::rng::mix(s, "dropout-embeddings", &[]));
@@ -156,7 +172,9 @@ impl TransUnet {
         if self.prefix.is_empty() {
             key
         } else {
-            key.strip_prefix(self.prefix.as_str()).and_then(|k| k.strip_prefix('.')).unwrap_or(key)
+            key.strip_prefix(self.prefix.as_str())
+                .and_then(|k| k.strip_prefix('.'))
+                .unwrap_or(key)
         }
     }
 
@@ -182,14 +200,19 @@ impl TransUnet {
             for name in ["running_mean", "running_var", "num_batches_tracked"] {
                 let key = format!("{p}.{name}");
                 match tensors.get(&key) {
-                    Some(t) => bn.set_buffer(name, t).map_err(|e| Error::Weights(format!("`{key}`: {e}")))?,
+                    Some(t) => bn
+                        .set_buffer(name, t)
+                        .map_err(|e| Error::Weights(format!("`{key}`: {e}")))?,
                     None if name != "num_batches_tracked" => missing.push(key),
                     None => {}
                 }
             }
         }
         if !missing.is_empty() {
-            return Err(Error::Weights(format!("missing BatchNorm buffers: {}", missing.join(", "))));
+            return Err(Error::Weights(format!(
+                "missing BatchNorm buffers: {}",
+                missing.join(", ")
+            )));
         }
         Ok(())
     }

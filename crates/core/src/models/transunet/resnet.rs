@@ -28,7 +28,14 @@ pub struct Bottleneck {
 }
 
 impl Bottleneck {
-    pub fn new(cin: usize, cout: usize, cmid: usize, stride: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        cin: usize,
+        cout: usize,
+        cmid: usize,
+        stride: usize,
+        groups: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let conv1 = StdConv2d::new(cin, cmid, 1, 1, 0, false, vb.pp("conv1"))?;
         let gn1 = GroupNorm::new(groups, cmid, GN_EPS, vb.pp("gn1"))?;
         let conv2 = StdConv2d::new(cmid, cmid, 3, stride, 1, false, vb.pp("conv2"))?;
@@ -42,7 +49,15 @@ impl Bottleneck {
         } else {
             None
         };
-        Ok(Self { conv1, gn1, conv2, gn2, conv3, gn3, proj })
+        Ok(Self {
+            conv1,
+            gn1,
+            conv2,
+            gn2,
+            conv3,
+            gn3,
+            proj,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -81,7 +96,11 @@ impl ResNetV2 {
         let root_conv = StdConv2d::new(3, w, 7, 2, 3, false, vb.pp("root").pp("conv"))?;
         let root_gn = GroupNorm::new(groups, w, GN_EPS, vb.pp("root").pp("gn"))?;
         // (cin, cout, cmid, stride of the first unit) per stage.
-        let stages = [(w, 4 * w, w, 1usize), (4 * w, 8 * w, 2 * w, 2), (8 * w, 16 * w, 4 * w, 2)];
+        let stages = [
+            (w, 4 * w, w, 1usize),
+            (4 * w, 8 * w, 2 * w, 2),
+            (8 * w, 16 * w, 4 * w, 2),
+        ];
         let units = &cfg.resnet_block_units;
         if units.len() != 3 {
             return Err(Error::Config(format!(
@@ -94,24 +113,39 @@ impl ResNetV2 {
         for (b, &(cin, cout, cmid, stride)) in stages.iter().enumerate() {
             let n = units[b];
             if n == 0 {
-                return Err(Error::Config(format!("transunet.resnet_block_units[{b}] must be ≥ 1")));
+                return Err(Error::Config(format!(
+                    "transunet.resnet_block_units[{b}] must be ≥ 1"
+                )));
             }
             let bvb = body.pp(format!("block{}", b + 1));
             let mut block = Vec::with_capacity(n);
             for u in 0..n {
                 let (ci, s) = if u == 0 { (cin, stride) } else { (cout, 1) };
-                block.push(Bottleneck::new(ci, cout, cmid, s, groups, bvb.pp(format!("unit{}", u + 1)))?);
+                block.push(Bottleneck::new(
+                    ci,
+                    cout,
+                    cmid,
+                    s,
+                    groups,
+                    bvb.pp(format!("unit{}", u + 1)),
+                )?);
             }
             blocks.push(block);
         }
-        Ok(Self { root_conv, root_gn, blocks })
+        Ok(Self {
+            root_conv,
+            root_gn,
+            blocks,
+        })
     }
 
     /// `x`: `(B, 3, S, S)`.
     pub fn forward(&self, x: &Tensor) -> Result<ResNetOutput> {
         let (_, _, in_size, in_w) = x.dims4()?;
         if in_size != in_w {
-            return Err(Error::msg(format!("TransUNet input must be square, got {in_size}×{in_w}")));
+            return Err(Error::msg(format!(
+                "TransUNet input must be square, got {in_size}×{in_w}"
+            )));
         }
         let mut features = Vec::with_capacity(3);
         let mut x = self.root_gn.forward(&self.root_conv.forward(x)?)?.relu()?;
