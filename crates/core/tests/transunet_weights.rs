@@ -529,3 +529,97 @@ fn transunet_npz_rejects_fortran_order() {
         .unwrap_err()
         .contains("truncated"));
 }
+
+/// Parameter count of `narrow` equals the reference model's (`transunet_narrow.config.json`: 1168434).
+#[test]
+fn transunet_narrow_parameter_count() {
+    use candle_nn::{VarBuilder, VarMap};
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let _model = TransUnet::new(&preset("narrow"), vb).unwrap();
+    let n: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_path("transunet_narrow.config.json").unwrap()).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(n as u64, cfg["num_parameters"].as_u64().unwrap());
+    // Every fixture tensor that is not a BatchNorm buffer is a Var with the same shape.
+    let w = fixture_weights();
+    let vars = varmap.data().lock().unwrap();
+    for (k, t) in &w {
+        if k.contains("running_") || k.ends_with("num_batches_tracked") {
+            assert!(!vars.contains_key(k), "{k} must be a buffer, not a Var");
+        } else {
+            assert_eq!(vars[k].dims(), t.dims(), "{k}");
+        }
+    }
+    assert_eq!(vars.len() + 3 * 9, w.len());
+}
+
+/// A trainable model under a prefix (Phase 3 layout) loads the fixture strictly, its state dict round-trips through
+/// a canonical file, and the pretrained-encoder mode fills only `transformer.*`.
+#[test]
+fn transunet_varmap_loading_and_state_dict() {
+    use candle_nn::{VarBuilder, VarMap};
+    use ultrarefiner::models::transunet::checkpoint::{state_dict, LoadMode};
+    use ultrarefiner::models::transunet::load_into_varmap;
+    let cfg = preset("narrow");
+    let w = fixture_weights();
+    let io = ultrarefiner::testing::load_fixture("transunet_narrow_io.safetensors").unwrap();
+    let x = ultrarefiner::testing::get_f32(&io, "input").unwrap();
+    let want = ultrarefiner::testing::get_f32(&io, "eval.logits").unwrap();
+
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu).pp("transunet");
+    let model = TransUnet::new(&cfg, vb).unwrap();
+    assert_eq!(model.prefix(), "transunet");
+    load_into_varmap(&model, &varmap, &w, LoadMode::Strict).unwrap();
+    let got = model.forward(&x).unwrap();
+    ultrarefiner::testing::assert_close("prefixed eval.logits", &got, &want, 0.0, 2e-4);
+    assert!(varmap
+        .data()
+        .lock()
+        .unwrap()
+        .keys()
+        .all(|k| k.starts_with("transunet.")));
+
+    let sd = state_dict(&model, &varmap).unwrap();
+    assert_eq!(sd.len(), w.len());
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("phase1.safetensors");
+    save_safetensors_atomic(&p, &sd).unwrap();
+    let frozen = TransUnet::from_checkpoint(&cfg, &p, "", DType::F32, &Device::Cpu).unwrap();
+    let again = frozen.forward(&x).unwrap();
+    assert!(
+        bits(&again) == bits(&got),
+        "state dict round trip changes the output"
+    );
+
+    // Unexpected key in a strict varmap load.
+    let mut extra = w.clone();
+    extra.insert(
+        "decoder.blocks.9.conv1.0.weight".into(),
+        Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let e = load_into_varmap(&model, &varmap, &extra, LoadMode::Strict)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("decoder.blocks.9.conv1.0.weight"), "{e}");
+
+    // Pretrained encoder only: decoder stays, encoder gets the npz weights.
+    let varmap2 = VarMap::new();
+    let vb2 = VarBuilder::from_varmap(&varmap2, DType::F32, &Device::Cpu);
+    let model2 = TransUnet::new(&cfg, vb2).unwrap();
+    let enc: HashMap<String, Tensor> =
+        ultrarefiner::models::transunet::load_pretrained_encoder(&npz_path(), &cfg)
+            .unwrap()
+            .into_iter()
+            .collect();
+    let rep = load_into_varmap(&model2, &varmap2, &enc, LoadMode::Encoder).unwrap();
+    assert_eq!(rep.loaded.len(), 76);
+    assert!(rep.missing.iter().all(|k| !k.starts_with("transformer.")));
+    let e = load_into_varmap(&model2, &varmap2, &enc, LoadMode::Strict)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing keys") && e.contains("decoder."), "{e}");
+}
