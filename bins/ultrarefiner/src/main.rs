@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod common;
+mod convert;
 
 #[derive(Parser)]
 #[command(
@@ -23,6 +24,8 @@ struct Cli {
 enum Command {
     /// Time a named workload and print one JSON line (SPEC §13.7).
     Bench(bench::Args),
+    /// Convert pretrained/original weights to canonical safetensors (SPEC §13.5).
+    Convert(convert::Args),
 }
 
 fn main() {
@@ -30,6 +33,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(a) => bench::run(a),
+        Command::Convert(a) => convert::run(a),
     };
     if let Err(e) = result {
         common::exit_with(e);
