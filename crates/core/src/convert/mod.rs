@@ -1,1 +1,3 @@
-//! See SPEC; filled in by its issue.
+//! Weight conversion to canonical safetensors (SPEC §13.5).
+pub mod hf_sam;
+pub mod pth;
