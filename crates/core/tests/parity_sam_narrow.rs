@@ -35,6 +35,11 @@ fn tolerances() -> HashMap<String, f64> {
 fn check(name: &str, got: &Tensor, io: &HashMap<String, Tensor>, tol: &HashMap<String, f64>) {
     let want = get_f32(io, name).unwrap();
     let rel = *tol.get(name).unwrap_or_else(|| panic!("no README tolerance for {name}"));
+    if std::env::var("SAM_PARITY_SHOW").is_ok() {
+        let d = (got - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let m = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        eprintln!("{name}: max|diff|/max|ref| = {:.2e} (tol {rel:.0e})", d / m.max(1e-30));
+    }
     assert_close(name, got, &want, 0.0, rel);
 }
 

@@ -77,7 +77,7 @@ fn sam_lora_keys_training_set_and_merge() {
     // Gradients reach every adapter (and not the frozen encoder, which holds no Vars).
     let emb = sam.image_encoder.forward_trainable(&x, Some(11)).unwrap();
     let out = sam.decode(&emb, None, Some(&Tensor::new(&[[40f32, 60., 200., 180.]], &Device::Cpu).unwrap()), None, true).unwrap();
-    let loss = (out.masks.sigmoid().unwrap().mean_all().unwrap() + out.iou.sqr().unwrap().mean_all().unwrap()).unwrap();
+    let loss = (candle_nn::ops::sigmoid(&out.masks).unwrap().mean_all().unwrap() + out.iou.sqr().unwrap().mean_all().unwrap()).unwrap();
     let grads = loss.backward().unwrap();
     let data = vm.data().lock().unwrap();
     for (k, v) in data.iter().filter(|(k, _)| k.contains("lora_")) {
