@@ -153,6 +153,9 @@ impl EmbeddingCache {
         norm_mode: &str,
         make_input: impl FnOnce(&[usize]) -> Result<Tensor>,
     ) -> Result<Tensor> {
+        if encoder.has_lora() {
+            return Err(Error::msg("the embedding cache is disabled with LoRA (SPEC §6.8): the encoder is trainable"));
+        }
         let b = images.dim(0)?;
         let mut keys = Vec::with_capacity(b);
         let mut found: Vec<Option<Tensor>> = Vec::with_capacity(b);

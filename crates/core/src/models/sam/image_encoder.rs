@@ -393,3 +393,46 @@ impl ImageEncoder {
         Ok(h.finalize().to_hex().to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rel_pos_resampling_follows_the_bilinear_rule() {
+        let dev = Device::Cpu;
+        // 3 → 5 rows: scale 0.6, s = 0.6(o+0.5) − 0.5 clamped at 0 → [0, 0.4, 1.0, 1.6, 2.2→2].
+        let t = Tensor::new(&[[0f32], [1.], [2.]], &dev).unwrap();
+        let m = linear_resample_matrix(3, 5, &dev).unwrap();
+        let r: Vec<f32> = m.matmul(&t).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let want = [0.0, 0.4, 1.0, 1.6, 2.0];
+        for (a, b) in r.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{r:?}");
+        }
+        // get_rel_pos(3,3) needs 5 rows; R[i][j] = table[i − j + 2].
+        let rp = get_rel_pos(3, 3, &t).unwrap();
+        assert_eq!(rp.dims(), &[3, 3, 1]);
+        let v: Vec<f32> = rp.flatten_all().unwrap().to_vec1().unwrap();
+        let exp: Vec<f32> = (0..3).flat_map(|i| (0..3).map(move |j| want[i + 2 - j] as f32)).collect();
+        assert!(v.iter().zip(&exp).all(|(a, b)| (a - b).abs() < 1e-6), "{v:?} vs {exp:?}");
+        // Exact length: plain lookup, no resampling.
+        let t5 = Tensor::new(&[[0f32], [1.], [2.], [3.], [4.]], &dev).unwrap();
+        let v: Vec<f32> = get_rel_pos(3, 3, &t5).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(v, vec![2., 1., 0., 3., 2., 1., 4., 3., 2.]);
+    }
+
+    #[test]
+    fn window_partition_pads_with_zeros_and_round_trips() {
+        let dev = Device::Cpu;
+        let x = Tensor::arange(1f32, (2 * 5 * 5 * 3 + 1) as f32, &dev).unwrap().reshape((2, 5, 5, 3)).unwrap();
+        let (win, pad) = window_partition(&x, 3).unwrap();
+        assert_eq!(pad, (6, 6));
+        assert_eq!(win.dims(), &[8, 3, 3, 3]);
+        // The last window of each image holds padded zeros in its last row/column.
+        let last: Vec<f32> = win.get(3).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(last.iter().filter(|v| **v == 0.0).count(), 5 * 3);
+        let back = window_unpartition(&win, 3, pad, (5, 5)).unwrap();
+        let d = (back - &x).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0);
+    }
+}

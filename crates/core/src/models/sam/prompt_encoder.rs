@@ -94,6 +94,8 @@ impl PromptEncoder {
         let md3 = Conv2d::new(mic / 4, mic, 2, 2, 0, true, md.pp("3"))?;
         let md4 = LayerNorm2d::new(mic, MASK_LN_EPS, md.pp("4"))?;
         let md6 = Conv2d::new(mic, c, 1, 1, 0, true, md.pp("6"))?;
+        // The buffer may come from a builder of another dtype (e.g. a bf16 frozen encoder): use the prompt dtype.
+        let pe_layer = PositionEmbeddingRandom { gaussian: pe_layer.gaussian.to_dtype(no_mask_embed.dtype())? };
         Ok(Self {
             pe_layer,
             point_embeddings,
