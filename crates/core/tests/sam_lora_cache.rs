@@ -2,7 +2,6 @@
 //! deterministic random weights.
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use std::collections::HashMap;
 use ultrarefiner::config::{Config, SamConfig};
 use ultrarefiner::models::sam::weights::{random_weights, SamFormat, SamWeights};
 use ultrarefiner::models::sam::{EmbeddingCache, LoraConfig, LoraTarget, Sam};
@@ -13,13 +12,18 @@ fn tiny() -> SamConfig {
 }
 
 fn tiny_weights() -> SamWeights {
-    SamWeights { tensors: random_weights(&tiny(), 3, &Device::Cpu).unwrap(), format: SamFormat::Original }
+    SamWeights {
+        tensors: random_weights(&tiny(), 3, &Device::Cpu).unwrap(),
+        format: SamFormat::Original,
+    }
 }
 
 fn images(b: usize, seed: f64) -> Tensor {
     let s = tiny().img_size;
     let n = b * 3 * s * s;
-    let v: Vec<f32> = (0..n).map(|i| ((i as f64 * 0.37 + seed).sin() * 1.5) as f32).collect();
+    let v: Vec<f32> = (0..n)
+        .map(|i| ((i as f64 * 0.37 + seed).sin() * 1.5) as f32)
+        .collect();
     Tensor::from_vec(v, (b, 3, s, s), &Device::Cpu).unwrap()
 }
 
@@ -40,14 +44,20 @@ fn perturb_lora_b(vm: &VarMap) {
         if k.ends_with("lora_b") {
             let n = v.elem_count();
             let vals: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.7).sin() * 0.05).collect();
-            v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap()).unwrap();
+            v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
+                .unwrap();
         }
     }
 }
 
 #[test]
 fn sam_lora_keys_training_set_and_merge() {
-    let lcfg = LoraConfig { rank: 2, alpha: 4.0, dropout: 0.0, targets: vec![LoraTarget::Qkv, LoraTarget::Proj, LoraTarget::Mlp] };
+    let lcfg = LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        targets: vec![LoraTarget::Qkv, LoraTarget::Proj, LoraTarget::Mlp],
+    };
     let (sam, vm) = lora_sam(&lcfg);
     let cfg = tiny();
     let d = cfg.encoder_embed_dim;
@@ -55,18 +65,28 @@ fn sam_lora_keys_training_set_and_merge() {
         let data = vm.data().lock().unwrap();
         // Only LoRA adapters, prompt encoder and mask decoder train; no frozen encoder weight is a Var.
         for k in data.keys() {
-            let ok = (k.starts_with("image_encoder.") && (k.ends_with(".lora_a") || k.ends_with(".lora_b")))
+            let ok = (k.starts_with("image_encoder.")
+                && (k.ends_with(".lora_a") || k.ends_with(".lora_b")))
                 || k.starts_with("prompt_encoder.")
                 || k.starts_with("mask_decoder.");
             assert!(ok, "unexpected trainable variable {k}");
         }
         let a = data.get("image_encoder.blocks.0.attn.qkv.lora_a").unwrap();
         assert_eq!(a.dims(), &[2, d]);
-        assert_eq!(data.get("image_encoder.blocks.0.attn.qkv.lora_b").unwrap().dims(), &[3 * d, 2]);
+        assert_eq!(
+            data.get("image_encoder.blocks.0.attn.qkv.lora_b")
+                .unwrap()
+                .dims(),
+            &[3 * d, 2]
+        );
         assert!(data.contains_key("image_encoder.blocks.3.mlp.lin2.lora_a"));
         assert!(data.contains_key("image_encoder.blocks.1.attn.proj.lora_b"));
         // B starts at zero, A within the kaiming bound 1/sqrt(in).
-        let b: Vec<f32> = data["image_encoder.blocks.0.attn.qkv.lora_b"].flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = data["image_encoder.blocks.0.attn.qkv.lora_b"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert!(b.iter().all(|x| *x == 0.0));
         let av: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
         let bound = 1.0 / (d as f32).sqrt();
@@ -76,13 +96,34 @@ fn sam_lora_keys_training_set_and_merge() {
     let x = images(1, 0.0);
     // Gradients reach every adapter (and not the frozen encoder, which holds no Vars).
     let emb = sam.image_encoder.forward_trainable(&x, Some(11)).unwrap();
-    let out = sam.decode(&emb, None, Some(&Tensor::new(&[[40f32, 60., 200., 180.]], &Device::Cpu).unwrap()), None, true).unwrap();
-    let loss = (candle_nn::ops::sigmoid(&out.masks).unwrap().mean_all().unwrap() + out.iou.sqr().unwrap().mean_all().unwrap()).unwrap();
+    let out = sam
+        .decode(
+            &emb,
+            None,
+            Some(&Tensor::new(&[[40f32, 60., 200., 180.]], &Device::Cpu).unwrap()),
+            None,
+            true,
+        )
+        .unwrap();
+    let loss = (candle_nn::ops::sigmoid(&out.masks)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        + out.iou.sqr().unwrap().mean_all().unwrap())
+    .unwrap();
     let grads = loss.backward().unwrap();
     let data = vm.data().lock().unwrap();
     for (k, v) in data.iter().filter(|(k, _)| k.contains("lora_")) {
-        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {k}"));
-        let n = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {k}"));
+        let n = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(n.is_finite() && n > 0.0, "{k}: gradient norm {n}");
     }
     drop(data);
@@ -95,7 +136,10 @@ fn sam_lora_keys_training_set_and_merge() {
     assert_close("merged vs unmerged", &m, &unmerged, 1e-5, 1e-4);
     // Export contains exactly the §6.5 tensors with merged weights.
     let ex = sam.export_tensors(true).unwrap();
-    assert_eq!(ex.len(), ultrarefiner::models::sam::expected_params(&cfg).len());
+    assert_eq!(
+        ex.len(),
+        ultrarefiner::models::sam::expected_params(&cfg).len()
+    );
     assert!(sam.export_tensors(false).is_err());
 }
 
@@ -122,13 +166,18 @@ fn sam_embedding_cache_second_run_has_no_encoder_forwards() {
     let dir = tempfile::tempdir().unwrap();
     // Grey inputs at S = 32; the SAM input is a deterministic function of them.
     let s = 32;
-    let grey: Vec<f32> = (0..3 * s * s).map(|i| ((i * 7919) % 255) as f32 / 255.0).collect();
+    let grey: Vec<f32> = (0..3 * s * s)
+        .map(|i| ((i * 7919) % 255) as f32 / 255.0)
+        .collect();
     let grey = Tensor::from_vec(grey, (3, 1, s, s), &Device::Cpu).unwrap();
     let n = tiny().img_size;
     let make = |g: &Tensor| {
         let g = g.clone();
         move |idx: &[usize]| -> ultrarefiner::Result<Tensor> {
-            let ids = Tensor::new(idx.iter().map(|&i| i as u32).collect::<Vec<_>>().as_slice(), &Device::Cpu)?;
+            let ids = Tensor::new(
+                idx.iter().map(|&i| i as u32).collect::<Vec<_>>().as_slice(),
+                &Device::Cpu,
+            )?;
             let x = g.index_select(&ids, 0)?.upsample_nearest2d(n, n)?;
             Ok(((x.repeat((1, 3, 1, 1))? * 255.0)? - 120.0)?.affine(1.0 / 58.0, 0.0)?)
         }
@@ -141,14 +190,20 @@ fn sam_embedding_cache_second_run_has_no_encoder_forwards() {
     let e2 = c1.embed(enc, &grey, "sam", make(&grey)).unwrap();
     let c2 = EmbeddingCache::new(Some(dir.path()), &fp, 1 << 30).unwrap();
     let e3 = c2.embed(enc, &grey, "sam", make(&grey)).unwrap();
-    assert_eq!(enc.forward_count(), 3, "second run must not run the encoder");
+    assert_eq!(
+        enc.forward_count(),
+        3,
+        "second run must not run the encoder"
+    );
     assert_eq!(c2.hits(), 3);
     assert_close("memory hit", &e2, &e1, 0.0, 0.0);
     assert_close("disk hit", &e3, &e1, 0.0, 0.0);
     let files = std::fs::read_dir(dir.path().join(&fp)).unwrap().count();
     assert_eq!(files, 3);
     // Cached embeddings equal fresh ones within the f16 storage error, and give the same decoder outputs.
-    let fresh = enc.forward_frozen(&make(&grey)(&[0, 1, 2]).unwrap()).unwrap();
+    let fresh = enc
+        .forward_frozen(&make(&grey)(&[0, 1, 2]).unwrap())
+        .unwrap();
     assert_close("cached vs fresh", &e1, &fresh, 0.0, 1e-3);
     let bx = Tensor::new(&[[10f32, 20., 200., 150.]; 3], &Device::Cpu).unwrap();
     let a = sam.decode(&e1, None, Some(&bx), None, true).unwrap();
@@ -156,12 +211,21 @@ fn sam_embedding_cache_second_run_has_no_encoder_forwards() {
     assert_close("refined from cache", &a.masks, &b.masks, 0.0, 2e-2);
     // A different image or normalisation mode is a different key; a tiny memory budget still works.
     let k1 = c1.key(&grey.get(0).unwrap(), "sam", DType::F32).unwrap();
-    assert_ne!(k1, c1.key(&grey.get(1).unwrap(), "sam", DType::F32).unwrap());
-    assert_ne!(k1, c1.key(&grey.get(0).unwrap(), "unit", DType::F32).unwrap());
+    assert_ne!(
+        k1,
+        c1.key(&grey.get(1).unwrap(), "sam", DType::F32).unwrap()
+    );
+    assert_ne!(
+        k1,
+        c1.key(&grey.get(0).unwrap(), "unit", DType::F32).unwrap()
+    );
     let c3 = EmbeddingCache::new(None, &fp, 1).unwrap();
     let grey2 = (&grey * 0.5).unwrap();
     c3.embed(enc, &grey2, "sam", make(&grey2)).unwrap();
     c3.embed(enc, &grey2, "sam", make(&grey2)).unwrap();
-    assert_eq!(enc.forward_count(), 3 + 3 + 3 + 3, "memory-only cache with no room recomputes");
-    let _ = HashMap::<u8, u8>::new();
+    assert_eq!(
+        enc.forward_count(),
+        3 + 3 + 3 + 3,
+        "memory-only cache with no room recomputes"
+    );
 }

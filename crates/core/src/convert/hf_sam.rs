@@ -46,9 +46,22 @@ fn map_hf_key(key: &str, ff_depth: &HashMap<String, usize>) -> Option<String> {
                 format!("norm1.{p}")
             } else if let Some(p) = rest.strip_prefix("layer_norm2.") {
                 format!("norm2.{p}")
-            } else if ["attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias", "attn.rel_pos_h", "attn.rel_pos_w"]
+            } else if [
+                "attn.qkv.weight",
+                "attn.qkv.bias",
+                "attn.proj.weight",
+                "attn.proj.bias",
+                "attn.rel_pos_h",
+                "attn.rel_pos_w",
+            ]
+            .contains(&rest)
+                || [
+                    "mlp.lin1.weight",
+                    "mlp.lin1.bias",
+                    "mlp.lin2.weight",
+                    "mlp.lin2.bias",
+                ]
                 .contains(&rest)
-                || ["mlp.lin1.weight", "mlp.lin1.bias", "mlp.lin2.weight", "mlp.lin2.bias"].contains(&rest)
             {
                 rest.to_string()
             } else {
@@ -75,7 +88,8 @@ fn map_hf_key(key: &str, ff_depth: &HashMap<String, usize>) -> Option<String> {
     if let Some(r) = key.strip_prefix("prompt_encoder.") {
         if let Some(p) = r.strip_prefix("point_embed.") {
             let (i, rest) = split_index(p)?;
-            return (rest == "weight").then(|| format!("prompt_encoder.point_embeddings.{i}.weight"));
+            return (rest == "weight")
+                .then(|| format!("prompt_encoder.point_embeddings.{i}.weight"));
         }
         if r == "not_a_point_embed.weight" || r == "no_mask_embed.weight" {
             return Some(key.to_string());
@@ -98,7 +112,11 @@ fn map_hf_key(key: &str, ff_depth: &HashMap<String, usize>) -> Option<String> {
         if r == "iou_token.weight" || r == "mask_tokens.weight" {
             return Some(key.to_string());
         }
-        for (hf, idx) in [("upscale_conv1.", 0), ("upscale_layer_norm.", 1), ("upscale_conv2.", 3)] {
+        for (hf, idx) in [
+            ("upscale_conv1.", 0),
+            ("upscale_layer_norm.", 1),
+            ("upscale_conv2.", 3),
+        ] {
             if let Some(p) = r.strip_prefix(hf) {
                 return Some(format!("mask_decoder.output_upscaling.{idx}.{p}"));
             }
@@ -132,12 +150,23 @@ fn map_hf_key(key: &str, ff_depth: &HashMap<String, usize>) -> Option<String> {
                         return Some(format!("{base}.norm{k}.{p}"));
                     }
                 }
-                for a in ["self_attn.", "cross_attn_token_to_image.", "cross_attn_image_to_token."] {
+                for a in [
+                    "self_attn.",
+                    "cross_attn_token_to_image.",
+                    "cross_attn_image_to_token.",
+                ] {
                     if let Some(p) = rest.strip_prefix(a) {
                         return valid_attn(p).then(|| format!("{base}.{rest}"));
                     }
                 }
-                if ["mlp.lin1.weight", "mlp.lin1.bias", "mlp.lin2.weight", "mlp.lin2.bias"].contains(&rest) {
+                if [
+                    "mlp.lin1.weight",
+                    "mlp.lin1.bias",
+                    "mlp.lin2.weight",
+                    "mlp.lin2.bias",
+                ]
+                .contains(&rest)
+                {
                     return Some(format!("{base}.{rest}"));
                 }
             }
@@ -155,7 +184,10 @@ fn valid_attn(p: &str) -> bool {
 
 /// Maps HF `SamModel` tensors to §6.5 names. The duplicate `shared_image_embedding.positional_embedding` must equal
 /// the prompt encoder's copy and is dropped; any unmapped key is an error listing all of them.
-pub fn hf_to_canonical(raw: Vec<(String, Tensor)>, source: &str) -> Result<HashMap<String, Tensor>> {
+pub fn hf_to_canonical(
+    raw: Vec<(String, Tensor)>,
+    source: &str,
+) -> Result<HashMap<String, Tensor>> {
     // Layer counts of the feed-forward heads: proj_in + layers.k + proj_out.
     let mut ff_depth: HashMap<String, usize> = HashMap::new();
     for (k, _) in &raw {
@@ -179,7 +211,9 @@ pub fn hf_to_canonical(raw: Vec<(String, Tensor)>, source: &str) -> Result<HashM
         match map_hf_key(&k, &ff_depth) {
             Some(n) => {
                 if out.insert(n.clone(), t).is_some() {
-                    return Err(Error::Weights(format!("{source}: two HF tensors map to `{n}`")));
+                    return Err(Error::Weights(format!(
+                        "{source}: two HF tensors map to `{n}`"
+                    )));
                 }
             }
             None => unmapped.push(k),
@@ -196,11 +230,12 @@ pub fn hf_to_canonical(raw: Vec<(String, Tensor)>, source: &str) -> Result<HashM
         match out.get(FOURIER_KEY) {
             Some(f) => {
                 let same = f.dims() == d.dims()
-                    && (f.to_dtype(candle_core::DType::F32)? - d.to_dtype(candle_core::DType::F32)?)?
-                        .abs()?
-                        .flatten_all()?
-                        .max(0)?
-                        .to_scalar::<f32>()?
+                    && (f.to_dtype(candle_core::DType::F32)?
+                        - d.to_dtype(candle_core::DType::F32)?)?
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f32>()?
                         == 0.0;
                 if !same {
                     return Err(Error::Weights(format!(
@@ -222,10 +257,15 @@ pub fn canonical_to_hf(map: &HashMap<String, Tensor>) -> Result<BTreeMap<String,
     // feed-forward depth per prefix
     let mut depth: HashMap<String, usize> = HashMap::new();
     for k in map.keys() {
-        for pre in ["mask_decoder.iou_prediction_head", "mask_decoder.output_hypernetworks_mlps."] {
+        for pre in [
+            "mask_decoder.iou_prediction_head",
+            "mask_decoder.output_hypernetworks_mlps.",
+        ] {
             if let Some(r) = k.strip_prefix(pre) {
                 let (prefix, rest) = if pre.ends_with('.') {
-                    let Some((i, rest)) = split_index(r) else { continue };
+                    let Some((i, rest)) = split_index(r) else {
+                        continue;
+                    };
                     (format!("{pre}{i}"), rest)
                 } else {
                     (pre.to_string(), r.trim_start_matches('.'))
@@ -330,13 +370,17 @@ fn canonical_key_to_hf(k: &str, depth: &HashMap<String, usize>) -> Option<String
             return ff(format!("mask_decoder.output_hypernetworks_mlps.{i}"), rest);
         }
         if let Some(p) = r.strip_prefix("transformer.norm_final_attn.") {
-            return Some(format!("mask_decoder.transformer.layer_norm_final_attn.{p}"));
+            return Some(format!(
+                "mask_decoder.transformer.layer_norm_final_attn.{p}"
+            ));
         }
         if let Some(l) = r.strip_prefix("transformer.layers.") {
             let (i, rest) = split_index(l)?;
             for n in 1..=4 {
                 if let Some(p) = rest.strip_prefix(&format!("norm{n}.")) {
-                    return Some(format!("mask_decoder.transformer.layers.{i}.layer_norm{n}.{p}"));
+                    return Some(format!(
+                        "mask_decoder.transformer.layers.{i}.layer_norm{n}.{p}"
+                    ));
                 }
             }
         }
@@ -347,10 +391,17 @@ fn canonical_key_to_hf(k: &str, depth: &HashMap<String, usize>) -> Option<String
 
 /// Converts an HF-format SAM file (`.safetensors` or pickle `.bin`) to a canonical safetensors file (atomic write)
 /// plus a sidecar JSON (SPEC §13.5). Returns the number of tensors written.
-pub fn hf_sam_to_safetensors(input: &Path, output: &Path, provenance: Option<&str>) -> Result<usize> {
+pub fn hf_sam_to_safetensors(
+    input: &Path,
+    output: &Path,
+    provenance: Option<&str>,
+) -> Result<usize> {
     let w = load_sam_weights(input, None, &candle_core::Device::Cpu)?;
     if w.format != crate::models::sam::weights::SamFormat::Hf {
-        return Err(Error::file(input, "not an HF SamModel file (no `vision_encoder.*` tensors)"));
+        return Err(Error::file(
+            input,
+            "not an HF SamModel file (no `vision_encoder.*` tensors)",
+        ));
     }
     super::pth::write_canonical(&w, input, output, "hf-sam", HF_MAPPING_VERSION, provenance)
 }

@@ -1,7 +1,9 @@
 //! SAM checkpoint conversion to canonical safetensors (SPEC §6.6, §13.5): original `.pth` (plain state dict,
 //! `{'model': ...}` container, `sam.` prefix) or original-name `.safetensors` → §6.5 names, strictly checked,
 //! written atomically with a sidecar JSON.
-use crate::models::sam::weights::{expected_params, infer_config, load_sam_weights, save_safetensors_atomic, SamWeights};
+use crate::models::sam::weights::{
+    expected_params, infer_config, load_sam_weights, save_safetensors_atomic, SamWeights,
+};
 use crate::{Error, Result};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -43,10 +45,16 @@ pub fn write_canonical(
 ) -> Result<usize> {
     if let Some(p) = provenance {
         if p != "sam" && p != "medsam" {
-            return Err(Error::Arg(format!("provenance must be `sam` or `medsam`, got `{p}`")));
+            return Err(Error::Arg(format!(
+                "provenance must be `sam` or `medsam`, got `{p}`"
+            )));
         }
     }
-    let shapes: HashMap<String, Vec<usize>> = w.tensors.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect();
+    let shapes: HashMap<String, Vec<usize>> = w
+        .tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+        .collect();
     let cfg = infer_config(&shapes, &input.display().to_string())?;
     let ordered: Vec<_> = expected_params(&cfg)
         .into_iter()
@@ -76,8 +84,16 @@ pub fn sam_pth_to_safetensors(input: &Path, output: &Path) -> Result<usize> {
 }
 
 /// As [`sam_pth_to_safetensors`] with an explicit provenance (`sam` or `medsam`).
-pub fn sam_pth_to_safetensors_with(input: &Path, output: &Path, provenance: Option<&str>) -> Result<usize> {
+pub fn sam_pth_to_safetensors_with(
+    input: &Path,
+    output: &Path,
+    provenance: Option<&str>,
+) -> Result<usize> {
     let w = load_sam_weights(input, None, &candle_core::Device::Cpu)?;
-    let fmt = if input.extension().and_then(|e| e.to_str()) == Some("safetensors") { "sam-safetensors" } else { "sam-pth" };
+    let fmt = if input.extension().and_then(|e| e.to_str()) == Some("safetensors") {
+        "sam-safetensors"
+    } else {
+        "sam-pth"
+    };
     write_canonical(&w, input, output, fmt, SAM_MAPPING_VERSION, provenance)
 }

@@ -70,7 +70,12 @@ impl EmbeddingCache {
     /// Cache key of one grey input image (any shape, e.g. `(1,S,S)`), for a normalisation mode and encoder dtype.
     pub fn key(&self, image: &Tensor, norm_mode: &str, encoder_dtype: DType) -> Result<String> {
         let mut h = blake3::Hasher::new();
-        for part in [self.fingerprint.as_str(), PREPROCESS_VERSION, norm_mode, encoder_dtype.as_str()] {
+        for part in [
+            self.fingerprint.as_str(),
+            PREPROCESS_VERSION,
+            norm_mode,
+            encoder_dtype.as_str(),
+        ] {
             h.update(part.as_bytes());
             h.update(&[0u8]);
         }
@@ -83,7 +88,9 @@ impl EmbeddingCache {
     }
 
     fn file(&self, key: &str) -> Option<PathBuf> {
-        self.dir.as_ref().map(|d| d.join(format!("{key}.safetensors")))
+        self.dir
+            .as_ref()
+            .map(|d| d.join(format!("{key}.safetensors")))
     }
 
     fn mem_insert(&self, key: &str, t: Tensor) {
@@ -99,7 +106,14 @@ impl EmbeddingCache {
         }
         m.bytes += size;
         while m.bytes > self.mem_budget {
-            let Some(victim) = m.map.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| k.clone()) else { break };
+            let Some(victim) = m
+                .map
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
             if let Some((old, _)) = m.map.remove(&victim) {
                 m.bytes -= old.elem_count() * old.dtype().size_in_bytes();
             }
@@ -118,7 +132,8 @@ impl EmbeddingCache {
         }
         if let Some(p) = self.file(key) {
             if p.is_file() {
-                let m = candle_core::safetensors::load(&p, &Device::Cpu).map_err(|e| Error::file(&p, e.to_string()))?;
+                let m = candle_core::safetensors::load(&p, &Device::Cpu)
+                    .map_err(|e| Error::file(&p, e.to_string()))?;
                 let t = m
                     .get("embedding")
                     .ok_or_else(|| Error::file(&p, "cache entry has no `embedding` tensor"))?
@@ -132,11 +147,15 @@ impl EmbeddingCache {
 
     /// Stores one embedding `(C,g,g)` (rounded to f16) in memory and on disk (atomic write).
     fn store(&self, key: &str, emb: &Tensor) -> Result<Tensor> {
-        let t = emb.to_device(&Device::Cpu)?.to_dtype(DType::F16)?.contiguous()?;
+        let t = emb
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F16)?
+            .contiguous()?;
         if let Some(p) = self.file(key) {
             let tmp = p.with_extension(format!("tmp{}", std::process::id()));
             let map = HashMap::from([("embedding".to_string(), t.clone())]);
-            candle_core::safetensors::save(&map, &tmp).map_err(|e| Error::file(&tmp, e.to_string()))?;
+            candle_core::safetensors::save(&map, &tmp)
+                .map_err(|e| Error::file(&tmp, e.to_string()))?;
             std::fs::rename(&tmp, &p).map_err(|e| Error::io(&p, e))?;
         }
         self.mem_insert(key, t.clone());
@@ -154,7 +173,9 @@ impl EmbeddingCache {
         make_input: impl FnOnce(&[usize]) -> Result<Tensor>,
     ) -> Result<Tensor> {
         if encoder.has_lora() {
-            return Err(Error::msg("the embedding cache is disabled with LoRA (SPEC §6.8): the encoder is trainable"));
+            return Err(Error::msg(
+                "the embedding cache is disabled with LoRA (SPEC §6.8): the encoder is trainable",
+            ));
         }
         let b = images.dim(0)?;
         let mut keys = Vec::with_capacity(b);
@@ -190,6 +211,8 @@ impl EmbeddingCache {
             .into_iter()
             .map(|t| t.ok_or_else(|| Error::msg("embedding cache: entry vanished")))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::stack(&parts, 0)?.to_dtype(DType::F32)?.to_device(&dev)?)
+        Ok(Tensor::stack(&parts, 0)?
+            .to_dtype(DType::F32)?
+            .to_device(&dev)?)
     }
 }

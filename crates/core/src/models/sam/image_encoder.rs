@@ -35,7 +35,8 @@ pub fn get_rel_pos(q_size: usize, k_size: usize, rel_pos: &Tensor) -> Result<Ten
     let max_rel_dist = 2 * q_size.max(k_size) - 1;
     let (len, c) = rel_pos.dims2()?;
     let table = if len != max_rel_dist {
-        let m = linear_resample_matrix(len, max_rel_dist, rel_pos.device())?.to_dtype(rel_pos.dtype())?;
+        let m = linear_resample_matrix(len, max_rel_dist, rel_pos.device())?
+            .to_dtype(rel_pos.dtype())?;
         m.matmul(rel_pos)?
     } else {
         rel_pos.clone()
@@ -72,14 +73,26 @@ impl EncoderAttention {
         lora: Option<(&LoraConfig, VarBuilder)>,
     ) -> Result<Self> {
         let head_dim = dim / num_heads;
-        let lq = lora.as_ref().filter(|(c, _)| c.has(LoraTarget::Qkv)).map(|(c, v)| (*c, v.pp("qkv")));
-        let lp = lora.as_ref().filter(|(c, _)| c.has(LoraTarget::Proj)).map(|(c, v)| (*c, v.pp("proj")));
+        let lq = lora
+            .as_ref()
+            .filter(|(c, _)| c.has(LoraTarget::Qkv))
+            .map(|(c, v)| (*c, v.pp("qkv")));
+        let lp = lora
+            .as_ref()
+            .filter(|(c, _)| c.has(LoraTarget::Proj))
+            .map(|(c, v)| (*c, v.pp("proj")));
         let qkv = LoraLinear::new(dim, 3 * dim, true, vb.pp("qkv"), lq)?;
         let proj = LoraLinear::new(dim, dim, true, vb.pp("proj"), lp)?;
         let n = 2 * input_size - 1;
         let rel_pos_h = vb.get_with_hints((n, head_dim), "rel_pos_h", Init::Const(0.0))?;
         let rel_pos_w = vb.get_with_hints((n, head_dim), "rel_pos_w", Init::Const(0.0))?;
-        Ok(Self { qkv, proj, rel_pos_h, rel_pos_w, num_heads })
+        Ok(Self {
+            qkv,
+            proj,
+            rel_pos_h,
+            rel_pos_w,
+            num_heads,
+        })
     }
 
     /// `x (B,H,W,C)` → `(B,H,W,C)`.
@@ -89,7 +102,10 @@ impl EncoderAttention {
         let hd = c / nh;
         let bh = b * nh;
         let qkv = self.qkv.forward(x, seeds.map(|s| s.0))?; // (B,H,W,3C)
-        let qkv = qkv.reshape((b, h * w, 3, nh, hd))?.permute((2, 0, 3, 1, 4))?.reshape((3, bh, h * w, hd))?;
+        let qkv = qkv
+            .reshape((b, h * w, 3, nh, hd))?
+            .permute((2, 0, 3, 1, 4))?
+            .reshape((3, bh, h * w, hd))?;
         let q = qkv.i(0)?.contiguous()?;
         let k = qkv.i(1)?.contiguous()?;
         let v = qkv.i(2)?.contiguous()?;
@@ -121,7 +137,11 @@ impl EncoderAttention {
             .reshape((bh, h * w, h * w))?;
         let attn = super::ops::softmax_last(&attn, exec)?;
         let out = attn.matmul(&v)?; // (bh, hw, hd)
-        let out = out.reshape((b, nh, h, w, hd))?.permute((0, 2, 3, 1, 4))?.contiguous()?.reshape((b, h, w, c))?;
+        let out = out
+            .reshape((b, nh, h, w, hd))?
+            .permute((0, 2, 3, 1, 4))?
+            .contiguous()?
+            .reshape((b, h, w, c))?;
         self.proj.forward(&out, seeds.map(|s| s.1))
     }
 }
@@ -143,8 +163,16 @@ pub fn window_partition(x: &Tensor, ws: usize) -> Result<(Tensor, (usize, usize)
     let (b, h, w, c) = x.dims4()?;
     let ph = (ws - h % ws) % ws;
     let pw = (ws - w % ws) % ws;
-    let x = if ph > 0 { x.pad_with_zeros(1, 0, ph)? } else { x.clone() };
-    let x = if pw > 0 { x.pad_with_zeros(2, 0, pw)? } else { x };
+    let x = if ph > 0 {
+        x.pad_with_zeros(1, 0, ph)?
+    } else {
+        x.clone()
+    };
+    let x = if pw > 0 {
+        x.pad_with_zeros(2, 0, pw)?
+    } else {
+        x
+    };
     let (hp, wp) = (h + ph, w + pw);
     let win = x
         .reshape((b, hp / ws, ws, wp / ws, ws, c))?
@@ -155,7 +183,12 @@ pub fn window_partition(x: &Tensor, ws: usize) -> Result<(Tensor, (usize, usize)
 }
 
 /// Inverse of [`window_partition`], cropping back to `(h, w)`.
-pub fn window_unpartition(win: &Tensor, ws: usize, pad_hw: (usize, usize), hw: (usize, usize)) -> Result<Tensor> {
+pub fn window_unpartition(
+    win: &Tensor,
+    ws: usize,
+    pad_hw: (usize, usize),
+    hw: (usize, usize),
+) -> Result<Tensor> {
     let (hp, wp) = pad_hw;
     let (h, w) = hw;
     let nw = (hp / ws) * (wp / ws);
@@ -166,7 +199,11 @@ pub fn window_unpartition(win: &Tensor, ws: usize, pad_hw: (usize, usize), hw: (
         .permute((0, 1, 3, 2, 4, 5))?
         .contiguous()?
         .reshape((b, hp, wp, c))?;
-    let x = if hp > h || wp > w { x.narrow(1, 0, h)?.narrow(2, 0, w)?.contiguous()? } else { x };
+    let x = if hp > h || wp > w {
+        x.narrow(1, 0, h)?.narrow(2, 0, w)?.contiguous()?
+    } else {
+        x
+    };
     Ok(x)
 }
 
@@ -180,7 +217,11 @@ impl EncoderBlock {
         let dim = cfg.encoder_embed_dim;
         let global = cfg.encoder_global_attn_indexes.contains(&idx);
         let window_size = if global { 0 } else { cfg.encoder_window_size };
-        let input_size = if global { cfg.embed_grid() } else { cfg.encoder_window_size };
+        let input_size = if global {
+            cfg.embed_grid()
+        } else {
+            cfg.encoder_window_size
+        };
         let norm1 = LayerNorm::new(dim, ENCODER_LN_EPS, vb.pp("norm1"))?;
         let attn = EncoderAttention::new(
             dim,
@@ -192,9 +233,28 @@ impl EncoderBlock {
         let norm2 = LayerNorm::new(dim, ENCODER_LN_EPS, vb.pp("norm2"))?;
         let mlp_dim = cfg.encoder_mlp_dim();
         let lm = lora.as_ref().filter(|(c, _)| c.has(LoraTarget::Mlp));
-        let lin1 = LoraLinear::new(dim, mlp_dim, true, vb.pp("mlp.lin1"), lm.map(|(c, v)| (*c, v.pp("mlp.lin1"))))?;
-        let lin2 = LoraLinear::new(mlp_dim, dim, true, vb.pp("mlp.lin2"), lm.map(|(c, v)| (*c, v.pp("mlp.lin2"))))?;
-        Ok(Self { norm1, attn, norm2, lin1, lin2, window_size })
+        let lin1 = LoraLinear::new(
+            dim,
+            mlp_dim,
+            true,
+            vb.pp("mlp.lin1"),
+            lm.map(|(c, v)| (*c, v.pp("mlp.lin1"))),
+        )?;
+        let lin2 = LoraLinear::new(
+            mlp_dim,
+            dim,
+            true,
+            vb.pp("mlp.lin2"),
+            lm.map(|(c, v)| (*c, v.pp("mlp.lin2"))),
+        )?;
+        Ok(Self {
+            norm1,
+            attn,
+            norm2,
+            lin1,
+            lin2,
+            window_size,
+        })
     }
 
     fn forward(&self, x: &Tensor, exec: Exec, seed: Option<(u64, usize)>) -> Result<Tensor> {
@@ -235,7 +295,11 @@ pub struct ImageEncoder {
 impl ImageEncoder {
     /// `vb` points at `image_encoder` of the frozen (plain-tensor) builder; `lora` gives the LoRA configuration and a
     /// builder at `image_encoder` of the trainable `VarMap`.
-    pub fn new(cfg: &SamConfig, vb: VarBuilder, lora: Option<(&LoraConfig, VarBuilder)>) -> Result<Self> {
+    pub fn new(
+        cfg: &SamConfig,
+        vb: VarBuilder,
+        lora: Option<(&LoraConfig, VarBuilder)>,
+    ) -> Result<Self> {
         if let Some((l, _)) = &lora {
             l.validate()?;
         }
@@ -247,11 +311,21 @@ impl ImageEncoder {
             )));
         }
         let g = cfg.embed_grid();
-        let patch_embed = Conv2d::new(3, dim, cfg.patch_size, cfg.patch_size, 0, true, vb.pp("patch_embed.proj"))?;
+        let patch_embed = Conv2d::new(
+            3,
+            dim,
+            cfg.patch_size,
+            cfg.patch_size,
+            0,
+            true,
+            vb.pp("patch_embed.proj"),
+        )?;
         let pos_embed = vb.get_with_hints((1, g, g, dim), "pos_embed", Init::Const(0.0))?;
         let mut blocks = Vec::with_capacity(cfg.encoder_depth);
         for i in 0..cfg.encoder_depth {
-            let lb = lora.as_ref().map(|(c, v)| (*c, v.pp(format!("blocks.{i}"))));
+            let lb = lora
+                .as_ref()
+                .map(|(c, v)| (*c, v.pp(format!("blocks.{i}"))));
             blocks.push(EncoderBlock::new(cfg, i, vb.pp(format!("blocks.{i}")), lb)?);
         }
         let out = cfg.prompt_embed_dim;
@@ -328,7 +402,10 @@ impl ImageEncoder {
     /// Whether any block carries LoRA adapters.
     pub fn has_lora(&self) -> bool {
         self.blocks.iter().any(|b| {
-            b.attn.qkv.lora.is_some() || b.attn.proj.lora.is_some() || b.lin1.lora.is_some() || b.lin2.lora.is_some()
+            b.attn.qkv.lora.is_some()
+                || b.attn.proj.lora.is_some()
+                || b.lin1.lora.is_some()
+                || b.lin2.lora.is_some()
         })
     }
 
@@ -347,7 +424,10 @@ impl ImageEncoder {
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         let mut v = vec![
             ("pos_embed".to_string(), self.pos_embed.clone()),
-            ("patch_embed.proj.weight".into(), self.patch_embed.weight.clone()),
+            (
+                "patch_embed.proj.weight".into(),
+                self.patch_embed.weight.clone(),
+            ),
         ];
         if let Some(b) = &self.patch_embed.bias {
             v.push(("patch_embed.proj.bias".into(), b.clone()));
@@ -358,7 +438,12 @@ impl ImageEncoder {
             v.push((format!("{p}.norm1.bias"), b.norm1.bias.clone()));
             v.push((format!("{p}.attn.rel_pos_h"), b.attn.rel_pos_h.clone()));
             v.push((format!("{p}.attn.rel_pos_w"), b.attn.rel_pos_w.clone()));
-            for (n, l) in [("attn.qkv", &b.attn.qkv), ("attn.proj", &b.attn.proj), ("mlp.lin1", &b.lin1), ("mlp.lin2", &b.lin2)] {
+            for (n, l) in [
+                ("attn.qkv", &b.attn.qkv),
+                ("attn.proj", &b.attn.proj),
+                ("mlp.lin1", &b.lin1),
+                ("mlp.lin2", &b.lin2),
+            ] {
                 v.push((format!("{p}.{n}.weight"), l.base.weight.clone()));
                 if let Some(bb) = &l.base.bias {
                     v.push((format!("{p}.{n}.bias"), bb.clone()));
@@ -404,7 +489,13 @@ mod tests {
         // 3 → 5 rows: scale 0.6, s = 0.6(o+0.5) − 0.5 clamped at 0 → [0, 0.4, 1.0, 1.6, 2.2→2].
         let t = Tensor::new(&[[0f32], [1.], [2.]], &dev).unwrap();
         let m = linear_resample_matrix(3, 5, &dev).unwrap();
-        let r: Vec<f32> = m.matmul(&t).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let r: Vec<f32> = m
+            .matmul(&t)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let want = [0.0, 0.4, 1.0, 1.6, 2.0];
         for (a, b) in r.iter().zip(want) {
             assert!((a - b).abs() < 1e-6, "{r:?}");
@@ -413,26 +504,52 @@ mod tests {
         let rp = get_rel_pos(3, 3, &t).unwrap();
         assert_eq!(rp.dims(), &[3, 3, 1]);
         let v: Vec<f32> = rp.flatten_all().unwrap().to_vec1().unwrap();
-        let exp: Vec<f32> = (0..3).flat_map(|i| (0..3).map(move |j| want[i + 2 - j] as f32)).collect();
-        assert!(v.iter().zip(&exp).all(|(a, b)| (a - b).abs() < 1e-6), "{v:?} vs {exp:?}");
+        let exp: Vec<f32> = (0..3)
+            .flat_map(|i| (0..3).map(move |j| want[i + 2 - j] as f32))
+            .collect();
+        assert!(
+            v.iter().zip(&exp).all(|(a, b)| (a - b).abs() < 1e-6),
+            "{v:?} vs {exp:?}"
+        );
         // Exact length: plain lookup, no resampling.
         let t5 = Tensor::new(&[[0f32], [1.], [2.], [3.], [4.]], &dev).unwrap();
-        let v: Vec<f32> = get_rel_pos(3, 3, &t5).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let v: Vec<f32> = get_rel_pos(3, 3, &t5)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(v, vec![2., 1., 0., 3., 2., 1., 4., 3., 2.]);
     }
 
     #[test]
     fn window_partition_pads_with_zeros_and_round_trips() {
         let dev = Device::Cpu;
-        let x = Tensor::arange(1f32, (2 * 5 * 5 * 3 + 1) as f32, &dev).unwrap().reshape((2, 5, 5, 3)).unwrap();
+        let x = Tensor::arange(1f32, (2 * 5 * 5 * 3 + 1) as f32, &dev)
+            .unwrap()
+            .reshape((2, 5, 5, 3))
+            .unwrap();
         let (win, pad) = window_partition(&x, 3).unwrap();
         assert_eq!(pad, (6, 6));
         assert_eq!(win.dims(), &[8, 3, 3, 3]);
         // The last window of each image holds padded zeros in its last row/column.
-        let last: Vec<f32> = win.get(3).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let last: Vec<f32> = win
+            .get(3)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(last.iter().filter(|v| **v == 0.0).count(), 5 * 3);
         let back = window_unpartition(&win, 3, pad, (5, 5)).unwrap();
-        let d = (back - &x).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (back - &x)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(d, 0.0);
     }
 }

@@ -26,12 +26,17 @@ impl LoraTarget {
             "qkv" => Ok(Self::Qkv),
             "proj" => Ok(Self::Proj),
             "mlp" => Ok(Self::Mlp),
-            o => Err(Error::Arg(format!("unknown LoRA target `{o}` (expected qkv, proj or mlp)"))),
+            o => Err(Error::Arg(format!(
+                "unknown LoRA target `{o}` (expected qkv, proj or mlp)"
+            ))),
         }
     }
     /// Parses a comma-separated list, e.g. `qkv,proj`.
     pub fn parse_list(s: &str) -> Result<Vec<Self>> {
-        s.split(',').filter(|p| !p.trim().is_empty()).map(Self::parse).collect()
+        s.split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(Self::parse)
+            .collect()
     }
 }
 
@@ -46,7 +51,12 @@ pub struct LoraConfig {
 
 impl Default for LoraConfig {
     fn default() -> Self {
-        Self { rank: 4, alpha: 4.0, dropout: 0.0, targets: vec![LoraTarget::Qkv] }
+        Self {
+            rank: 4,
+            alpha: 4.0,
+            dropout: 0.0,
+            targets: vec![LoraTarget::Qkv],
+        }
     }
 }
 
@@ -62,7 +72,10 @@ impl LoraConfig {
             return Err(Error::Arg("LoRA rank must be >= 1".into()));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::Arg(format!("LoRA dropout must be in [0,1), got {}", self.dropout)));
+            return Err(Error::Arg(format!(
+                "LoRA dropout must be in [0,1), got {}",
+                self.dropout
+            )));
         }
         Ok(())
     }
@@ -82,7 +95,12 @@ impl LoraAdapter {
     pub fn new(in_dim: usize, out_dim: usize, cfg: &LoraConfig, vb: VarBuilder) -> Result<Self> {
         let a = vb.get_with_hints((cfg.rank, in_dim), "lora_a", torch_uniform(in_dim))?;
         let b = vb.get_with_hints((out_dim, cfg.rank), "lora_b", Init::Const(0.0))?;
-        Ok(Self { a, b, scale: cfg.scale(), dropout: cfg.dropout })
+        Ok(Self {
+            a,
+            b,
+            scale: cfg.scale(),
+            dropout: cfg.dropout,
+        })
     }
 
     /// `(α/r)·B(A(dropout(x)))` for `x (..., in)`. `dropout_seed`: `Some(seed)` in training (mask drawn from the
@@ -93,8 +111,15 @@ impl LoraAdapter {
                 let n = x.elem_count();
                 let mut rng = crate::rng::stream_rng(seed, "dropout", &[n as u64]);
                 let keep = 1.0 - self.dropout;
-                let mask: Vec<f32> =
-                    (0..n).map(|_| if rng.gen::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
+                let mask: Vec<f32> = (0..n)
+                    .map(|_| {
+                        if rng.gen::<f64>() < keep {
+                            (1.0 / keep) as f32
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
                 let m = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
                 (x * m)?
             }
@@ -154,10 +179,12 @@ impl LoraLinear {
     /// Folds the adapter into the weight: `W' = W + (α/r)·B·A`; the adapter is removed.
     pub fn merge(&mut self) -> Result<()> {
         if let Some(l) = self.lora.take() {
-            let dw = l.delta_weight()?.detach().to_dtype(self.base.weight.dtype())?;
+            let dw = l
+                .delta_weight()?
+                .detach()
+                .to_dtype(self.base.weight.dtype())?;
             self.base.weight = (self.base.weight.detach() + dw)?;
         }
         Ok(())
     }
 }
-

@@ -1,6 +1,8 @@
 //! SAM mask decoder (SPEC §6.4): two-way transformer, output upscaling, hypernetwork MLPs and IoU head.
 //! Image embeddings and prompt sets are paired one-to-one (a single embedding is broadcast to all prompt sets).
-use super::ops::{embedding, gelu, softmax_last, ConvTranspose2d, Exec, LayerNorm, LayerNorm2d, Linear};
+use super::ops::{
+    embedding, gelu, softmax_last, ConvTranspose2d, Exec, LayerNorm, LayerNorm2d, Linear,
+};
 use crate::config::SamConfig;
 use crate::{Error, Result};
 use candle_core::{IndexOp, Tensor};
@@ -25,7 +27,9 @@ impl Attention {
     pub fn new(dim: usize, num_heads: usize, downsample: usize, vb: VarBuilder) -> Result<Self> {
         let internal = dim / downsample;
         if internal % num_heads != 0 {
-            return Err(Error::Config(format!("attention dim {internal} not divisible by {num_heads} heads")));
+            return Err(Error::Config(format!(
+                "attention dim {internal} not divisible by {num_heads} heads"
+            )));
         }
         Ok(Self {
             q_proj: Linear::new(dim, internal, true, vb.pp("q_proj"))?,
@@ -38,7 +42,9 @@ impl Attention {
 
     fn separate(&self, x: &Tensor) -> Result<Tensor> {
         let (b, n, c) = x.dims3()?;
-        Ok(x.reshape((b, n, self.num_heads, c / self.num_heads))?.transpose(1, 2)?.contiguous()?)
+        Ok(x.reshape((b, n, self.num_heads, c / self.num_heads))?
+            .transpose(1, 2)?
+            .contiguous()?)
     }
 
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
@@ -63,7 +69,10 @@ pub struct MlpBlock {
 
 impl MlpBlock {
     fn new(dim: usize, mlp: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { lin1: Linear::new(dim, mlp, true, vb.pp("lin1"))?, lin2: Linear::new(mlp, dim, true, vb.pp("lin2"))? })
+        Ok(Self {
+            lin1: Linear::new(dim, mlp, true, vb.pp("lin1"))?,
+            lin2: Linear::new(mlp, dim, true, vb.pp("lin2"))?,
+        })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.lin2.forward(&self.lin1.forward(x)?.relu()?)
@@ -102,7 +111,13 @@ impl TwoWayAttentionBlock {
         })
     }
 
-    fn forward(&self, queries: &Tensor, keys: &Tensor, query_pe: &Tensor, key_pe: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn forward(
+        &self,
+        queries: &Tensor,
+        keys: &Tensor,
+        query_pe: &Tensor,
+        key_pe: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let g = Exec::Grad;
         let queries = if self.skip_first_layer_pe {
             self.self_attn.forward(queries, queries, queries)?
@@ -151,12 +166,14 @@ impl TwoWayTransformer {
     }
 
     /// `image (B,C,h,w)`, `pe (1|B,C,h,w)`, `tokens (B,N,C)` → `(queries (B,N,C), keys (B,hw,C))`.
-    pub fn forward(&self, image: &Tensor, pe: &Tensor, tokens: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (_, c, h, w) = image.dims4()?;
+    pub fn forward(
+        &self,
+        image: &Tensor,
+        pe: &Tensor,
+        tokens: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let keys0 = image.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
         let key_pe = pe.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
-        debug_assert_eq!(keys0.dim(2)?, c);
-        let _ = (h, w);
         let mut queries = tokens.clone();
         let mut keys = keys0;
         for l in &self.layers {
@@ -179,7 +196,13 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn new(input: usize, hidden: usize, output: usize, num_layers: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        input: usize,
+        hidden: usize,
+        output: usize,
+        num_layers: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let mut layers = Vec::with_capacity(num_layers);
         for i in 0..num_layers {
             let a = if i == 0 { input } else { hidden };
@@ -227,7 +250,9 @@ impl MaskDecoder {
     pub fn new(cfg: &SamConfig, vb: VarBuilder) -> Result<Self> {
         let c = cfg.prompt_embed_dim;
         if c % 8 != 0 {
-            return Err(Error::Config(format!("sam.prompt_embed_dim must be a multiple of 8, got {c}")));
+            return Err(Error::Config(format!(
+                "sam.prompt_embed_dim must be a multiple of 8, got {c}"
+            )));
         }
         let nmt = cfg.num_multimask_outputs + 1;
         let transformer = TwoWayTransformer::new(cfg, vb.pp("transformer"))?;
@@ -237,10 +262,34 @@ impl MaskDecoder {
         let up1 = LayerNorm2d::new(c / 4, UPSCALE_LN_EPS, vb.pp("output_upscaling.1"))?;
         let up3 = ConvTranspose2d::new(c / 4, c / 8, 2, 2, vb.pp("output_upscaling.3"))?;
         let hypernetworks = (0..nmt)
-            .map(|i| Mlp::new(c, c, c / 8, 3, vb.pp(format!("output_hypernetworks_mlps.{i}"))))
+            .map(|i| {
+                Mlp::new(
+                    c,
+                    c,
+                    c / 8,
+                    3,
+                    vb.pp(format!("output_hypernetworks_mlps.{i}")),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
-        let iou_head = Mlp::new(c, cfg.iou_head_hidden_dim, nmt, cfg.iou_head_depth, vb.pp("iou_prediction_head"))?;
-        Ok(Self { transformer, iou_token, mask_tokens, up0, up1, up3, hypernetworks, iou_head, num_mask_tokens: nmt })
+        let iou_head = Mlp::new(
+            c,
+            cfg.iou_head_hidden_dim,
+            nmt,
+            cfg.iou_head_depth,
+            vb.pp("iou_prediction_head"),
+        )?;
+        Ok(Self {
+            transformer,
+            iou_token,
+            mask_tokens,
+            up0,
+            up1,
+            up3,
+            hypernetworks,
+            iou_head,
+            num_mask_tokens: nmt,
+        })
     }
 
     /// All masks and IoU predictions (`(B, 1+multimask, 4g, 4g)`, `(B, 1+multimask)`).
@@ -265,7 +314,9 @@ impl MaskDecoder {
             )));
         }
         let out_tokens = Tensor::cat(&[&self.iou_token, &self.mask_tokens], 0)?; // (5,C)
-        let out_tokens = out_tokens.unsqueeze(0)?.broadcast_as((b, self.num_mask_tokens + 1, c))?;
+        let out_tokens = out_tokens
+            .unsqueeze(0)?
+            .broadcast_as((b, self.num_mask_tokens + 1, c))?;
         let tokens = Tensor::cat(&[&out_tokens.contiguous()?, sparse], 1)?;
         let src = dense.broadcast_add(image_embeddings)?;
         let (hs, src) = self.transformer.forward(&src, image_pe, &tokens)?;
@@ -279,7 +330,12 @@ impl MaskDecoder {
             .map(|i| self.hypernetworks[i].forward(&hs.i((.., 1 + i, ..))?))
             .collect::<Result<Vec<_>>>()?;
         let hyper = Tensor::stack(&hyper, 1)?; // (B, T, C/8)
-        let masks = hyper.matmul(&up.reshape((b, cu, hu * wu))?)?.reshape((b, self.num_mask_tokens, hu, wu))?;
+        let masks = hyper.matmul(&up.reshape((b, cu, hu * wu))?)?.reshape((
+            b,
+            self.num_mask_tokens,
+            hu,
+            wu,
+        ))?;
         let iou = self.iou_head.forward(&iou_out)?;
         Ok(DecoderOutput { masks, iou })
     }
@@ -294,7 +350,14 @@ impl MaskDecoder {
         multimask: bool,
     ) -> Result<DecoderOutput> {
         let o = self.predict_masks(image_embeddings, image_pe, sparse, dense)?;
-        let (start, len) = if multimask { (1, self.num_mask_tokens - 1) } else { (0, 1) };
-        Ok(DecoderOutput { masks: o.masks.narrow(1, start, len)?, iou: o.iou.narrow(1, start, len)? })
+        let (start, len) = if multimask {
+            (1, self.num_mask_tokens - 1)
+        } else {
+            (0, 1)
+        };
+        Ok(DecoderOutput {
+            masks: o.masks.narrow(1, start, len)?,
+            iou: o.iou.narrow(1, start, len)?,
+        })
     }
 }

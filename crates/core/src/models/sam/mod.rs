@@ -67,10 +67,18 @@ impl Sam {
     ) -> Result<Self> {
         let enc_lora = lora.map(|l| (l, vb_trainable.pp("image_encoder")));
         let image_encoder = ImageEncoder::new(cfg, vb_frozen.pp("image_encoder"), enc_lora)?;
-        let prompt_encoder =
-            PromptEncoder::new(cfg, vb_trainable.pp("prompt_encoder"), vb_frozen.pp("prompt_encoder"))?;
+        let prompt_encoder = PromptEncoder::new(
+            cfg,
+            vb_trainable.pp("prompt_encoder"),
+            vb_frozen.pp("prompt_encoder"),
+        )?;
         let mask_decoder = MaskDecoder::new(cfg, vb_trainable.pp("mask_decoder"))?;
-        Ok(Self { cfg: cfg.clone(), image_encoder, prompt_encoder, mask_decoder })
+        Ok(Self {
+            cfg: cfg.clone(),
+            image_encoder,
+            prompt_encoder,
+            mask_decoder,
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -98,7 +106,8 @@ impl Sam {
         };
         let (sparse, dense) = self.prompt_encoder.forward_batch(b, points, boxes, masks)?;
         let pe = self.prompt_encoder.get_dense_pe()?;
-        self.mask_decoder.forward(image_embeddings, &pe, &sparse, &dense, multimask)
+        self.mask_decoder
+            .forward(image_embeddings, &pe, &sparse, &dense, multimask)
     }
 
     /// Encodes normalised images `(B,3,N,N)`: frozen path (detached) without LoRA, differentiable path with LoRA.
@@ -116,10 +125,15 @@ impl Sam {
         if merge_lora {
             enc.merge_lora()?;
         } else if enc.has_lora() {
-            return Err(Error::msg("exporting a LoRA model requires merging (SPEC §6.10)"));
+            return Err(Error::msg(
+                "exporting a LoRA model requires merging (SPEC §6.10)",
+            ));
         }
-        let mut out: Vec<(String, Tensor)> =
-            enc.named_tensors().into_iter().map(|(k, t)| (format!("image_encoder.{k}"), t)).collect();
+        let mut out: Vec<(String, Tensor)> = enc
+            .named_tensors()
+            .into_iter()
+            .map(|(k, t)| (format!("image_encoder.{k}"), t))
+            .collect();
         out.extend(weights::prompt_encoder_tensors(&self.prompt_encoder));
         out.extend(weights::mask_decoder_tensors(&self.mask_decoder));
         out.into_iter()

@@ -33,7 +33,11 @@ pub struct Linear {
 impl Linear {
     pub fn new(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get_with_hints((out_dim, in_dim), "weight", torch_uniform(in_dim))?;
-        let bias = if bias { Some(vb.get_with_hints(out_dim, "bias", torch_uniform(in_dim))?) } else { None };
+        let bias = if bias {
+            Some(vb.get_with_hints(out_dim, "bias", torch_uniform(in_dim))?)
+        } else {
+            None
+        };
         Ok(Self { weight, bias })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -76,7 +80,12 @@ impl LayerNorm {
     }
     pub fn forward(&self, x: &Tensor, exec: Exec) -> Result<Tensor> {
         match exec {
-            Exec::Fast => Ok(candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?),
+            Exec::Fast => Ok(candle_nn::ops::layer_norm(
+                &x.contiguous()?,
+                &self.weight,
+                &self.bias,
+                self.eps as f32,
+            )?),
             Exec::Grad => layer_norm_last(x, &self.weight, &self.bias, self.eps),
         }
     }
@@ -159,8 +168,17 @@ impl Conv2d {
     ) -> Result<Self> {
         let fan_in = in_c * k * k;
         let weight = vb.get_with_hints((out_c, in_c, k, k), "weight", torch_uniform(fan_in))?;
-        let bias = if bias { Some(vb.get_with_hints(out_c, "bias", torch_uniform(fan_in))?) } else { None };
-        Ok(Self { weight, bias, stride, padding })
+        let bias = if bias {
+            Some(vb.get_with_hints(out_c, "bias", torch_uniform(fan_in))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            padding,
+        })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
@@ -190,7 +208,11 @@ impl ConvTranspose2d {
         let fan_in = out_c * k * k;
         let weight = vb.get_with_hints((in_c, out_c, k, k), "weight", torch_uniform(fan_in))?;
         let bias = vb.get_with_hints(out_c, "bias", torch_uniform(fan_in))?;
-        Ok(Self { weight, bias, stride })
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+        })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = x.conv_transpose2d(&self.weight, 0, 0, self.stride, 1)?;
@@ -205,7 +227,14 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 
 /// Embedding table `weight (n, dim)` initialised N(0,1) as `nn.Embedding`.
 pub fn embedding(n: usize, dim: usize, vb: VarBuilder) -> Result<Tensor> {
-    Ok(vb.get_with_hints((n, dim), "weight", Init::Randn { mean: 0.0, stdev: 1.0 })?)
+    Ok(vb.get_with_hints(
+        (n, dim),
+        "weight",
+        Init::Randn {
+            mean: 0.0,
+            stdev: 1.0,
+        },
+    )?)
 }
 
 /// Casts to f32 when needed.
@@ -217,3 +246,97 @@ pub fn to_f32(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Central-difference check (f64) of d/dx Σ f(x)·r for one input.
+    fn fd_check(f: &dyn Fn(&Tensor) -> Tensor, x0: &Tensor, r: &Tensor) {
+        let x = Var::from_tensor(x0).unwrap();
+        let y = (f(x.as_tensor()) * r).unwrap().sum_all().unwrap();
+        let g: Vec<f64> = y
+            .backward()
+            .unwrap()
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let base: Vec<f64> = x0.flatten_all().unwrap().to_vec1().unwrap();
+        let h = 1e-6;
+        for i in 0..base.len() {
+            let eval = |d: f64| {
+                let mut v = base.clone();
+                v[i] += d;
+                let t = Tensor::from_vec(v, x0.shape(), &Device::Cpu).unwrap();
+                (f(&t) * r)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            let fd = (eval(h) - eval(-h)) / (2.0 * h);
+            assert!(
+                (fd - g[i]).abs() <= 1e-6 * (1.0 + fd.abs()),
+                "element {i}: fd {fd} vs analytic {}",
+                g[i]
+            );
+        }
+    }
+
+    fn seq(n: usize, a: f64) -> Vec<f64> {
+        (0..n).map(|i| ((i as f64 + 1.0) * a).sin()).collect()
+    }
+
+    #[test]
+    fn layer_norms_match_finite_differences() {
+        let dev = Device::Cpu;
+        let x = Tensor::from_vec(seq(2 * 3 * 5, 0.7), (2, 3, 5), &dev).unwrap();
+        let r = Tensor::from_vec(seq(30, 1.3), (2, 3, 5), &dev).unwrap();
+        let w = Tensor::from_vec(seq(5, 2.1), 5, &dev).unwrap();
+        let b = Tensor::from_vec(seq(5, 0.3), 5, &dev).unwrap();
+        let (w2, b2) = (w.clone(), b.clone());
+        fd_check(
+            &move |t| layer_norm_last(t, &w2, &b2, 1e-5).unwrap(),
+            &x,
+            &r,
+        );
+        let x2 = x.clone();
+        let b3 = b.clone();
+        fd_check(
+            &move |t| layer_norm_last(&x2, t, &b3, 1e-5).unwrap(),
+            &w,
+            &r,
+        );
+        // LayerNorm2d over channels of (B,C,H,W).
+        let x4 = Tensor::from_vec(seq(2 * 4 * 3 * 3, 0.9), (2, 4, 3, 3), &dev).unwrap();
+        let r4 = Tensor::from_vec(seq(72, 1.7), (2, 4, 3, 3), &dev).unwrap();
+        let ln = LayerNorm2d {
+            weight: Tensor::from_vec(seq(4, 1.1), 4, &dev).unwrap(),
+            bias: Tensor::from_vec(seq(4, 0.5), 4, &dev).unwrap(),
+            eps: 1e-6,
+        };
+        fd_check(&move |t| ln.forward(t, Exec::Grad).unwrap(), &x4, &r4);
+        // The fused path agrees with the differentiable one.
+        let ln = LayerNorm {
+            weight: w.to_dtype(DType::F32).unwrap(),
+            bias: b.to_dtype(DType::F32).unwrap(),
+            eps: 1e-6,
+        };
+        let xf = x.to_dtype(DType::F32).unwrap();
+        let d = (ln.forward(&xf, Exec::Fast).unwrap() - ln.forward(&xf, Exec::Grad).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "fast vs grad layer norm: {d}");
+    }
+}

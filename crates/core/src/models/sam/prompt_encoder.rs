@@ -22,9 +22,14 @@ impl PositionEmbeddingRandom {
         let g = vb.get_with_hints(
             (2, num_pos_feats),
             "positional_encoding_gaussian_matrix",
-            Init::Randn { mean: 0.0, stdev: 1.0 },
+            Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            },
         )?;
-        Ok(Self { gaussian: g.detach() })
+        Ok(Self {
+            gaussian: g.detach(),
+        })
     }
 
     /// `coords (..., 2)` in `[0,1]` → `(..., C)`.
@@ -80,11 +85,14 @@ impl PromptEncoder {
     pub fn new(cfg: &SamConfig, vb: VarBuilder, vb_buffers: VarBuilder) -> Result<Self> {
         let c = cfg.prompt_embed_dim;
         if c % 2 != 0 {
-            return Err(Error::Config(format!("sam.prompt_embed_dim must be even, got {c}")));
+            return Err(Error::Config(format!(
+                "sam.prompt_embed_dim must be even, got {c}"
+            )));
         }
         let pe_layer = PositionEmbeddingRandom::new(c / 2, vb_buffers.pp("pe_layer"))?;
-        let point_embeddings =
-            (0..4).map(|i| embedding(1, c, vb.pp(format!("point_embeddings.{i}")))).collect::<Result<Vec<_>>>()?;
+        let point_embeddings = (0..4)
+            .map(|i| embedding(1, c, vb.pp(format!("point_embeddings.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
         let not_a_point_embed = embedding(1, c, vb.pp("not_a_point_embed"))?;
         let no_mask_embed = embedding(1, c, vb.pp("no_mask_embed"))?;
         let mic = cfg.mask_in_chans;
@@ -95,7 +103,9 @@ impl PromptEncoder {
         let md4 = LayerNorm2d::new(mic, MASK_LN_EPS, md.pp("4"))?;
         let md6 = Conv2d::new(mic, c, 1, 1, 0, true, md.pp("6"))?;
         // The buffer may come from a builder of another dtype (e.g. a bf16 frozen encoder): use the prompt dtype.
-        let pe_layer = PositionEmbeddingRandom { gaussian: pe_layer.gaussian.to_dtype(no_mask_embed.dtype())? };
+        let pe_layer = PositionEmbeddingRandom {
+            gaussian: pe_layer.gaussian.to_dtype(no_mask_embed.dtype())?,
+        };
         Ok(Self {
             pe_layer,
             point_embeddings,
@@ -115,7 +125,10 @@ impl PromptEncoder {
 
     /// `get_dense_pe()`: `(1, C, g, g)`.
     pub fn get_dense_pe(&self) -> Result<Tensor> {
-        Ok(self.pe_layer.grid(self.grid, self.grid, self.pe_layer.gaussian.device())?.unsqueeze(0)?)
+        Ok(self
+            .pe_layer
+            .grid(self.grid, self.grid, self.pe_layer.gaussian.device())?
+            .unsqueeze(0)?)
     }
 
     fn embed_coords(&self, pts: &Tensor) -> Result<Tensor> {
@@ -160,11 +173,15 @@ impl PromptEncoder {
     pub fn embed_boxes(&self, boxes: &Tensor) -> Result<Tensor> {
         let (b, four) = boxes.dims2()?;
         if four != 4 {
-            return Err(Error::msg(format!("boxes must be (B,4), got {:?}", boxes.dims())));
+            return Err(Error::msg(format!(
+                "boxes must be (B,4), got {:?}",
+                boxes.dims()
+            )));
         }
         let corners = (boxes + 0.5)?.reshape((b, 2, 2))?;
         let pe = self.embed_coords(&corners)?; // (B,2,C)
-        let add = Tensor::cat(&[&self.point_embeddings[2], &self.point_embeddings[3]], 0)?.unsqueeze(0)?; // (1,2,C)
+        let add = Tensor::cat(&[&self.point_embeddings[2], &self.point_embeddings[3]], 0)?
+            .unsqueeze(0)?; // (1,2,C)
         Ok(pe.broadcast_add(&add)?)
     }
 
@@ -224,7 +241,10 @@ impl PromptEncoder {
         }
         for p in &parts {
             if p.dim(0)? != b {
-                return Err(Error::msg(format!("prompt batch sizes differ: {} vs {b}", p.dim(0)?)));
+                return Err(Error::msg(format!(
+                    "prompt batch sizes differ: {} vs {b}",
+                    p.dim(0)?
+                )));
             }
         }
         let sparse = if parts.is_empty() {
@@ -235,7 +255,10 @@ impl PromptEncoder {
         let dense = match masks {
             Some(m) => {
                 if m.dim(0)? != b {
-                    return Err(Error::msg(format!("mask prompt batch {} differs from {b}", m.dim(0)?)));
+                    return Err(Error::msg(format!(
+                        "mask prompt batch {} differs from {b}",
+                        m.dim(0)?
+                    )));
                 }
                 self.embed_masks(m)?
             }

@@ -26,11 +26,18 @@ pub fn expected_params(cfg: &SamConfig) -> Vec<(String, Vec<usize>)> {
     let mlp = cfg.encoder_mlp_dim();
     let c = cfg.prompt_embed_dim;
     add("image_encoder.pos_embed".into(), &[1, g, g, d]);
-    add("image_encoder.patch_embed.proj.weight".into(), &[d, 3, p, p]);
+    add(
+        "image_encoder.patch_embed.proj.weight".into(),
+        &[d, 3, p, p],
+    );
     add("image_encoder.patch_embed.proj.bias".into(), &[d]);
     for i in 0..cfg.encoder_depth {
         let b = format!("image_encoder.blocks.{i}");
-        let size = if cfg.encoder_global_attn_indexes.contains(&i) { g } else { cfg.encoder_window_size };
+        let size = if cfg.encoder_global_attn_indexes.contains(&i) {
+            g
+        } else {
+            cfg.encoder_window_size
+        };
         add(format!("{b}.norm1.weight"), &[d]);
         add(format!("{b}.norm1.bias"), &[d]);
         add(format!("{b}.attn.rel_pos_h"), &[2 * size - 1, hd]);
@@ -56,18 +63,33 @@ pub fn expected_params(cfg: &SamConfig) -> Vec<(String, Vec<usize>)> {
     let mic = cfg.mask_in_chans;
     add(FOURIER_KEY.into(), &[2, c / 2]);
     for i in 0..4 {
-        add(format!("prompt_encoder.point_embeddings.{i}.weight"), &[1, c]);
+        add(
+            format!("prompt_encoder.point_embeddings.{i}.weight"),
+            &[1, c],
+        );
     }
     add("prompt_encoder.not_a_point_embed.weight".into(), &[1, c]);
-    add("prompt_encoder.mask_downscaling.0.weight".into(), &[mic / 4, 1, 2, 2]);
+    add(
+        "prompt_encoder.mask_downscaling.0.weight".into(),
+        &[mic / 4, 1, 2, 2],
+    );
     add("prompt_encoder.mask_downscaling.0.bias".into(), &[mic / 4]);
-    add("prompt_encoder.mask_downscaling.1.weight".into(), &[mic / 4]);
+    add(
+        "prompt_encoder.mask_downscaling.1.weight".into(),
+        &[mic / 4],
+    );
     add("prompt_encoder.mask_downscaling.1.bias".into(), &[mic / 4]);
-    add("prompt_encoder.mask_downscaling.3.weight".into(), &[mic, mic / 4, 2, 2]);
+    add(
+        "prompt_encoder.mask_downscaling.3.weight".into(),
+        &[mic, mic / 4, 2, 2],
+    );
     add("prompt_encoder.mask_downscaling.3.bias".into(), &[mic]);
     add("prompt_encoder.mask_downscaling.4.weight".into(), &[mic]);
     add("prompt_encoder.mask_downscaling.4.bias".into(), &[mic]);
-    add("prompt_encoder.mask_downscaling.6.weight".into(), &[c, mic, 1, 1]);
+    add(
+        "prompt_encoder.mask_downscaling.6.weight".into(),
+        &[c, mic, 1, 1],
+    );
     add("prompt_encoder.mask_downscaling.6.bias".into(), &[c]);
     add("prompt_encoder.no_mask_embed.weight".into(), &[1, c]);
     // mask decoder
@@ -98,17 +120,30 @@ pub fn expected_params(cfg: &SamConfig) -> Vec<(String, Vec<usize>)> {
         add(format!("{b}.norm4.bias"), &[c]);
         attn(&mut add, format!("{b}.cross_attn_image_to_token"), r);
     }
-    attn(&mut add, "mask_decoder.transformer.final_attn_token_to_image".into(), r);
-    add("mask_decoder.transformer.norm_final_attn.weight".into(), &[c]);
+    attn(
+        &mut add,
+        "mask_decoder.transformer.final_attn_token_to_image".into(),
+        r,
+    );
+    add(
+        "mask_decoder.transformer.norm_final_attn.weight".into(),
+        &[c],
+    );
     add("mask_decoder.transformer.norm_final_attn.bias".into(), &[c]);
     let nmt = cfg.num_multimask_outputs + 1;
     add("mask_decoder.iou_token.weight".into(), &[1, c]);
     add("mask_decoder.mask_tokens.weight".into(), &[nmt, c]);
-    add("mask_decoder.output_upscaling.0.weight".into(), &[c, c / 4, 2, 2]);
+    add(
+        "mask_decoder.output_upscaling.0.weight".into(),
+        &[c, c / 4, 2, 2],
+    );
     add("mask_decoder.output_upscaling.0.bias".into(), &[c / 4]);
     add("mask_decoder.output_upscaling.1.weight".into(), &[c / 4]);
     add("mask_decoder.output_upscaling.1.bias".into(), &[c / 4]);
-    add("mask_decoder.output_upscaling.3.weight".into(), &[c / 4, c / 8, 2, 2]);
+    add(
+        "mask_decoder.output_upscaling.3.weight".into(),
+        &[c / 4, c / 8, 2, 2],
+    );
     add("mask_decoder.output_upscaling.3.bias".into(), &[c / 8]);
     for i in 0..nmt {
         let b = format!("mask_decoder.output_hypernetworks_mlps.{i}.layers");
@@ -124,8 +159,14 @@ pub fn expected_params(cfg: &SamConfig) -> Vec<(String, Vec<usize>)> {
     for i in 0..depth {
         let a = if i == 0 { c } else { hid };
         let o = if i + 1 == depth { nmt } else { hid };
-        add(format!("mask_decoder.iou_prediction_head.layers.{i}.weight"), &[o, a]);
-        add(format!("mask_decoder.iou_prediction_head.layers.{i}.bias"), &[o]);
+        add(
+            format!("mask_decoder.iou_prediction_head.layers.{i}.weight"),
+            &[o, a],
+        );
+        add(
+            format!("mask_decoder.iou_prediction_head.layers.{i}.bias"),
+            &[o],
+        );
     }
     v
 }
@@ -137,7 +178,11 @@ pub fn is_trainable_key(key: &str) -> bool {
 
 /// Compares a normalised tensor map with [`expected_params`]: returns `Error::Weights` naming every missing,
 /// unexpected and mis-shaped tensor.
-pub fn check_strict(tensors: &HashMap<String, Vec<usize>>, cfg: &SamConfig, source: &str) -> Result<()> {
+pub fn check_strict(
+    tensors: &HashMap<String, Vec<usize>>,
+    cfg: &SamConfig,
+    source: &str,
+) -> Result<()> {
     let exp = expected_params(cfg);
     let mut missing = Vec::new();
     let mut bad = Vec::new();
@@ -149,7 +194,10 @@ pub fn check_strict(tensors: &HashMap<String, Vec<usize>>, cfg: &SamConfig, sour
         }
     }
     let expected: BTreeSet<&str> = exp.iter().map(|(k, _)| k.as_str()).collect();
-    let mut unexpected: Vec<&String> = tensors.keys().filter(|k| !expected.contains(k.as_str())).collect();
+    let mut unexpected: Vec<&String> = tensors
+        .keys()
+        .filter(|k| !expected.contains(k.as_str()))
+        .collect();
     unexpected.sort();
     if missing.is_empty() && bad.is_empty() && unexpected.is_empty() {
         return Ok(());
@@ -188,12 +236,17 @@ pub enum SamFormat {
 /// Reads every tensor of a `.pth`/`.pt`/`.bin` (PyTorch zip pickle) or `.safetensors` file, as stored (no renaming).
 /// A pickle holding `{'model': state_dict}` yields the inner state dict.
 pub fn read_raw_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     if !path.is_file() {
         return Err(Error::file(path, "no such weight file"));
     }
     if ext == "safetensors" {
-        let m = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::file(path, e.to_string()))?;
+        let m = candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| Error::file(path, e.to_string()))?;
         return Ok(m.into_iter().collect());
     }
     // PyTorch zip archive: first try the `{'model': ...}` container, then a bare state dict.
@@ -202,40 +255,63 @@ pub fn read_raw_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
             return Ok(v);
         }
     }
-    let v = candle_core::pickle::read_all(path).map_err(|e| Error::file(path, format!("cannot read as a PyTorch checkpoint: {e}")))?;
+    let v = candle_core::pickle::read_all(path)
+        .map_err(|e| Error::file(path, format!("cannot read as a PyTorch checkpoint: {e}")))?;
     if v.is_empty() {
-        return Err(Error::file(path, "no tensors found (expected a state dict or a {'model': state_dict} container)"));
+        return Err(Error::file(
+            path,
+            "no tensors found (expected a state dict or a {'model': state_dict} container)",
+        ));
     }
     Ok(v)
 }
 
 /// Normalises raw tensors to the §6.5 names: HF names are mapped (SPEC §6.6 item 2), a `sam.` prefix is stripped (and
 /// everything else dropped) when present, `pixel_mean`/`pixel_std` are dropped.
-pub fn normalize_keys(raw: Vec<(String, Tensor)>, source: &str) -> Result<(HashMap<String, Tensor>, SamFormat)> {
+pub fn normalize_keys(
+    raw: Vec<(String, Tensor)>,
+    source: &str,
+) -> Result<(HashMap<String, Tensor>, SamFormat)> {
     let has_sam_prefix = raw.iter().any(|(k, _)| k.starts_with("sam."));
     let raw: Vec<(String, Tensor)> = if has_sam_prefix {
-        raw.into_iter().filter_map(|(k, t)| k.strip_prefix("sam.").map(|s| (s.to_string(), t))).collect()
+        raw.into_iter()
+            .filter_map(|(k, t)| k.strip_prefix("sam.").map(|s| (s.to_string(), t)))
+            .collect()
     } else {
         raw
     };
     let is_hf = raw.iter().any(|(k, _)| k.starts_with("vision_encoder."));
     let (map, fmt) = if is_hf {
-        (crate::convert::hf_sam::hf_to_canonical(raw, source)?, SamFormat::Hf)
+        (
+            crate::convert::hf_sam::hf_to_canonical(raw, source)?,
+            SamFormat::Hf,
+        )
     } else {
-        (raw.into_iter().collect::<HashMap<_, _>>(), SamFormat::Original)
+        (
+            raw.into_iter().collect::<HashMap<_, _>>(),
+            SamFormat::Original,
+        )
     };
-    let map = map.into_iter().filter(|(k, _)| !IGNORED_KEYS.contains(&k.as_str())).collect();
+    let map = map
+        .into_iter()
+        .filter(|(k, _)| !IGNORED_KEYS.contains(&k.as_str()))
+        .collect();
     Ok((map, fmt))
 }
 
 /// Infers the shape-determining SAM hyper-parameters from §6.5 tensors. Head counts are not recoverable from shapes:
 /// the encoder's follows from the relative-position tables, the decoder's is set to 1 (shape checks only).
 pub fn infer_config(t: &HashMap<String, Vec<usize>>, source: &str) -> Result<SamConfig> {
-    let get = |k: &str| t.get(k).ok_or_else(|| Error::Weights(format!("{source}: missing `{k}`")));
+    let get = |k: &str| {
+        t.get(k)
+            .ok_or_else(|| Error::Weights(format!("{source}: missing `{k}`")))
+    };
     let pe = get("image_encoder.patch_embed.proj.weight")?.clone();
     let pos = get("image_encoder.pos_embed")?.clone();
     if pe.len() != 4 || pos.len() != 4 {
-        return Err(Error::Weights(format!("{source}: unexpected patch/pos embedding ranks")));
+        return Err(Error::Weights(format!(
+            "{source}: unexpected patch/pos embedding ranks"
+        )));
     }
     let (d, p, g) = (pe[0], pe[2], pos[1]);
     let mut depth = 0;
@@ -254,23 +330,31 @@ pub fn infer_config(t: &HashMap<String, Vec<usize>>, source: &str) -> Result<Sam
             window = (rp[0] + 1) / 2;
         }
     }
-    let mlp = get("image_encoder.blocks.0.mlp.lin1.weight").map(|s| s[0]).unwrap_or(4 * d);
+    let mlp = get("image_encoder.blocks.0.mlp.lin1.weight")
+        .map(|s| s[0])
+        .unwrap_or(4 * d);
     let c = get("prompt_encoder.no_mask_embed.weight")?[1];
     let mic = get("prompt_encoder.mask_downscaling.3.weight")?[0];
     let mut ddepth = 0;
-    while t.contains_key(&format!("mask_decoder.transformer.layers.{ddepth}.norm1.weight")) {
+    while t.contains_key(&format!(
+        "mask_decoder.transformer.layers.{ddepth}.norm1.weight"
+    )) {
         ddepth += 1;
     }
     let dmlp = get("mask_decoder.transformer.layers.0.mlp.lin1.weight")?[0];
     let internal = get("mask_decoder.transformer.final_attn_token_to_image.q_proj.weight")?[0];
     let nmt = get("mask_decoder.mask_tokens.weight")?[0];
     let mut iou_depth = 0;
-    while t.contains_key(&format!("mask_decoder.iou_prediction_head.layers.{iou_depth}.weight")) {
+    while t.contains_key(&format!(
+        "mask_decoder.iou_prediction_head.layers.{iou_depth}.weight"
+    )) {
         iou_depth += 1;
     }
     let iou_hidden = get("mask_decoder.iou_prediction_head.layers.0.weight")?[0];
     if hd == 0 || internal == 0 || nmt == 0 {
-        return Err(Error::Weights(format!("{source}: degenerate tensor shapes")));
+        return Err(Error::Weights(format!(
+            "{source}: degenerate tensor shapes"
+        )));
     }
     Ok(SamConfig {
         img_size: g * p,
@@ -302,11 +386,18 @@ pub struct SamWeights {
 
 /// Loads a SAM checkpoint (any §6.6 format) and checks it strictly against `cfg` (or, with `None`, against the
 /// configuration inferred from its shapes). Tensors are cast to f32 on `device`.
-pub fn load_sam_weights(path: &Path, cfg: Option<&SamConfig>, device: &Device) -> Result<SamWeights> {
+pub fn load_sam_weights(
+    path: &Path,
+    cfg: Option<&SamConfig>,
+    device: &Device,
+) -> Result<SamWeights> {
     let source = path.display().to_string();
     let raw = read_raw_tensors(path)?;
     let (map, format) = normalize_keys(raw, &source)?;
-    let shapes: HashMap<String, Vec<usize>> = map.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect();
+    let shapes: HashMap<String, Vec<usize>> = map
+        .iter()
+        .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+        .collect();
     let inferred;
     let cfg = match cfg {
         Some(c) => c,
@@ -332,7 +423,10 @@ impl SamWeights {
     /// Inserts the trainable tensors (prompt encoder without the Fourier buffer, mask decoder) into `varmap` as fresh
     /// `Var`s (copies), so that a model built over the map starts from these weights (SPEC §16.3).
     pub fn seed_varmap(&self, varmap: &VarMap) -> Result<()> {
-        let mut data = varmap.data().lock().map_err(|_| Error::msg("VarMap lock poisoned"))?;
+        let mut data = varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::msg("VarMap lock poisoned"))?;
         for (k, t) in &self.tensors {
             if is_trainable_key(k) {
                 data.insert(k.clone(), Var::from_tensor(&t.copy()?)?);
@@ -354,9 +448,15 @@ impl SamWeights {
 pub fn prompt_encoder_tensors(p: &PromptEncoder) -> Vec<(String, Tensor)> {
     let mut v = vec![(FOURIER_KEY.to_string(), p.pe_layer.gaussian.clone())];
     for (i, t) in p.point_embeddings.iter().enumerate() {
-        v.push((format!("prompt_encoder.point_embeddings.{i}.weight"), t.clone()));
+        v.push((
+            format!("prompt_encoder.point_embeddings.{i}.weight"),
+            t.clone(),
+        ));
     }
-    v.push(("prompt_encoder.not_a_point_embed.weight".into(), p.not_a_point_embed.clone()));
+    v.push((
+        "prompt_encoder.not_a_point_embed.weight".into(),
+        p.not_a_point_embed.clone(),
+    ));
     let md = "prompt_encoder.mask_downscaling";
     for (i, c) in [(0, &p.md0), (3, &p.md3), (6, &p.md6)] {
         v.push((format!("{md}.{i}.weight"), c.weight.clone()));
@@ -368,7 +468,10 @@ pub fn prompt_encoder_tensors(p: &PromptEncoder) -> Vec<(String, Tensor)> {
         v.push((format!("{md}.{i}.weight"), l.weight.clone()));
         v.push((format!("{md}.{i}.bias"), l.bias.clone()));
     }
-    v.push(("prompt_encoder.no_mask_embed.weight".into(), p.no_mask_embed.clone()));
+    v.push((
+        "prompt_encoder.no_mask_embed.weight".into(),
+        p.no_mask_embed.clone(),
+    ));
     v
 }
 
@@ -398,42 +501,95 @@ pub fn mask_decoder_tensors(m: &MaskDecoder) -> Vec<(String, Tensor)> {
         let b = format!("{t}.layers.{i}");
         att(&mut v, format!("{b}.self_attn"), &l.self_attn);
         ln(&mut v, format!("{b}.norm1"), &l.norm1);
-        att(&mut v, format!("{b}.cross_attn_token_to_image"), &l.cross_attn_token_to_image);
+        att(
+            &mut v,
+            format!("{b}.cross_attn_token_to_image"),
+            &l.cross_attn_token_to_image,
+        );
         ln(&mut v, format!("{b}.norm2"), &l.norm2);
         lin(&mut v, format!("{b}.mlp.lin1"), &l.mlp.lin1);
         lin(&mut v, format!("{b}.mlp.lin2"), &l.mlp.lin2);
         ln(&mut v, format!("{b}.norm3"), &l.norm3);
         ln(&mut v, format!("{b}.norm4"), &l.norm4);
-        att(&mut v, format!("{b}.cross_attn_image_to_token"), &l.cross_attn_image_to_token);
+        att(
+            &mut v,
+            format!("{b}.cross_attn_image_to_token"),
+            &l.cross_attn_image_to_token,
+        );
     }
-    att(&mut v, format!("{t}.final_attn_token_to_image"), &m.transformer.final_attn_token_to_image);
-    ln(&mut v, format!("{t}.norm_final_attn"), &m.transformer.norm_final_attn);
+    att(
+        &mut v,
+        format!("{t}.final_attn_token_to_image"),
+        &m.transformer.final_attn_token_to_image,
+    );
+    ln(
+        &mut v,
+        format!("{t}.norm_final_attn"),
+        &m.transformer.norm_final_attn,
+    );
     v.push(("mask_decoder.iou_token.weight".into(), m.iou_token.clone()));
-    v.push(("mask_decoder.mask_tokens.weight".into(), m.mask_tokens.clone()));
-    v.push(("mask_decoder.output_upscaling.0.weight".into(), m.up0.weight.clone()));
-    v.push(("mask_decoder.output_upscaling.0.bias".into(), m.up0.bias.clone()));
-    v.push(("mask_decoder.output_upscaling.1.weight".into(), m.up1.weight.clone()));
-    v.push(("mask_decoder.output_upscaling.1.bias".into(), m.up1.bias.clone()));
-    v.push(("mask_decoder.output_upscaling.3.weight".into(), m.up3.weight.clone()));
-    v.push(("mask_decoder.output_upscaling.3.bias".into(), m.up3.bias.clone()));
+    v.push((
+        "mask_decoder.mask_tokens.weight".into(),
+        m.mask_tokens.clone(),
+    ));
+    v.push((
+        "mask_decoder.output_upscaling.0.weight".into(),
+        m.up0.weight.clone(),
+    ));
+    v.push((
+        "mask_decoder.output_upscaling.0.bias".into(),
+        m.up0.bias.clone(),
+    ));
+    v.push((
+        "mask_decoder.output_upscaling.1.weight".into(),
+        m.up1.weight.clone(),
+    ));
+    v.push((
+        "mask_decoder.output_upscaling.1.bias".into(),
+        m.up1.bias.clone(),
+    ));
+    v.push((
+        "mask_decoder.output_upscaling.3.weight".into(),
+        m.up3.weight.clone(),
+    ));
+    v.push((
+        "mask_decoder.output_upscaling.3.bias".into(),
+        m.up3.bias.clone(),
+    ));
     for (i, h) in m.hypernetworks.iter().enumerate() {
         for (j, l) in h.layers.iter().enumerate() {
-            lin(&mut v, format!("mask_decoder.output_hypernetworks_mlps.{i}.layers.{j}"), l);
+            lin(
+                &mut v,
+                format!("mask_decoder.output_hypernetworks_mlps.{i}.layers.{j}"),
+                l,
+            );
         }
     }
     for (j, l) in m.iou_head.layers.iter().enumerate() {
-        lin(&mut v, format!("mask_decoder.iou_prediction_head.layers.{j}"), l);
+        lin(
+            &mut v,
+            format!("mask_decoder.iou_prediction_head.layers.{j}"),
+            l,
+        );
     }
     v
 }
 
 /// Writes tensors to a safetensors file atomically (temporary file in the same folder, then rename).
 pub fn save_safetensors_atomic(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
-    let map: HashMap<String, Tensor> =
-        tensors.iter().map(|(k, t)| Ok((k.clone(), t.contiguous()?))).collect::<Result<_>>()?;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let map: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out.safetensors");
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("out.safetensors");
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     candle_core::safetensors::save(&map, &tmp).map_err(|e| Error::file(&tmp, e.to_string()))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
@@ -443,7 +599,11 @@ pub fn save_safetensors_atomic(tensors: &[(String, Tensor)], path: &Path) -> Res
 /// Deterministic random §6.5 weights for `cfg` from the project RNG (stream `"sam-random-init"`): matrices and
 /// kernels `N(0, 1/fan_in)`, LayerNorm weights `1 + 0.1·N`, biases, position tables and embeddings `0.1·N`, the
 /// Fourier matrix `N(0,1)`. For tests, benchmarks and smoke runs without a checkpoint.
-pub fn random_weights(cfg: &SamConfig, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
+pub fn random_weights(
+    cfg: &SamConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
     use rand::Rng;
     let mut out = HashMap::new();
     for (idx, (k, shape)) in expected_params(cfg).into_iter().enumerate() {
@@ -466,7 +626,12 @@ pub fn random_weights(cfg: &SamConfig, seed: u64, device: &Device) -> Result<Has
             (0.0, 1.0)
         } else if is_norm {
             (1.0, 0.1)
-        } else if shape.len() >= 2 && !k.contains("pos_embed") && !k.contains("rel_pos") && !k.contains("embed") && !k.contains("token") {
+        } else if shape.len() >= 2
+            && !k.contains("pos_embed")
+            && !k.contains("rel_pos")
+            && !k.contains("embed")
+            && !k.contains("token")
+        {
             let fan_in: usize = shape[1..].iter().product();
             (0.0, 1.0 / (fan_in.max(1) as f64).sqrt())
         } else {
