@@ -65,12 +65,25 @@ impl Sam {
         vb_trainable: VarBuilder,
         lora: Option<&LoraConfig>,
     ) -> Result<Self> {
+        Self::new_parts(cfg, vb_frozen.clone(), vb_frozen, vb_trainable, lora)
+    }
+
+    /// The general constructor: `vb_encoder` (plain tensors, in the encoder dtype) for `image_encoder.*`,
+    /// `vb_buffers` (plain tensors) for the Fourier buffer, `vb_trainable` for the prompt encoder, the mask decoder
+    /// and the LoRA adapters. All builders are rooted at the checkpoint root.
+    pub fn new_parts(
+        cfg: &SamConfig,
+        vb_encoder: VarBuilder,
+        vb_buffers: VarBuilder,
+        vb_trainable: VarBuilder,
+        lora: Option<&LoraConfig>,
+    ) -> Result<Self> {
         let enc_lora = lora.map(|l| (l, vb_trainable.pp("image_encoder")));
-        let image_encoder = ImageEncoder::new(cfg, vb_frozen.pp("image_encoder"), enc_lora)?;
+        let image_encoder = ImageEncoder::new(cfg, vb_encoder.pp("image_encoder"), enc_lora)?;
         let prompt_encoder = PromptEncoder::new(
             cfg,
             vb_trainable.pp("prompt_encoder"),
-            vb_frozen.pp("prompt_encoder"),
+            vb_buffers.pp("prompt_encoder"),
         )?;
         let mask_decoder = MaskDecoder::new(cfg, vb_trainable.pp("mask_decoder"))?;
         Ok(Self {
@@ -79,6 +92,25 @@ impl Sam {
             prompt_encoder,
             mask_decoder,
         })
+    }
+
+    /// Builds SAM from strictly loaded weights: the image encoder as plain tensors in `encoder_dtype` (bf16 is for
+    /// CUDA; CPU has no bf16 convolution), the Fourier buffer as a plain f32 tensor, and the prompt encoder + mask
+    /// decoder (+ LoRA adapters) as f32 `Var`s of `varmap`, which is seeded with the loaded tensors first (entries
+    /// already present, e.g. from a resumed checkpoint, are overwritten).
+    pub fn from_weights(
+        cfg: &SamConfig,
+        weights: &SamWeights,
+        varmap: &candle_nn::VarMap,
+        device: &Device,
+        encoder_dtype: DType,
+        lora: Option<&LoraConfig>,
+    ) -> Result<Self> {
+        weights.seed_varmap(varmap)?;
+        let vb_enc = weights.var_builder(encoder_dtype, device);
+        let vb_buf = weights.var_builder(DType::F32, device);
+        let vb_tr = VarBuilder::from_varmap(varmap, DType::F32, device);
+        Self::new_parts(cfg, vb_enc, vb_buf, vb_tr, lora)
     }
 
     pub fn device(&self) -> &Device {

@@ -429,7 +429,10 @@ impl SamWeights {
             .map_err(|_| Error::msg("VarMap lock poisoned"))?;
         for (k, t) in &self.tensors {
             if is_trainable_key(k) {
-                data.insert(k.clone(), Var::from_tensor(&t.copy()?)?);
+                data.insert(
+                    k.clone(),
+                    Var::from_tensor(&t.to_dtype(DType::F32)?.copy()?)?,
+                );
             }
         }
         Ok(())
