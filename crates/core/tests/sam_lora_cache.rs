@@ -229,3 +229,19 @@ fn sam_embedding_cache_second_run_has_no_encoder_forwards() {
         "memory-only cache with no room recomputes"
     );
 }
+
+/// SPEC §16.3: the image encoder is never built over `Var`s, even from a `VarMap` builder; the decoder is.
+#[test]
+fn sam_encoder_over_varmap_stays_frozen() {
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let sam = Sam::new(&tiny(), vb.clone(), vb).unwrap();
+    let enc = &sam.image_encoder;
+    assert!(!enc.pos_embed.is_variable());
+    assert!(!enc.patch_embed.weight.is_variable());
+    assert!(!enc.blocks[0].attn.qkv.base.weight.is_variable());
+    assert!(!enc.neck3.weight.is_variable());
+    assert!(!sam.prompt_encoder.pe_layer.gaussian.is_variable());
+    assert!(sam.mask_decoder.iou_token.is_variable());
+    assert!(sam.prompt_encoder.no_mask_embed.is_variable());
+}

@@ -333,7 +333,7 @@ impl ImageEncoder {
         let neck1 = LayerNorm2d::new(out, ENCODER_LN_EPS, vb.pp("neck.1"))?;
         let neck2 = Conv2d::new(out, out, 3, 1, 1, false, vb.pp("neck.2"))?;
         let neck3 = LayerNorm2d::new(out, ENCODER_LN_EPS, vb.pp("neck.3"))?;
-        Ok(Self {
+        let mut enc = Self {
             patch_embed,
             pos_embed,
             blocks,
@@ -343,7 +343,40 @@ impl ImageEncoder {
             neck3,
             img_size: cfg.img_size,
             forwards: Arc::new(AtomicUsize::new(0)),
-        })
+        };
+        enc.detach_frozen();
+        Ok(enc)
+    }
+
+    /// Makes every frozen weight a plain tensor (SPEC §16.3: the encoder is never built over `Var`s, even if the
+    /// builder handed some out); LoRA adapters are left untouched.
+    fn detach_frozen(&mut self) {
+        let d = |t: &mut Tensor| *t = t.detach();
+        d(&mut self.patch_embed.weight);
+        if let Some(b) = self.patch_embed.bias.as_mut() {
+            d(b);
+        }
+        d(&mut self.pos_embed);
+        for b in self.blocks.iter_mut() {
+            for ln in [&mut b.norm1, &mut b.norm2] {
+                d(&mut ln.weight);
+                d(&mut ln.bias);
+            }
+            d(&mut b.attn.rel_pos_h);
+            d(&mut b.attn.rel_pos_w);
+            for l in [&mut b.attn.qkv, &mut b.attn.proj, &mut b.lin1, &mut b.lin2] {
+                d(&mut l.base.weight);
+                if let Some(bb) = l.base.bias.as_mut() {
+                    d(bb);
+                }
+            }
+        }
+        d(&mut self.neck0.weight);
+        d(&mut self.neck2.weight);
+        for ln in [&mut self.neck1, &mut self.neck3] {
+            d(&mut ln.weight);
+            d(&mut ln.bias);
+        }
     }
 
     /// dtype of the weights (f32, or bf16 for the `--encoder-dtype bf16` frozen path).
