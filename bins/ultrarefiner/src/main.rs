@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod common;
+mod prepare;
 
 #[derive(Parser)]
 #[command(
@@ -23,6 +24,8 @@ struct Cli {
 enum Command {
     /// Time a named workload and print one JSON line (SPEC §13.7).
     Bench(bench::Args),
+    /// Dataset preparation: `datasets` (raw → processed + splits), `verify`, `phantom` (SPEC §3.11, §4).
+    Prepare(prepare::Args),
 }
 
 fn main() {
@@ -30,6 +33,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(a) => bench::run(a),
+        Command::Prepare(a) => prepare::run(a),
     };
     if let Err(e) = result {
         common::exit_with(e);
