@@ -228,6 +228,16 @@ impl SegDataset {
     }
 }
 
+impl std::fmt::Debug for SegDataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SegDataset")
+            .field("len", &self.entries.len())
+            .field("img_size", &self.img_size)
+            .field("augment_seed", &self.augment_seed)
+            .finish()
+    }
+}
+
 impl Dataset for SegDataset {
     fn len(&self) -> usize {
         self.entries.len()

@@ -28,8 +28,9 @@ impl AugmentParams {
 pub fn rotate_bilinear(src: &[f32], h: usize, w: usize, deg: f64) -> Vec<f32> {
     let (s, c) = deg.to_radians().sin_cos();
     let (cx, cy) = ((w as f64 - 1.0) / 2.0, (h as f64 - 1.0) / 2.0);
+    let (wi, hi) = (w as i64, h as i64);
     let at = |x: i64, y: i64| -> f32 {
-        if x < 0 || y < 0 || x >= w as i64 || y >= h as i64 {
+        if x < 0 || y < 0 || x >= wi || y >= hi {
             0.0
         } else {
             src[y as usize * w + x as usize]
@@ -38,19 +39,24 @@ pub fn rotate_bilinear(src: &[f32], h: usize, w: usize, deg: f64) -> Vec<f32> {
     let mut out = vec![0f32; h * w];
     for py in 0..h {
         let dy = py as f64 - cy;
-        for px in 0..w {
+        let orow = &mut out[py * w..(py + 1) * w];
+        for (px, o) in orow.iter_mut().enumerate() {
             let dx = px as f64 - cx;
             let qx = cx + c * dx - s * dy;
             let qy = cy + s * dx + c * dy;
-            let (x0, y0) = (qx.floor(), qy.floor());
-            let (fx, fy) = ((qx - x0) as f32, (qy - y0) as f32);
-            let (x0, y0) = (x0 as i64, y0 as i64);
-            if x0 < -1 || y0 < -1 || x0 >= w as i64 || y0 >= h as i64 {
+            let (x0f, y0f) = (qx.floor(), qy.floor());
+            let (fx, fy) = ((qx - x0f) as f32, (qy - y0f) as f32);
+            let (x0, y0) = (x0f as i64, y0f as i64);
+            if x0 < -1 || y0 < -1 || x0 >= wi || y0 >= hi {
                 continue;
             }
-            let v = (1.0 - fy) * ((1.0 - fx) * at(x0, y0) + fx * at(x0 + 1, y0))
-                + fy * ((1.0 - fx) * at(x0, y0 + 1) + fx * at(x0 + 1, y0 + 1));
-            out[py * w + px] = v;
+            let (a, b, cc, d) = if x0 >= 0 && y0 >= 0 && x0 + 1 < wi && y0 + 1 < hi {
+                let i = y0 as usize * w + x0 as usize;
+                (src[i], src[i + 1], src[i + w], src[i + w + 1])
+            } else {
+                (at(x0, y0), at(x0 + 1, y0), at(x0, y0 + 1), at(x0 + 1, y0 + 1))
+            };
+            *o = (1.0 - fy) * ((1.0 - fx) * a + fx * b) + fy * ((1.0 - fx) * cc + fx * d);
         }
     }
     out
@@ -60,15 +66,17 @@ pub fn rotate_bilinear(src: &[f32], h: usize, w: usize, deg: f64) -> Vec<f32> {
 pub fn rotate_nearest<T: Copy + Default>(src: &[T], h: usize, w: usize, deg: f64) -> Vec<T> {
     let (s, c) = deg.to_radians().sin_cos();
     let (cx, cy) = ((w as f64 - 1.0) / 2.0, (h as f64 - 1.0) / 2.0);
+    let (wf, hf) = (w as f64, h as f64);
     let mut out = vec![T::default(); h * w];
     for py in 0..h {
         let dy = py as f64 - cy;
-        for px in 0..w {
+        let orow = &mut out[py * w..(py + 1) * w];
+        for (px, o) in orow.iter_mut().enumerate() {
             let dx = px as f64 - cx;
             let qx = (cx + c * dx - s * dy + 0.5).floor();
             let qy = (cy + s * dx + c * dy + 0.5).floor();
-            if qx >= 0.0 && qy >= 0.0 && qx < w as f64 && qy < h as f64 {
-                out[py * w + px] = src[qy as usize * w + qx as usize];
+            if qx >= 0.0 && qy >= 0.0 && qx < wf && qy < hf {
+                *o = src[qy as usize * w + qx as usize];
             }
         }
     }
