@@ -1,37 +1,24 @@
-//! `ultrarefiner`: the tool binary (prepare, augment, evaluate, infer, convert, fetch, bench).
-//!
-//! Each subcommand lives in its own module with an `Args` struct and a `run` function that calls the library.
+//! `ultrarefiner`: the project's tool binary (SPEC §1.1). One module per subcommand; the library does the work.
 use clap::{Parser, Subcommand};
 
-mod bench;
-mod common;
+mod augment;
 
-#[derive(Parser)]
-#[command(
-    name = "ultrarefiner",
-    version,
-    about = "UltraRefiner tools: data preparation, failure simulation, evaluation, inference, weights and benchmarks",
-    long_about = "UltraRefiner tools.\n\nTypical order: `prepare phantom|datasets` → `prepare verify` → `augment synthetic` → \
-                  phase1 / phase2 / phase3 (separate binaries) → `evaluate` / `infer`.\nEvery subcommand has its own --help."
-)]
+#[derive(Parser, Debug)]
+#[command(name = "ultrarefiner", version, about = "UltraRefiner tools: data preparation, augmentation, evaluation")]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    cmd: Cmd,
 }
 
-#[derive(Subcommand)]
-enum Command {
-    /// Time a named workload and print one JSON line (SPEC §13.7).
-    Bench(bench::Args),
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Phase 2 training data: simulated coarse-mask failures (`augment synthetic`, SPEC §8).
+    Augment(augment::Args),
 }
 
-fn main() {
-    common::init_tracing();
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Bench(a) => bench::run(a),
-    };
-    if let Err(e) = result {
-        common::exit_with(e);
+    match cli.cmd {
+        Cmd::Augment(a) => augment::run(a),
     }
 }
