@@ -199,9 +199,19 @@ fn run_synthetic_writes_the_documented_layout() {
     std::fs::remove_file(run.join("shards/coarse-00001.safetensors")).unwrap();
     let rep2 = run_synthetic(&SyntheticOptions { resume: true, num_workers: Some(1), ..opts.clone() }).unwrap();
     assert_eq!(rep2.summary.total, 50);
-    assert_eq!(std::fs::read(run.join("samples.csv")).unwrap(), csv1);
-    assert_eq!(std::fs::read(run.join("shards/coarse-00003.safetensors")).unwrap(), bytes);
+    assert!(std::fs::read(run.join("samples.csv")).unwrap() == csv1, "samples.csv changed after --resume");
+    assert!(std::fs::read(run.join("shards/coarse-00003.safetensors")).unwrap() == bytes, "shard changed after --resume");
     // Dry run prints the allocation only.
     let dry = run_synthetic(&SyntheticOptions { dry_run: true, ..opts }).unwrap();
     assert!(dry.allocation.contains("8 sources"));
+}
+
+/// `augment-throughput` bench workload (SPEC §13.7); prints samples/s at 1 and 2 threads.
+#[test]
+#[ignore = "measurement, not a check: run with --ignored --nocapture"]
+fn throughput_report() {
+    for threads in [1, 2] {
+        let sps = ultrarefiner::augment::bench_throughput(300, threads).unwrap();
+        eprintln!("augment-throughput: {sps:.1} samples/s on {threads} thread(s)");
+    }
 }

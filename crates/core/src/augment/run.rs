@@ -223,6 +223,16 @@ pub fn npy_bytes(data: &[f32], h: usize, w: usize) -> Vec<u8> {
     out
 }
 
+/// `samples.csv` text (header + rows) of records; also stored in each shard's metadata (exact f64 round trip).
+pub fn records_csv(records: &[SampleRecord]) -> Result<String> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    for r in records {
+        w.serialize(r).map_err(|e| Error::msg(format!("samples.csv: {e}")))?;
+    }
+    let bytes = w.into_inner().map_err(|e| Error::msg(format!("samples.csv: {e}")))?;
+    String::from_utf8(bytes).map_err(|e| Error::msg(format!("samples.csv: {e}")))
+}
+
 fn shard_path(run_dir: &Path, k: usize) -> PathBuf {
     run_dir.join("shards").join(format!("coarse-{k:05}.safetensors"))
 }
@@ -245,7 +255,7 @@ fn shard_bytes(samples: &[GeneratedSample], records: &[SampleRecord], s: usize, 
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "ultrarefiner-coarse-v1".to_string());
     meta.insert("config_hash".to_string(), config_hash.to_string());
-    meta.insert("records".to_string(), serde_json::to_string(records).map_err(|e| Error::msg(e.to_string()))?);
+    meta.insert("records_csv".to_string(), records_csv(records)?);
     safetensors::tensor::serialize(vec![("coarse", tc), ("index", ti)], &Some(meta)).map_err(|e| Error::msg(format!("shard: {e:?}")))
 }
 
@@ -257,8 +267,11 @@ fn read_complete_shard(path: &Path, expected: std::ops::Range<usize>, config_has
     if m.get("config_hash").map(String::as_str) != Some(config_hash) {
         return Err(Error::file(path, "--resume: shard was generated with a different configuration; use a new --output-root"));
     }
-    let Some(rec) = m.get("records") else { return Ok(None) };
-    let Ok(records) = serde_json::from_str::<Vec<SampleRecord>>(rec) else { return Ok(None) };
+    let Some(rec) = m.get("records_csv") else { return Ok(None) };
+    let Ok(records) = csv::Reader::from_reader(rec.as_bytes()).deserialize::<SampleRecord>().collect::<std::result::Result<Vec<_>, _>>()
+    else {
+        return Ok(None);
+    };
     let ok = records.len() == expected.len() && records.iter().zip(expected).all(|(r, j)| r.index == j);
     if ok && safetensors::SafeTensors::deserialize(&bytes).is_ok() {
         Ok(Some(records))
@@ -488,13 +501,7 @@ pub fn run_synthetic(opts: &SyntheticOptions) -> Result<RunReport> {
         pb.finish_and_clear();
     }
     let all: Vec<SampleRecord> = records.into_iter().flatten().flatten().collect();
-    // samples.csv
-    let mut w = csv::Writer::from_writer(Vec::new());
-    for r in &all {
-        w.serialize(r).map_err(|e| Error::msg(format!("samples.csv: {e}")))?;
-    }
-    let csv_bytes = w.into_inner().map_err(|e| Error::msg(format!("samples.csv: {e}")))?;
-    write_atomic(&run_dir.join("samples.csv"), &csv_bytes)?;
+    write_atomic(&run_dir.join("samples.csv"), records_csv(&all)?.as_bytes())?;
     let summary = summarize(&all, &bins);
     let table = format_table(&summary, &bins);
     let seconds = t0.elapsed().as_secs_f64();
