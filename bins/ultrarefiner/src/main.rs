@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod common;
+mod fetch;
 
 #[derive(Parser)]
 #[command(
@@ -23,6 +24,8 @@ struct Cli {
 enum Command {
     /// Time a named workload and print one JSON line (SPEC §13.7).
     Bench(bench::Args),
+    /// Download, verify and convert pretrained SAM/MedSAM/ViT weights into weights/ (SPEC §13.6).
+    Fetch(fetch::Args),
 }
 
 fn main() {
@@ -30,6 +33,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(a) => bench::run(a),
+        Command::Fetch(a) => fetch::run(a),
     };
     if let Err(e) = result {
         common::exit_with(e);
