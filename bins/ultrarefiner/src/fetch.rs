@@ -33,7 +33,7 @@ Training flags (--sam-checkpoint, --vit-pretrained) accept an alias and read WEI
 download.\n\
 \n\
 Environment: HF_HOME (cache at $HF_HOME/hub, default ~/.cache/huggingface/hub; token at $HF_HOME/token), \
-HF_HUB_CACHE (the cache folder itself), HF_ENDPOINT (mirror URL).\n\
+HF_HUB_CACHE (the cache folder itself), HF_ENDPOINT (mirror URL), HF_HUB_OFFLINE=1 (same as --offline).\n\
 \n\
 Examples:\n  ultrarefiner fetch sam-vit-b\n  ultrarefiner fetch r50-vit-b16 --offline\n  \
 ultrarefiner fetch medsam-vit-b --from-file ~/Downloads/medsam_vit_b.pth\n  \
@@ -55,7 +55,7 @@ pub struct Args {
     /// ~/.cache/huggingface/hub).
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
-    /// Use only the local cache; never touch the network.
+    /// Use only the local cache; never touch the network (also when HF_HUB_OFFLINE=1).
     #[arg(long)]
     offline: bool,
     /// Convert a file you downloaded yourself (e.g. the official MedSAM or Google npz) instead of using the hub.
@@ -74,7 +74,9 @@ pub fn run(a: Args) -> Result<()> {
         alias: a.alias,
         revision: a.revision,
         cache_dir: a.cache_dir,
-        offline: a.offline,
+        offline: a.offline
+            || std::env::var("HF_HUB_OFFLINE")
+                .is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")),
         from_file: a.from_file,
         weights_dir: a.weights_dir,
         progress: !a.quiet,

@@ -166,6 +166,13 @@ fn hub_revision_refs_resolve() {
     // A commit hash resolves directly through snapshots/ without a ref file.
     let direct = locate(Some(C2));
     assert_eq!(direct.path, f2);
+    // Path-like revisions are refused before touching the cache.
+    for bad in ["../../etc", "", "/abs", "refs//pr"] {
+        let e = HubCache::for_alias(entry, Some(bad), Some(&cache), true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid --revision"), "{bad}: {e}");
+    }
     // Spaces live under spaces--org--name.
     let medsam = HubCache::for_alias(
         hub::lookup("medsam-vit-b").unwrap(),

@@ -127,6 +127,17 @@ impl HubCache {
         cache_dir: Option<&Path>,
         offline: bool,
     ) -> Result<Self> {
+        let revision = revision.unwrap_or(entry.revision);
+        if revision.is_empty()
+            || revision.starts_with('/')
+            || revision
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            return Err(Error::Arg(format!(
+                "invalid --revision `{revision}` (expected a branch, tag, `refs/pr/N` or commit hash)"
+            )));
+        }
         let cache_dir = match cache_dir {
             Some(d) => d.to_path_buf(),
             None => default_cache_dir()?,
@@ -135,7 +146,7 @@ impl HubCache {
             cache_dir,
             repo: entry.repo.to_string(),
             kind: entry.kind,
-            revision: revision.unwrap_or(entry.revision).to_string(),
+            revision: revision.to_string(),
             file: entry.file.to_string(),
             offline,
             progress: true,
