@@ -360,10 +360,11 @@ pub fn load_pretrained_encoder(
     if ext == "npz" {
         return Ok(crate::convert::npz::convert_npz(path, cfg)?.tensors);
     }
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
-        .map_err(|e| Error::file(path, format!("not a readable safetensors file: {e}")))?;
-    let is_timm = st.tensors().iter().any(|(k, _)| k == "pos_embed");
-    drop(st);
+    let is_timm = {
+        use crate::convert::npz::TensorSource;
+        let src = crate::convert::timm::SafetensorsSource::open(path)?;
+        src.names().iter().any(|k| k == "pos_embed")
+    };
     if is_timm {
         return Ok(crate::convert::timm::convert_timm(path, cfg)?.tensors);
     }
