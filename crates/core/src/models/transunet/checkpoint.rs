@@ -400,3 +400,25 @@ pub fn load_pretrained_encoder(
     }
     Ok(out)
 }
+
+/// A trainable TransUNet over `varmap` (parameters under `prefix`: "" for Phase 1, "transunet" for Phase 3), with
+/// the explicit random initialisers of SPEC §5.4, then — when `pretrained` is given — the encoder overwritten from an
+/// `.npz`, timm or canonical file ([`load_pretrained_encoder`]); the decoder and head stay random.
+pub fn build_trainable(
+    cfg: &TransUnetConfig,
+    varmap: &VarMap,
+    prefix: &str,
+    dtype: DType,
+    device: &Device,
+    pretrained: Option<&Path>,
+) -> Result<TransUnet> {
+    let vb = VarBuilder::from_varmap(varmap, dtype, device);
+    let vb = if prefix.is_empty() { vb } else { vb.pp(prefix) };
+    let model = TransUnet::new(cfg, vb)?;
+    if let Some(p) = pretrained {
+        let enc: HashMap<String, Tensor> = load_pretrained_encoder(p, cfg)?.into_iter().collect();
+        load_into_varmap(&model, varmap, &enc, LoadMode::Encoder)
+            .map_err(|e| Error::file(p, e.to_string()))?;
+    }
+    Ok(model)
+}
