@@ -357,3 +357,23 @@ fn transunet_paper_forward_random() {
         .unwrap();
     assert!(m.is_finite());
 }
+
+/// The model is dtype-generic: an f64 build (used by finite-difference checks) reproduces the eval logits.
+#[test]
+fn transunet_narrow_eval_f64() {
+    let io = load_fixture("transunet_narrow_io.safetensors").unwrap();
+    let model = TransUnet::from_tensors(&narrow(), weights(), DType::F64, &Device::Cpu).unwrap();
+    let x = get_f32(&io, "input").unwrap().to_dtype(DType::F64).unwrap();
+    let out = model.forward_with_intermediates(&x, false, None).unwrap();
+    assert_eq!(out.logits.dtype(), DType::F64);
+    rel(
+        "eval.logits (f64)",
+        &out.logits,
+        &get_f32(&io, "eval.logits").unwrap(),
+        2e-4,
+    );
+    let bufs = model.bn_buffers().unwrap();
+    assert!(bufs
+        .iter()
+        .all(|(k, t)| k.ends_with("num_batches_tracked") || t.dtype() == DType::F64));
+}

@@ -622,4 +622,20 @@ fn transunet_varmap_loading_and_state_dict() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("missing keys") && e.contains("decoder."), "{e}");
+
+    // build_trainable with a pretrained npz gives the same encoder Vars.
+    let varmap3 = VarMap::new();
+    let _m3 = ultrarefiner::models::transunet::build_trainable(
+        &cfg,
+        &varmap3,
+        "",
+        DType::F32,
+        &Device::Cpu,
+        Some(&npz_path()),
+    )
+    .unwrap();
+    let v3 = varmap3.data().lock().unwrap();
+    for (k, t) in &enc {
+        assert!(bits(v3[k].as_tensor()) == bits(t), "{k}");
+    }
 }
