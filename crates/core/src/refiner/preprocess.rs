@@ -105,7 +105,7 @@ pub fn preprocess_image(image_s: &Tensor, n: usize, norm: SamNormalization) -> R
     let x = image_s.detach().to_dtype(dt)?.affine(255.0, 0.0)?;
     // The resize is per channel, so resizing the grey channel once and repeating it is bitwise identical to
     // repeating first (and three times cheaper).
-    let x = crate::nn::resize_bilinear(&x, n, n, false)?.repeat((1, 3, 1, 1))?;
+    let x = crate::nn::resize_bilinear(&x.contiguous()?, n, n, false)?.repeat((1, 3, 1, 1))?;
     let dev = x.device();
     let out = match norm {
         SamNormalization::Sam => {
@@ -140,7 +140,10 @@ pub fn resize_coarse(coarse_s: &Tensor, n: usize) -> Result<Tensor> {
             coarse_s.dims()
         )));
     }
-    Ok(crate::nn::resize_bilinear(&coarse_s.unsqueeze(1)?, n, n, false)?.squeeze(1)?)
+    Ok(
+        crate::nn::resize_bilinear(&coarse_s.unsqueeze(1)?.contiguous()?, n, n, false)?
+            .squeeze(1)?,
+    )
 }
 
 /// Ground truth `(B, S, S)` → `(B, N, N)` with the `nearest` kernel (targets of Phases 2 and 3).
@@ -151,7 +154,7 @@ pub fn resize_target(gt_s: &Tensor, n: usize) -> Result<Tensor> {
             gt_s.dims()
         ))
     })?;
-    Ok(crate::nn::resize_nearest(&gt_s.detach().unsqueeze(1)?, n, n)?.squeeze(1)?)
+    Ok(crate::nn::resize_nearest(&gt_s.detach().unsqueeze(1)?.contiguous()?, n, n)?.squeeze(1)?)
 }
 
 /// SPEC §7.1: `(image_s (B,1,S,S) in [0,1], coarse_s (B,S,S) in [0,1])` → SAM image `(B,3,N,N)` and `coarse_n (B,N,N)`.

@@ -322,7 +322,7 @@ pub fn mask_prompt(p: &Tensor, style: MaskPromptStyle, m: usize) -> Result<Tenso
     let logits = map
         .affine(2.0 * MASK_LOGIT_SCALE, -MASK_LOGIT_SCALE)?
         .unsqueeze(1)?;
-    crate::nn::resize_bilinear(&logits, m, m, false)
+    crate::nn::resize_bilinear(&logits.contiguous()?, m, m, false)
 }
 
 /// All prompts of SPEC §7.2–§7.3 for `P = coarse_n (B, N, N)`; the mask prompt has side `m` (`4·N/16`).

@@ -89,7 +89,7 @@ impl RefinerOutput {
     /// Candidates at full resolution `(B, 3, N, N)` (only for the IoU-prediction loss, SPEC §7.4 step 4).
     pub fn candidates_n(&self) -> Result<Tensor> {
         let n = self.refined_n.dim(1)?;
-        crate::nn::resize_bilinear(&self.low_res, n, n, false)
+        crate::nn::resize_bilinear(&self.low_res.contiguous()?, n, n, false)
     }
 }
 
@@ -160,7 +160,8 @@ impl SamRefiner {
         let weights = selection_weights(&iou_pred, t)?;
         let refined_m = soft_select(&low_res, &iou_pred, t)?;
         let refined_n =
-            crate::nn::resize_bilinear(&refined_m.unsqueeze(1)?, n, n, false)?.squeeze(1)?;
+            crate::nn::resize_bilinear(&refined_m.unsqueeze(1)?.contiguous()?, n, n, false)?
+                .squeeze(1)?;
         Ok(RefinerOutput {
             prompts,
             low_res,

@@ -18,6 +18,8 @@ pub struct UltraOutput {
     pub coarse_prob: Tensor,
     /// The SAM inputs `(sam_image, coarse_n)` produced by [`preprocess`].
     pub sam_inputs: SamInputs,
+    /// `(B, C, g, g)` SAM image embeddings used (cached or computed).
+    pub embeddings: Tensor,
     pub prompts: Prompts,
     /// `(B, 3, M, M)` candidate logits.
     pub low_res: Tensor,
@@ -103,12 +105,13 @@ impl UltraRefiner {
             None => p.clone(),
         };
         let p_ref = scale_gradient(&p_sharp, self.transunet_grad_scale)?;
-        let (sam_inputs, r, refined_s) = self.refine_coarse(image_s, &p_ref, opts)?;
+        let (sam_inputs, embeddings, r, refined_s) = self.refine_coarse(image_s, &p_ref, opts)?;
         Ok(UltraOutput {
             coarse_logits,
             coarse_prob_raw: p,
             coarse_prob: p_sharp,
             sam_inputs,
+            embeddings,
             prompts: r.prompts,
             low_res: r.low_res,
             iou_pred: r.iou_pred,
@@ -119,13 +122,14 @@ impl UltraRefiner {
     }
 
     /// The refiner half for a given coarse probability `P' (B, S, S)`: shared preprocessing, embeddings (cached or
-    /// fresh), prompts, SAM and soft selection; returns the SAM inputs, the refiner output and the refined logits at `S`.
+    /// fresh), prompts, SAM and soft selection; returns the SAM inputs, the embeddings, the refiner output and the
+    /// refined logits at `S`.
     pub fn refine_coarse(
         &self,
         image_s: &Tensor,
         coarse_prob: &Tensor,
         opts: &ForwardOptions,
-    ) -> Result<(SamInputs, RefinerOutput, Tensor)> {
+    ) -> Result<(SamInputs, Tensor, RefinerOutput, Tensor)> {
         let s = image_s.dim(3)?;
         let n = self.refiner.img_size();
         let sam_inputs =
@@ -135,7 +139,8 @@ impl UltraRefiner {
             None => self.refiner.embed(&sam_inputs.image, opts.dropout_seed)?,
         };
         let r = self.refiner.refine(&emb, &sam_inputs.coarse)?;
-        let refined_s = nn::resize_bilinear(&r.refined_n.unsqueeze(1)?, s, s, false)?.squeeze(1)?;
-        Ok((sam_inputs, r, refined_s))
+        let refined_s = nn::resize_bilinear(&r.refined_n.unsqueeze(1)?.contiguous()?, s, s, false)?
+            .squeeze(1)?;
+        Ok((sam_inputs, emb, r, refined_s))
     }
 }
