@@ -1,7 +1,7 @@
 //! `SamRefiner`: differentiable prompts → SAM prompt encoder → mask decoder (multimask) → soft selection
 //! (SPEC §7.2–§7.4), batched over samples with embeddings and prompt sets paired one-to-one.
 use crate::config::RefinerConfig;
-use crate::models::sam::Sam;
+use crate::models::sam::{EmbeddingCache, Sam};
 use crate::refiner::preprocess::SamNormalization;
 use crate::refiner::prompts::{extract_prompts, MaskPromptStyle, PromptConfig, Prompts};
 use crate::refiner::select::{selection_weights, soft_select};
@@ -118,6 +118,29 @@ impl SamRefiner {
     /// Image embeddings of a normalised SAM image `(B, 3, N, N)` (frozen encoder: detached; LoRA: differentiable).
     pub fn embed(&self, sam_image: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
         self.sam.encode(sam_image, dropout_seed)
+    }
+
+    /// Image embeddings through the embedding cache (SPEC §6.9): the key is built from the grey `S×S` input
+    /// `image_s (B, 1, S, S)`, misses run the frozen encoder on the matching rows of `sam_image (B, 3, N, N)`.
+    /// Without a cache, or with LoRA (the cache is disabled), this is [`Self::embed`].
+    pub fn embed_cached(
+        &self,
+        cache: Option<&EmbeddingCache>,
+        image_s: &Tensor,
+        sam_image: &Tensor,
+        dropout_seed: Option<u64>,
+    ) -> Result<Tensor> {
+        match cache {
+            Some(c) if !self.sam.image_encoder.has_lora() => {
+                let norm = self.settings.normalization.as_str();
+                c.embed(&self.sam.image_encoder, image_s, norm, |rows| {
+                    let ids: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+                    let ids = Tensor::from_vec(ids, rows.len(), sam_image.device())?;
+                    Ok(sam_image.index_select(&ids, 0)?)
+                })
+            }
+            _ => self.embed(sam_image, dropout_seed),
+        }
     }
 
     /// Prompts from `coarse_n (B, N, N)`, SAM prompt encoder and mask decoder (multimask), soft selection at `M`,

@@ -1,4 +1,5 @@
 //! `UltraRefiner`: TransUNet → `softmax[:,1]` → (sharpen) → shared preprocessing → `SamRefiner` (SPEC §7.5).
+use crate::models::sam::EmbeddingCache;
 use crate::models::transunet::TransUnet;
 use crate::nn;
 use crate::refiner::preprocess::{preprocess, SamInputs, SamNormalization};
@@ -40,8 +41,10 @@ pub struct ForwardOptions<'a> {
     pub train: bool,
     /// Dropout seed of the TransUNet (and LoRA) in training mode; `None` = no dropout.
     pub dropout_seed: Option<u64>,
-    /// Precomputed image embeddings (embedding cache); `None` runs the SAM image encoder.
+    /// Precomputed image embeddings `(B, C, g, g)`; `None` uses `cache` or runs the SAM image encoder.
     pub embeddings: Option<&'a Tensor>,
+    /// Embedding cache (only for non-augmented inputs, SPEC §6.9); ignored when `embeddings` is given or with LoRA.
+    pub cache: Option<&'a EmbeddingCache>,
 }
 
 /// The Phase 3 / evaluation / inference path from a grey image and the coarse probability to the SAM inputs: exactly
@@ -136,7 +139,12 @@ impl UltraRefiner {
             phase3_sam_inputs(image_s, coarse_prob, n, self.refiner.settings.normalization)?;
         let emb = match opts.embeddings {
             Some(e) => e.clone(),
-            None => self.refiner.embed(&sam_inputs.image, opts.dropout_seed)?,
+            None => self.refiner.embed_cached(
+                opts.cache,
+                image_s,
+                &sam_inputs.image,
+                opts.dropout_seed,
+            )?,
         };
         let r = self.refiner.refine(&emb, &sam_inputs.coarse)?;
         let refined_s = nn::resize_bilinear(&r.refined_n.unsqueeze(1)?.contiguous()?, s, s, false)?
