@@ -3,9 +3,12 @@
 //! Each subcommand lives in its own module with an `Args` struct and a `run` function that calls the library.
 use clap::{Parser, Subcommand};
 
+mod augment;
 mod bench;
 mod common;
 mod convert;
+mod fetch;
+mod prepare;
 
 #[derive(Parser)]
 #[command(
@@ -22,18 +25,27 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Time a named workload and print one JSON line (SPEC §13.7).
-    Bench(bench::Args),
+    /// Dataset preparation: `datasets` (raw → processed + splits), `verify`, `phantom` (SPEC §3.11, §4).
+    Prepare(prepare::Args),
+    /// Phase 2 training data: simulated coarse-mask failures (`augment synthetic`, SPEC §8).
+    Augment(augment::Args),
     /// Convert pretrained/original weights to canonical safetensors (SPEC §13.5).
     Convert(convert::Args),
+    /// Download (or take from the local cache / a file) and convert pretrained weights (SPEC §13.6).
+    Fetch(fetch::Args),
+    /// Time a named workload and print one JSON line (SPEC §13.7).
+    Bench(bench::Args),
 }
 
 fn main() {
     common::init_tracing();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Bench(a) => bench::run(a),
+        Command::Prepare(a) => prepare::run(a),
+        Command::Augment(a) => augment::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Fetch(a) => fetch::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     if let Err(e) = result {
         common::exit_with(e);
