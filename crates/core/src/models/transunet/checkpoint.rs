@@ -402,7 +402,8 @@ pub fn load_pretrained_encoder(
 }
 
 /// A trainable TransUNet over `varmap` (parameters under `prefix`: "" for Phase 1, "transunet" for Phase 3), with
-/// the explicit random initialisers of SPEC §5.4, then — when `pretrained` is given — the encoder overwritten from an
+/// the explicit random initialisers of SPEC §5.4 drawn from the project RNG (`seed`, per-variable streams, see
+/// [`super::layers::SeededVarMap`]; variables already in `varmap` are kept), then — when `pretrained` is given — the encoder overwritten from an
 /// `.npz`, timm or canonical file ([`load_pretrained_encoder`]); the decoder and head stay random.
 pub fn build_trainable(
     cfg: &TransUnetConfig,
@@ -410,9 +411,10 @@ pub fn build_trainable(
     prefix: &str,
     dtype: DType,
     device: &Device,
+    seed: u64,
     pretrained: Option<&Path>,
 ) -> Result<TransUnet> {
-    let vb = VarBuilder::from_varmap(varmap, dtype, device);
+    let vb = super::layers::seeded_varbuilder(varmap, seed, dtype, device);
     let vb = if prefix.is_empty() { vb } else { vb.pp(prefix) };
     let model = TransUnet::new(cfg, vb)?;
     if let Some(p) = pretrained {
