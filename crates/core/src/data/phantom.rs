@@ -43,6 +43,20 @@ impl Default for PhantomOptions {
     }
 }
 
+impl PhantomOptions {
+    /// Options from the `[phantom]` section of a preset (count and size ranges); the rest default.
+    pub fn from_config(cfg: &crate::config::PhantomConfig, out: PathBuf, seed: u64) -> Self {
+        Self {
+            out,
+            count: cfg.count,
+            seed,
+            height_range: (cfg.height_range[0], cfg.height_range[1]),
+            width_range: (cfg.width_range[0], cfg.width_range[1]),
+            ..Default::default()
+        }
+    }
+}
+
 /// Image class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
