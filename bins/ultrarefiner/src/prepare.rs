@@ -4,10 +4,14 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use ultrarefiner::config::Config;
-use ultrarefiner::data::{self, phantom::PhantomOptions, prepare::PrepareOptions, verify::VerifyOptions};
+use ultrarefiner::data::{
+    self, phantom::PhantomOptions, prepare::PrepareOptions, verify::VerifyOptions,
+};
 
 #[derive(Parser, Debug)]
-#[command(about = "Prepare datasets: convert raw layouts, verify processed data, generate the phantom set")]
+#[command(
+    about = "Prepare datasets: convert raw layouts, verify processed data, generate the phantom set"
+)]
 pub struct Args {
     #[command(subcommand)]
     pub cmd: Cmd,
@@ -110,9 +114,17 @@ pub struct PhantomArgs {
 }
 
 fn parse_range(flag: &str, s: &str) -> anyhow::Result<(usize, usize)> {
-    let (a, b) = s.split_once('-').with_context(|| format!("{flag} must look like A-B (e.g. 280-400), got `{s}`"))?;
-    let a: usize = a.trim().parse().with_context(|| format!("{flag}: `{a}` is not a number"))?;
-    let b: usize = b.trim().parse().with_context(|| format!("{flag}: `{b}` is not a number"))?;
+    let (a, b) = s
+        .split_once('-')
+        .with_context(|| format!("{flag} must look like A-B (e.g. 280-400), got `{s}`"))?;
+    let a: usize = a
+        .trim()
+        .parse()
+        .with_context(|| format!("{flag}: `{a}` is not a number"))?;
+    let b: usize = b
+        .trim()
+        .parse()
+        .with_context(|| format!("{flag}: `{b}` is not a number"))?;
     if a > b {
         bail!("{flag}: lower bound {a} exceeds upper bound {b}");
     }

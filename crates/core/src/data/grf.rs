@@ -76,11 +76,19 @@ fn amplitude(f: f64, ell: f64, spectrum: Spectrum) -> f64 {
 }
 
 /// Filters `rows` contiguous sequences of length `n` (in place) with the 1-D spectral filter of correlation length ℓ.
-fn filter_rows(planner: &mut FftPlanner<f32>, data: &mut [Complex<f32>], n: usize, ell: f64, spectrum: Spectrum) {
+fn filter_rows(
+    planner: &mut FftPlanner<f32>,
+    data: &mut [Complex<f32>],
+    n: usize,
+    ell: f64,
+    spectrum: Spectrum,
+) {
     let fwd = planner.plan_fft_forward(n);
     let inv = planner.plan_fft_inverse(n);
     fwd.process(data);
-    let gain: Vec<f32> = (0..n).map(|k| (amplitude(freq(k, n), ell, spectrum) / n as f64) as f32).collect();
+    let gain: Vec<f32> = (0..n)
+        .map(|k| (amplitude(freq(k, n), ell, spectrum) / n as f64) as f32)
+        .collect();
     for row in data.chunks_exact_mut(n) {
         for (v, g) in row.iter_mut().zip(&gain) {
             *v *= *g;
@@ -109,7 +117,13 @@ pub fn gaussian_field<R: Rng + ?Sized>(rng: &mut R, h: usize, w: usize, ell: f64
 }
 
 /// As [`gaussian_field`] with a chosen spectrum. `ell ≤ 0` gives normalised white noise.
-pub fn field<R: Rng + ?Sized>(rng: &mut R, h: usize, w: usize, ell: f64, spectrum: Spectrum) -> Vec<f32> {
+pub fn field<R: Rng + ?Sized>(
+    rng: &mut R,
+    h: usize,
+    w: usize,
+    ell: f64,
+    spectrum: Spectrum,
+) -> Vec<f32> {
     if h == 0 || w == 0 {
         return Vec::new();
     }
@@ -132,7 +146,13 @@ pub fn field<R: Rng + ?Sized>(rng: &mut R, h: usize, w: usize, ell: f64, spectru
 }
 
 /// Filtered, cropped (not yet normalised) field.
-fn raw_field<R: Rng + ?Sized>(rng: &mut R, h: usize, w: usize, ell: f64, spectrum: Spectrum) -> Vec<f32> {
+fn raw_field<R: Rng + ?Sized>(
+    rng: &mut R,
+    h: usize,
+    w: usize,
+    ell: f64,
+    spectrum: Spectrum,
+) -> Vec<f32> {
     let p = (3.0 * ell).ceil() as usize;
     let (ph, pw) = (fast_len(h + 2 * p), fast_len(w + 2 * p));
     let noise = randn_vec(rng, ph * pw);
