@@ -99,7 +99,9 @@ pub struct SyntheticArgs {
 }
 
 fn parse_range(s: &str) -> anyhow::Result<(f64, f64)> {
-    let (a, b) = s.split_once('-').ok_or_else(|| anyhow::anyhow!("--temperature: expected lo-hi, got {s:?}"))?;
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| anyhow::anyhow!("--temperature: expected lo-hi, got {s:?}"))?;
     Ok((a.trim().parse()?, b.trim().parse()?))
 }
 
@@ -110,7 +112,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn run_synthetic_cmd(a: SyntheticArgs) -> anyhow::Result<()> {
-    let soft: SoftKind = if a.soft_masks { SoftKind::Sigmoid } else { a.soft.parse()? };
+    let soft: SoftKind = if a.soft_masks {
+        SoftKind::Sigmoid
+    } else {
+        a.soft.parse()?
+    };
     let spectrum: Spectrum = a.grf_spectrum.parse()?;
     let store_dtype: StoreDtype = a.store_dtype.parse()?;
     let format: OutputFormat = a.format.parse()?;

@@ -47,11 +47,24 @@ type Setup = fn(&BenchOptions, &Config) -> Result<Prepared>;
 
 /// The registry: name, one-line description, setup function.
 pub fn workloads() -> Vec<(&'static str, &'static str, Setup)> {
-    vec![(
-        "sgemm-2048",
-        "f32 2048×2048 matrix product (ceiling check of the matmul backend)",
-        sgemm_2048,
-    )]
+    vec![
+        ("sgemm-2048", "f32 2048×2048 matrix product (ceiling check of the matmul backend)", sgemm_2048),
+        (
+            "bilinear-224-1024-fwd-bwd",
+            "differentiable bilinear resize (B,1,224,224)→1024 forward + backward (default batch 4)",
+            bilinear_fwd_bwd,
+        ),
+        (
+            "loader-224",
+            "one epoch of augmented 224×224 training batches from a generated 120-image phantom (items = samples)",
+            loader_224,
+        ),
+        (
+            "prepare-busi-sample",
+            "`prepare datasets` of ../shared/data/BUSI into a scratch folder (items = images kept)",
+            prepare_busi_sample,
+        ),
+    ]
 }
 
 /// Names of all registered workloads, for `--help` and error messages.
@@ -140,6 +153,77 @@ fn sgemm_2048(opts: &BenchOptions, _cfg: &Config) -> Result<Prepared> {
             // Force the result to exist before the clock stops (CUDA is synchronised by the caller).
             let _ = c.to_dtype(DType::F32)?;
             Ok(())
+        }),
+    })
+}
+
+fn bilinear_fwd_bwd(opts: &BenchOptions, _cfg: &Config) -> Result<Prepared> {
+    let batch = opts.batch.unwrap_or(4);
+    let x = candle_core::Var::from_tensor(&Tensor::rand(
+        0f32,
+        1.0,
+        (batch, 1, 224, 224),
+        &opts.device,
+    )?)?;
+    Ok(Prepared {
+        batch,
+        items: Some(batch),
+        step: Box::new(move || {
+            let y = crate::nn::resize_bilinear(x.as_tensor(), 1024, 1024, false)?;
+            let grads = y.sqr()?.sum_all()?.backward()?;
+            grads
+                .get(x.as_tensor())
+                .ok_or_else(|| Error::msg("bilinear resize produced no gradient"))?;
+            Ok(())
+        }),
+    })
+}
+
+/// A scratch folder removed when the workload is dropped.
+struct ScratchDir(std::path::PathBuf);
+
+impl ScratchDir {
+    fn new(tag: &str) -> Result<Self> {
+        let p =
+            std::env::temp_dir().join(format!("ultrarefiner-bench-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+        Ok(Self(p))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn loader_224(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
+    let batch = opts.batch.unwrap_or(cfg.phase1.batch_size);
+    let scratch = ScratchDir::new("loader")?;
+    let w = crate::data::bench::LoaderWorkload::phantom(&scratch.0, 120, 224, batch, None)?;
+    // One untimed epoch fills the decode cache and tells how many samples an epoch yields.
+    let n = w.run()?;
+    Ok(Prepared {
+        batch,
+        items: Some(n),
+        step: Box::new(move || {
+            let _keep = &scratch;
+            w.run().map(|_| ())
+        }),
+    })
+}
+
+fn prepare_busi_sample(_opts: &BenchOptions, _cfg: &Config) -> Result<Prepared> {
+    let scratch = ScratchDir::new("prepare")?;
+    let w = crate::data::bench::PrepareWorkload::busi_sample(&scratch.0.join("processed"), None)?;
+    let n = w.run()?;
+    Ok(Prepared {
+        batch: 1,
+        items: Some(n),
+        step: Box::new(move || {
+            let _keep = &scratch;
+            w.run().map(|_| ())
         }),
     })
 }

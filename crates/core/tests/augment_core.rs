@@ -44,7 +44,10 @@ fn edt_matches_brute_force() {
                 } else if s == (1.0, 1.0) {
                     assert_eq!(x, y, "case {case} {h}x{w}");
                 } else {
-                    assert!((x - y).abs() <= 1e-12 * y.max(1.0), "case {case} {s:?}: {x} vs {y}");
+                    assert!(
+                        (x - y).abs() <= 1e-12 * y.max(1.0),
+                        "case {case} {s:?}: {x} vs {y}"
+                    );
                 }
             }
         }
@@ -72,8 +75,12 @@ fn sdf_sign_convention_and_exact_reconstruction() {
     assert_eq!(phi[4], -0.5);
     assert_eq!(phi[1], 0.5);
     assert!((phi[0] - (2f64.sqrt() - 0.5)).abs() < 1e-15);
-    assert!(sdf(&[false; 4], 2, 2, (1.0, 1.0)).iter().all(|&v| v == SDF_CLAMP));
-    assert!(sdf(&[true; 4], 2, 2, (1.0, 1.0)).iter().all(|&v| v == -SDF_CLAMP));
+    assert!(sdf(&[false; 4], 2, 2, (1.0, 1.0))
+        .iter()
+        .all(|&v| v == SDF_CLAMP));
+    assert!(sdf(&[true; 4], 2, 2, (1.0, 1.0))
+        .iter()
+        .all(|&v| v == -SDF_CLAMP));
 }
 
 fn autocorr(f: &[f64], n: usize, lag: usize) -> f64 {
@@ -95,9 +102,14 @@ fn energy_above(f: &[f64], n: usize, fc: f64) -> f64 {
     use rustfft::num_complex::Complex;
     let mut planner = rustfft::FftPlanner::<f64>::new();
     let fft = planner.plan_fft_forward(n);
-    let hann: Vec<f64> = (0..n).map(|k| 0.5 - 0.5 * (std::f64::consts::TAU * k as f64 / n as f64).cos()).collect();
-    let mut buf: Vec<Complex<f64>> =
-        f.iter().enumerate().map(|(p, &v)| Complex::new(v * hann[p / n] * hann[p % n], 0.0)).collect();
+    let hann: Vec<f64> = (0..n)
+        .map(|k| 0.5 - 0.5 * (std::f64::consts::TAU * k as f64 / n as f64).cos())
+        .collect();
+    let mut buf: Vec<Complex<f64>> = f
+        .iter()
+        .enumerate()
+        .map(|(p, &v)| Complex::new(v * hann[p / n] * hann[p % n], 0.0))
+        .collect();
     fft.process(&mut buf);
     let mut t = vec![Complex::new(0.0, 0.0); n * n];
     for i in 0..n {
@@ -106,7 +118,13 @@ fn energy_above(f: &[f64], n: usize, fc: f64) -> f64 {
         }
     }
     fft.process(&mut t);
-    let fr = |k: usize| if 2 * k < n { k as f64 / n as f64 } else { (k as f64 - n as f64) / n as f64 };
+    let fr = |k: usize| {
+        if 2 * k < n {
+            k as f64 / n as f64
+        } else {
+            (k as f64 - n as f64) / n as f64
+        }
+    };
     let (mut hi, mut tot) = (0.0, 0.0);
     for j in 0..n {
         for i in 0..n {
@@ -150,7 +168,10 @@ fn grf_statistics() {
     // The same without the downsampled generation path.
     let f = random_field(n, n, l, Spectrum::Gaussian, false, &mut rng);
     let hi_exact = energy_above(&f, n, 1.0 / (2.0 * l));
-    assert!(hi_exact < 1e-3, "exact path: energy above 1/(2ℓ): {hi_exact}");
+    assert!(
+        hi_exact < 1e-3,
+        "exact path: energy above 1/(2ℓ): {hi_exact}"
+    );
     // Larger ℓ is smoother (the original's inverted-units bug).
     let f2 = gaussian_random_field(n, n, 2.0, &mut rng);
     let f16 = gaussian_random_field(n, n, 16.0, &mut rng);
@@ -184,30 +205,60 @@ fn descriptors_on_analytic_shapes() {
         // SPEC §17.1 asks for |C − 1| ≤ 0.05, but the §8.3 marching-squares perimeter (fixed √2/2, 1, √2 segment
         // lengths) over-estimates a circle's length by ~5% (8% at 22.5°), so a digital disc has C ≈ 0.90–0.91 by
         // the normative definition. Reported as a SPEC discrepancy; the test pins the definition's actual value.
-        eprintln!("disc r={r}: C={:.4} Sol={:.4} Per/(2πr)={:.4}", d.circularity, d.solidity, d.perimeter / (std::f64::consts::TAU * r));
-        assert!((d.circularity - 0.905).abs() <= 0.03, "disc r={r}: C={}", d.circularity);
-        assert!(d.solidity > 0.9 && d.solidity <= 1.0, "disc r={r}: Sol={}", d.solidity);
+        eprintln!(
+            "disc r={r}: C={:.4} Sol={:.4} Per/(2πr)={:.4}",
+            d.circularity,
+            d.solidity,
+            d.perimeter / (std::f64::consts::TAU * r)
+        );
+        assert!(
+            (d.circularity - 0.905).abs() <= 0.03,
+            "disc r={r}: C={}",
+            d.circularity
+        );
+        assert!(
+            d.solidity > 0.9 && d.solidity <= 1.0,
+            "disc r={r}: Sol={}",
+            d.solidity
+        );
         assert!(!d.irregular);
         assert!((d.radius - r).abs() < 0.5);
     }
     // Square: solidity exactly 1, circularity π/4 (perimeter 4k, area k²).
     let (h, w, k) = (50, 60, 20);
-    let m: Vec<bool> = (0..h * w).map(|p| (10..10 + k).contains(&(p / w)) && (15..15 + k).contains(&(p % w))).collect();
+    let m: Vec<bool> = (0..h * w)
+        .map(|p| (10..10 + k).contains(&(p / w)) && (15..15 + k).contains(&(p % w)))
+        .collect();
     let d = describe(&m, h, w);
     assert_eq!(d.solidity, 1.0);
     assert_eq!(d.largest_area, k * k);
-    let expect_c = 4.0 * std::f64::consts::PI * (k * k) as f64 / (4.0 * (k - 1) as f64 + 4.0 * 0.5f64.sqrt()).powi(2);
-    assert!((d.circularity - expect_c).abs() < 1e-12, "square C={}", d.circularity);
+    let expect_c = 4.0 * std::f64::consts::PI * (k * k) as f64
+        / (4.0 * (k - 1) as f64 + 4.0 * 0.5f64.sqrt()).powi(2);
+    assert!(
+        (d.circularity - expect_c).abs() < 1e-12,
+        "square C={}",
+        d.circularity
+    );
     // An L shape is not convex; a thin ring is irregular; the largest component is used.
     let mut ring = disc(100, 100, 50.0, 50.0, 30.0);
     let inner = disc(100, 100, 50.0, 50.0, 26.0);
-    ring.iter_mut().zip(&inner).for_each(|(a, &b)| *a = *a && !b);
+    ring.iter_mut()
+        .zip(&inner)
+        .for_each(|(a, &b)| *a = *a && !b);
     let dr = describe(&ring, 100, 100);
     assert!(dr.irregular && dr.solidity < 0.5);
     let mut two = disc(100, 100, 30.0, 30.0, 10.0);
-    two.iter_mut().zip(disc(100, 100, 75.0, 75.0, 5.0)).for_each(|(a, b)| *a = *a || b);
+    two.iter_mut()
+        .zip(disc(100, 100, 75.0, 75.0, 5.0))
+        .for_each(|(a, b)| *a = *a || b);
     let dt = describe(&two, 100, 100);
-    assert_eq!(dt.largest_area, disc(100, 100, 30.0, 30.0, 10.0).iter().filter(|&&b| b).count());
+    assert_eq!(
+        dt.largest_area,
+        disc(100, 100, 30.0, 30.0, 10.0)
+            .iter()
+            .filter(|&&b| b)
+            .count()
+    );
     // Classes by area fraction.
     assert!(describe(&disc(200, 200, 100.0, 100.0, 5.0), 200, 200).tiny);
     assert!(describe(&disc(200, 200, 100.0, 100.0, 8.0), 200, 200).small);
@@ -224,7 +275,11 @@ fn context(r: f64, irr: f64) -> SourceContext {
 fn single_mode(ctx: &SourceContext, mode: Mode, s: f64, seed: u64) -> Composition {
     for k in 0..20000u64 {
         let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(k));
-        let class = if matches!(mode, Mode::Disappearance) { BinClass::Critical } else { BinClass::Low };
+        let class = if matches!(mode, Mode::Disappearance) {
+            BinClass::Critical
+        } else {
+            BinClass::Low
+        };
         let c = Composition::draw(ctx, class, (4.0, 4.0), Spectrum::Gaussian, &mut rng);
         if c.modes.iter().any(|d| d.mode == mode) {
             let mut c = c;
@@ -300,9 +355,15 @@ fn failure_operators_change_the_mask_in_the_expected_direction() {
     assert_eq!(count(&m), 0);
     // Larger gain, stronger corruption (erosion monotone in g).
     let c = single_mode(&ctx, Mode::Erosion, 0.3, 8);
-    let sizes: Vec<usize> = [0.5, 1.0, 2.0, 4.0].iter().map(|&g| count(&c.render(&ctx, g))).collect();
+    let sizes: Vec<usize> = [0.5, 1.0, 2.0, 4.0]
+        .iter()
+        .map(|&g| count(&c.render(&ctx, g)))
+        .collect();
     assert!(sizes.windows(2).all(|w| w[1] < w[0]), "{sizes:?}");
-    let _ = ModeDraw { mode: Mode::Erosion, s: 0.0 };
+    let _ = ModeDraw {
+        mode: Mode::Erosion,
+        s: 0.0,
+    };
 }
 
 #[test]
@@ -316,17 +377,41 @@ fn composition_is_size_and_shape_conditioned() {
     let mut tiny_s = 0.0;
     let mut big_s = 0.0;
     for _ in 0..300 {
-        let c = Composition::draw(&tiny, BinClass::Low, (2.0, 8.0), Spectrum::Gaussian, &mut rng);
+        let c = Composition::draw(
+            &tiny,
+            BinClass::Low,
+            (2.0, 8.0),
+            Spectrum::Gaussian,
+            &mut rng,
+        );
         assert!(!c.has(Mode::Holes));
         assert!((2..=4).contains(&c.modes.len()) || c.modes.len() < 2);
         tiny_s += c.modes.iter().map(|m| m.s).sum::<f64>() / c.modes.len() as f64;
-        let c = Composition::draw(&big, BinClass::Critical, (2.0, 8.0), Spectrum::Gaussian, &mut rng);
+        let c = Composition::draw(
+            &big,
+            BinClass::Critical,
+            (2.0, 8.0),
+            Spectrum::Gaussian,
+            &mut rng,
+        );
         assert!(!c.has(Mode::Disappearance));
-        let c = Composition::draw(&big, BinClass::High, (2.0, 8.0), Spectrum::Gaussian, &mut rng);
+        let c = Composition::draw(
+            &big,
+            BinClass::High,
+            (2.0, 8.0),
+            Spectrum::Gaussian,
+            &mut rng,
+        );
         assert!(!c.has(Mode::Shrinkage) && !c.has(Mode::Breakage) && !c.has(Mode::Attachment));
         assert!((1..=2).contains(&c.modes.len()));
         assert!((2.0..8.0).contains(&c.temperature));
-        let c = Composition::draw(&big, BinClass::Low, (2.0, 8.0), Spectrum::Gaussian, &mut rng);
+        let c = Composition::draw(
+            &big,
+            BinClass::Low,
+            (2.0, 8.0),
+            Spectrum::Gaussian,
+            &mut rng,
+        );
         big_s += c.modes.iter().map(|m| m.s).sum::<f64>() / c.modes.len() as f64;
     }
     // Tiny lesions are corrupted harder (intensity boost).

@@ -1,7 +1,11 @@
 //! SPEC §17.1 tests of the quality-controlled sampler (§8.6), allocation (§8.8) and the `augment synthetic` run (§8.9).
 use std::path::Path;
-use ultrarefiner::augment::run::{generate_range, run_synthetic, SampleRecord, Source, SyntheticOptions};
-use ultrarefiner::augment::sampler::{allocate_bin_labels, bin_counts, parse_bins, SimConfig, DEFAULT_BINS};
+use ultrarefiner::augment::run::{
+    generate_range, run_synthetic, SampleRecord, Source, SyntheticOptions,
+};
+use ultrarefiner::augment::sampler::{
+    allocate_bin_labels, bin_counts, parse_bins, SimConfig, DEFAULT_BINS,
+};
 use ultrarefiner::augment::sim::SourceContext;
 use ultrarefiner::augment::synthetic_sources;
 
@@ -35,7 +39,13 @@ fn tiny_lesions_cannot_reach_the_high_bin() {
     // The sampler still never returns GT_S and labels the miss honestly.
     let bins = parse_bins(DEFAULT_BINS, 0.0).unwrap();
     for j in 0..6 {
-        let r = ultrarefiner::augment::sampler::generate_sample(&ctx, &bins[0], &SimConfig::default(), 42, j);
+        let r = ultrarefiner::augment::sampler::generate_sample(
+            &ctx,
+            &bins[0],
+            &SimConfig::default(),
+            42,
+            j,
+        );
         assert!(r.dice < 1.0 && r.in_bin == bins[0].contains(r.dice));
     }
 }
@@ -43,19 +53,34 @@ fn tiny_lesions_cannot_reach_the_high_bin() {
 #[test]
 fn bins_parse_and_allocate_exactly() {
     let bins = parse_bins(DEFAULT_BINS, 0.0).unwrap();
-    assert_eq!(bins.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(), ["high", "medium", "low"]);
+    assert_eq!(
+        bins.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(),
+        ["high", "medium", "low"]
+    );
     assert_eq!(bin_counts(&bins, 100000), vec![25000, 40000, 35000]);
     assert_eq!(bin_counts(&bins, 7), vec![2, 3, 2]);
     let labels = allocate_bin_labels(&bins, 1001, 42);
-    let c: Vec<usize> = (0..3).map(|b| labels.iter().filter(|&&l| l == b).count()).collect();
+    let c: Vec<usize> = (0..3)
+        .map(|b| labels.iter().filter(|&&l| l == b).count())
+        .collect();
     assert_eq!(c, bin_counts(&bins, 1001));
     assert_eq!(labels, allocate_bin_labels(&bins, 1001, 42));
     assert_ne!(labels, allocate_bin_labels(&bins, 1001, 43));
     let with_crit = parse_bins(DEFAULT_BINS, 0.1).unwrap();
     assert_eq!(with_crit.len(), 4);
-    assert!((with_crit[0].share - 0.225).abs() < 1e-12 && with_crit[3].lo == 0.0 && with_crit[3].hi == 0.6);
-    assert!(parse_bins("0.9-1.0:1.0", 0.0).is_err(), "a bin reaching Dice 1 must be rejected");
-    assert!(parse_bins("0.9-0.99:0.5", 0.0).is_err(), "shares must sum to 1");
+    assert!(
+        (with_crit[0].share - 0.225).abs() < 1e-12
+            && with_crit[3].lo == 0.0
+            && with_crit[3].hi == 0.6
+    );
+    assert!(
+        parse_bins("0.9-1.0:1.0", 0.0).is_err(),
+        "a bin reaching Dice 1 must be rejected"
+    );
+    assert!(
+        parse_bins("0.9-0.99:0.5", 0.0).is_err(),
+        "shares must sum to 1"
+    );
     assert!(parse_bins("junk", 0.0).is_err());
 }
 
@@ -65,7 +90,10 @@ fn check_samples(srcs: &[Source], n: usize, cfg: &SimConfig) -> (usize, usize) {
     let out = generate_range(srcs, &labels, &bins, cfg, 42, 0..n, None);
     assert_eq!(out.len(), n);
     let mut in_bin = 0;
-    let ctxs: Vec<SourceContext> = srcs.iter().map(|s| SourceContext::new(&s.gt, cfg.store_size)).collect();
+    let ctxs: Vec<SourceContext> = srcs
+        .iter()
+        .map(|s| SourceContext::new(&s.gt, cfg.store_size))
+        .collect();
     for s in &out {
         let ctx = &ctxs[s.source];
         let r = &s.result;
@@ -87,17 +115,32 @@ fn check_samples(srcs: &[Source], n: usize, cfg: &SimConfig) -> (usize, usize) {
 fn sampler_hits_bins_and_never_returns_gt() {
     // All sources (including tiny lesions): never GT, Dice recorded exactly, labels consistent.
     let (hit_all, n_all) = check_samples(&sources(), 60, &SimConfig::default());
-    assert!(hit_all as f64 >= 0.9 * n_all as f64, "bin hit rate (with tiny lesions) {hit_all}/{n_all}");
+    assert!(
+        hit_all as f64 >= 0.9 * n_all as f64,
+        "bin hit rate (with tiny lesions) {hit_all}/{n_all}"
+    );
     // Lesions large enough for every bin: ≥ 98% in bin (SPEC §8.6 target).
-    let (hit, n) = check_samples(&regular_sources(10, 200, 240, 3), 120, &SimConfig::default());
+    let (hit, n) = check_samples(
+        &regular_sources(10, 200, 240, 3),
+        120,
+        &SimConfig::default(),
+    );
     assert!(hit as f64 >= 0.98 * n as f64, "bin hit rate {hit}/{n}");
 }
 
 #[test]
 fn sampler_other_soft_modes() {
     use ultrarefiner::augment::soft::{SoftKind, StoreDtype};
-    for (soft, dt) in [(SoftKind::Blur, StoreDtype::F32), (SoftKind::None, StoreDtype::F16)] {
-        let cfg = SimConfig { soft, store_dtype: dt, store_size: 96, ..SimConfig::default() };
+    for (soft, dt) in [
+        (SoftKind::Blur, StoreDtype::F32),
+        (SoftKind::None, StoreDtype::F16),
+    ] {
+        let cfg = SimConfig {
+            soft,
+            store_dtype: dt,
+            store_size: 96,
+            ..SimConfig::default()
+        };
         let (hit, n) = check_samples(&sources()[..6], 60, &cfg);
         assert!(hit as f64 >= 0.95 * n as f64, "{soft:?}: {hit}/{n}");
     }
@@ -110,7 +153,10 @@ fn output_is_identical_for_any_thread_count() {
     let labels = allocate_bin_labels(&bins, 60, 42);
     let cfg = SimConfig::default();
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
         pool.install(|| generate_range(&srcs, &labels, &bins, &cfg, 42, 0..60, None))
     };
     let a = run(1);
@@ -156,7 +202,8 @@ fn five_thousand_sample_distribution() {
 }
 
 fn write_png_mask(path: &Path, h: usize, w: usize, m: &[u8]) {
-    let img = image::GrayImage::from_raw(w as u32, h as u32, m.iter().map(|&v| v * 255).collect()).unwrap();
+    let img = image::GrayImage::from_raw(w as u32, h as u32, m.iter().map(|&v| v * 255).collect())
+        .unwrap();
     img.save(path).unwrap();
 }
 
@@ -178,8 +225,18 @@ fn run_synthetic_writes_the_documented_layout() {
                     full[i * s.gt.w + j] = s.gt.at(i, j) as u8;
                 }
             }
-            write_png_mask(&root.join(ds).join(format!("train/masks/{n}.png")), s.gt.h, s.gt.w, &full);
-            write_png_mask(&root.join(ds).join(format!("train/images/{n}.png")), s.gt.h, s.gt.w, &full);
+            write_png_mask(
+                &root.join(ds).join(format!("train/masks/{n}.png")),
+                s.gt.h,
+                s.gt.w,
+                &full,
+            );
+            write_png_mask(
+                &root.join(ds).join(format!("train/images/{n}.png")),
+                s.gt.h,
+                s.gt.w,
+                &full,
+            );
         }
         let splits = serde_json::json!({
             "format_version": 1, "dataset": ds, "seed": 42, "test_ratio": 0.2, "n_splits": 2,
@@ -188,7 +245,11 @@ fn run_synthetic_writes_the_documented_layout() {
             "excluded": {"blank": [], "normal": [], "missing_mask": [], "size_mismatch": []},
             "source_sha256": {}
         });
-        std::fs::write(root.join(ds).join("splits.json"), serde_json::to_vec(&splits).unwrap()).unwrap();
+        std::fs::write(
+            root.join(ds).join("splits.json"),
+            serde_json::to_vec(&splits).unwrap(),
+        )
+        .unwrap();
     }
     let out = dir.path().join("aug");
     let opts = SyntheticOptions {
@@ -198,7 +259,10 @@ fn run_synthetic_writes_the_documented_layout() {
         target_samples: 50,
         shard_size: 16,
         exclude_fold: Some(0),
-        sim: SimConfig { store_size: 64, ..SimConfig::default() },
+        sim: SimConfig {
+            store_size: 64,
+            ..SimConfig::default()
+        },
         num_workers: Some(2),
         ..SyntheticOptions::default()
     };
@@ -206,7 +270,13 @@ fn run_synthetic_writes_the_documented_layout() {
     assert_eq!(rep.run_name, "BUSI_PHANTOM");
     assert_eq!(rep.n_sources, 8, "fold-0 validation images excluded");
     let run = out.join("BUSI_PHANTOM");
-    for f in ["manifest.json", "samples.csv", "summary.png", "shards/coarse-00000.safetensors", "shards/coarse-00003.safetensors"] {
+    for f in [
+        "manifest.json",
+        "samples.csv",
+        "summary.png",
+        "shards/coarse-00000.safetensors",
+        "shards/coarse-00003.safetensors",
+    ] {
         assert!(run.join(f).exists(), "{f} missing");
     }
     let mut rdr = csv::Reader::from_path(run.join("samples.csv")).unwrap();
@@ -219,12 +289,19 @@ fn run_synthetic_writes_the_documented_layout() {
         assert!(r.sample_id.ends_with(&format!("_{j:06}")));
     }
     // Sources in (dataset, name) order: sample 0 comes from BUSI/img_4.
-    assert_eq!((recs[0].dataset.as_str(), recs[0].source_name.as_str()), ("BUSI", "img_4"));
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(
+        (recs[0].dataset.as_str(), recs[0].source_name.as_str()),
+        ("BUSI", "img_4")
+    );
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m["format_version"], 1);
     assert_eq!(m["sources"].as_array().unwrap().len(), 8);
     assert_eq!(m["excluded_fold"], 0);
-    let total: u64 = ["high", "medium", "low"].iter().map(|b| m["counts_by_bin"][b]["target"].as_u64().unwrap()).sum();
+    let total: u64 = ["high", "medium", "low"]
+        .iter()
+        .map(|b| m["counts_by_bin"][b]["target"].as_u64().unwrap())
+        .sum();
     assert_eq!(total, 50);
     // Shards: coarse (n,S,S) f32 and index (n) u32.
     let bytes = std::fs::read(run.join("shards/coarse-00003.safetensors")).unwrap();
@@ -234,12 +311,27 @@ fn run_synthetic_writes_the_documented_layout() {
     // Resume keeps the complete shards and rebuilds identical metadata.
     let csv1 = std::fs::read(run.join("samples.csv")).unwrap();
     std::fs::remove_file(run.join("shards/coarse-00001.safetensors")).unwrap();
-    let rep2 = run_synthetic(&SyntheticOptions { resume: true, num_workers: Some(1), ..opts.clone() }).unwrap();
+    let rep2 = run_synthetic(&SyntheticOptions {
+        resume: true,
+        num_workers: Some(1),
+        ..opts.clone()
+    })
+    .unwrap();
     assert_eq!(rep2.summary.total, 50);
-    assert!(std::fs::read(run.join("samples.csv")).unwrap() == csv1, "samples.csv changed after --resume");
-    assert!(std::fs::read(run.join("shards/coarse-00003.safetensors")).unwrap() == bytes, "shard changed after --resume");
+    assert!(
+        std::fs::read(run.join("samples.csv")).unwrap() == csv1,
+        "samples.csv changed after --resume"
+    );
+    assert!(
+        std::fs::read(run.join("shards/coarse-00003.safetensors")).unwrap() == bytes,
+        "shard changed after --resume"
+    );
     // Dry run prints the allocation only.
-    let dry = run_synthetic(&SyntheticOptions { dry_run: true, ..opts }).unwrap();
+    let dry = run_synthetic(&SyntheticOptions {
+        dry_run: true,
+        ..opts
+    })
+    .unwrap();
     assert!(dry.allocation.contains("8 sources"));
 }
 

@@ -76,7 +76,11 @@ pub fn largest_component(mask: &[bool], h: usize, w: usize) -> (Vec<bool>, usize
 /// Marching-squares length of the 0.5 level contour of a binary mask padded with background (SPEC §8.3).
 pub fn marching_squares_perimeter(mask: &[bool], h: usize, w: usize) -> f64 {
     let at = |i: isize, j: isize| -> bool {
-        i >= 0 && j >= 0 && (i as usize) < h && (j as usize) < w && mask[i as usize * w + j as usize]
+        i >= 0
+            && j >= 0
+            && (i as usize) < h
+            && (j as usize) < w
+            && mask[i as usize * w + j as usize]
     };
     let s2 = std::f64::consts::SQRT_2;
     let mut per = 0.0;
@@ -122,7 +126,9 @@ pub fn convex_hull_area(mask: &[bool], h: usize, w: usize) -> f64 {
     }
     pts.sort_unstable();
     pts.dedup();
-    let cross = |o: (i64, i64), a: (i64, i64), b: (i64, i64)| (a.0 - o.0) * (b.1 - o.1) - (a.1 - o.1) * (b.0 - o.0);
+    let cross = |o: (i64, i64), a: (i64, i64), b: (i64, i64)| {
+        (a.0 - o.0) * (b.1 - o.1) - (a.1 - o.1) * (b.0 - o.0)
+    };
     let mut hull: Vec<(i64, i64)> = Vec::with_capacity(2 * pts.len());
     for &p in &pts {
         while hull.len() >= 2 && cross(hull[hull.len() - 2], hull[hull.len() - 1], p) <= 0 {
@@ -156,9 +162,17 @@ pub fn describe(mask: &[bool], h: usize, w: usize) -> LesionDescriptors {
         (0.0, 0.0, 0.0)
     } else {
         let per = marching_squares_perimeter(&l, h, w);
-        let c = if per > 0.0 { (4.0 * std::f64::consts::PI * largest_area as f64 / (per * per)).min(1.0) } else { 0.0 };
+        let c = if per > 0.0 {
+            (4.0 * std::f64::consts::PI * largest_area as f64 / (per * per)).min(1.0)
+        } else {
+            0.0
+        };
         let hull = convex_hull_area(&l, h, w);
-        let sol = if hull > 0.0 { largest_area as f64 / hull } else { 0.0 };
+        let sol = if hull > 0.0 {
+            largest_area as f64 / hull
+        } else {
+            0.0
+        };
         (per, c, sol)
     };
     let complexity = 1.0 - (circularity + solidity) / 2.0;

@@ -55,7 +55,12 @@ fn dt1d(f: &[f64], d: &mut [f64], s2: f64, v: &mut [usize], z: &mut [f64]) {
 
 /// Squared EDT: for every pixel, the squared distance to the nearest pixel where `is_site` is true.
 /// `sampling = (s_y, s_x)`. No site at all gives `+∞` everywhere.
-pub fn squared_distance_to_sites(is_site: &[bool], h: usize, w: usize, sampling: (f64, f64)) -> Vec<f64> {
+pub fn squared_distance_to_sites(
+    is_site: &[bool],
+    h: usize,
+    w: usize,
+    sampling: (f64, f64),
+) -> Vec<f64> {
     assert_eq!(is_site.len(), h * w, "mask length must be h*w");
     let n = h.max(w);
     if h == 0 || w == 0 {
@@ -66,7 +71,10 @@ pub fn squared_distance_to_sites(is_site: &[bool], h: usize, w: usize, sampling:
     let mut f = vec![0f64; w];
     let mut d = vec![0f64; w];
     let (sy, sx) = sampling;
-    let mut out: Vec<f64> = is_site.iter().map(|&s| if s { 0.0 } else { f64::INFINITY }).collect();
+    let mut out: Vec<f64> = is_site
+        .iter()
+        .map(|&s| if s { 0.0 } else { f64::INFINITY })
+        .collect();
     // Columns, gathered in blocks of 8 adjacent columns (one cache line of f64 per row) to avoid strided misses.
     const B: usize = 8;
     let mut fb = vec![0f64; B * h];
@@ -83,7 +91,9 @@ pub fn squared_distance_to_sites(is_site: &[bool], h: usize, w: usize, sampling:
         for c in 0..nb {
             let col = &fb[c * h..(c + 1) * h];
             if col.iter().all(|x| x.is_infinite()) {
-                db[c * h..(c + 1) * h].iter_mut().for_each(|x| *x = f64::INFINITY);
+                db[c * h..(c + 1) * h]
+                    .iter_mut()
+                    .for_each(|x| *x = f64::INFINITY);
             } else {
                 dt1d(col, &mut db[c * h..(c + 1) * h], sy * sy, &mut v, &mut z);
             }

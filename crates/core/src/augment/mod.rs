@@ -27,9 +27,22 @@ use rand::Rng;
 
 /// A synthetic lesion mask (`h×w`, 1 = lesion): a star-shaped region around `(cy, cx)` with radial function
 /// `r·(1 + Σ_{k=2..6} a_k cos(kθ + φ_k))`, `a_k ~ U(0, irregularity/k)`. Used by tests and the throughput bench.
-pub fn synthetic_lesion<R: Rng + ?Sized>(h: usize, w: usize, cy: f64, cx: f64, r: f64, irregularity: f64, rng: &mut R) -> Vec<u8> {
+pub fn synthetic_lesion<R: Rng + ?Sized>(
+    h: usize,
+    w: usize,
+    cy: f64,
+    cx: f64,
+    r: f64,
+    irregularity: f64,
+    rng: &mut R,
+) -> Vec<u8> {
     let coef: Vec<(f64, f64)> = (2..=6)
-        .map(|k| (rng.gen::<f64>() * irregularity / k as f64, rng.gen::<f64>() * std::f64::consts::TAU))
+        .map(|k| {
+            (
+                rng.gen::<f64>() * irregularity / k as f64,
+                rng.gen::<f64>() * std::f64::consts::TAU,
+            )
+        })
         .collect();
     let mut m = vec![0u8; h * w];
     for i in 0..h {
@@ -37,7 +50,13 @@ pub fn synthetic_lesion<R: Rng + ?Sized>(h: usize, w: usize, cy: f64, cx: f64, r
             let (dy, dx) = (i as f64 - cy, j as f64 - cx);
             let d = (dy * dy + dx * dx).sqrt();
             let th = dy.atan2(dx);
-            let rho = r * (1.0 + coef.iter().enumerate().map(|(k, &(a, p))| a * ((k + 2) as f64 * th + p).cos()).sum::<f64>());
+            let rho = r
+                * (1.0
+                    + coef
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &(a, p))| a * ((k + 2) as f64 * th + p).cos())
+                        .sum::<f64>());
             if d < rho {
                 m[i * w + j] = 1;
             }
@@ -52,13 +71,22 @@ pub fn synthetic_sources(n: usize, h: usize, w: usize, seed: u64) -> Vec<run::So
         .map(|k| {
             let mut rng = crate::rng::stream_rng(seed, "augment-bench-sources", &[k as u64]);
             let mind = h.min(w) as f64;
-            let r = if k % 6 == 0 { rng.gen_range(4.0..8.0) } else { (rng.gen_range((10.0f64).ln()..(0.2 * mind).max(12.0).ln())).exp() };
+            let r = if k % 6 == 0 {
+                rng.gen_range(4.0..8.0)
+            } else {
+                (rng.gen_range((10.0f64).ln()..(0.2 * mind).max(12.0).ln())).exp()
+            };
             let cy = rng.gen_range(0.3..0.7) * h as f64;
             let cx = rng.gen_range(0.3..0.7) * w as f64;
             let irr = if k % 3 == 0 { 0.6 } else { 0.2 };
             let m = synthetic_lesion(h, w, cy, cx, r, irr, &mut rng);
             let gt = sim::GtMask::from_full(&m, h, w).expect("synthetic lesion is non-empty");
-            run::Source { dataset: "SYNTH".into(), name: format!("lesion_{k:03}"), gt, sha256: String::new() }
+            run::Source {
+                dataset: "SYNTH".into(),
+                name: format!("lesion_{k:03}"),
+                gt,
+                sha256: String::new(),
+            }
         })
         .collect()
 }

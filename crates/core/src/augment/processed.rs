@@ -44,7 +44,11 @@ pub struct SourceRef {
 
 /// Train-split sources of `datasets`, sorted by (dataset name, file name `<name>.png`); with `exclude_fold = Some(k)`
 /// each dataset's fold-`k` validation images are removed (SPEC §8.8).
-pub fn list_sources(processed_root: &Path, datasets: &[String], exclude_fold: Option<usize>) -> Result<Vec<SourceRef>> {
+pub fn list_sources(
+    processed_root: &Path,
+    datasets: &[String],
+    exclude_fold: Option<usize>,
+) -> Result<Vec<SourceRef>> {
     let mut ds: Vec<String> = datasets.to_vec();
     ds.sort();
     ds.dedup();
@@ -57,13 +61,20 @@ pub fn list_sources(processed_root: &Path, datasets: &[String], exclude_fold: Op
                 let f = splits.folds.get(k).ok_or_else(|| {
                     Error::file(
                         processed_root.join(d).join("splits.json"),
-                        format!("--exclude-fold {k}: only {} folds listed", splits.folds.len()),
+                        format!(
+                            "--exclude-fold {k}: only {} folds listed",
+                            splits.folds.len()
+                        ),
                     )
                 })?;
                 f.val.iter().collect()
             }
         };
-        let mut names: Vec<&String> = splits.train.iter().filter(|n| !excluded.contains(n)).collect();
+        let mut names: Vec<&String> = splits
+            .train
+            .iter()
+            .filter(|n| !excluded.contains(n))
+            .collect();
         names.sort_by(|a, b| format!("{a}.png").cmp(&format!("{b}.png")));
         for n in names {
             let base = processed_root.join(d).join("train");
@@ -81,10 +92,15 @@ pub fn list_sources(processed_root: &Path, datasets: &[String], exclude_fold: Op
 
 /// Reads a processed mask PNG as `(h, w, mask)` with `mask[i] = 1` where the grey value is > 127.
 pub fn read_mask(path: &Path) -> Result<(usize, usize, Vec<u8>)> {
-    let img = image::open(path).map_err(|e| Error::file(path, format!("cannot decode mask PNG: {e}")))?;
+    let img =
+        image::open(path).map_err(|e| Error::file(path, format!("cannot decode mask PNG: {e}")))?;
     let g = img.to_luma8();
     let (w, h) = (g.width() as usize, g.height() as usize);
-    Ok((h, w, g.into_raw().into_iter().map(|v| (v > 127) as u8).collect()))
+    Ok((
+        h,
+        w,
+        g.into_raw().into_iter().map(|v| (v > 127) as u8).collect(),
+    ))
 }
 
 /// SHA-256 (hex) of a file.

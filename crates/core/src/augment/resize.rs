@@ -78,7 +78,9 @@ pub fn bilinear_f64(x: &[f64], h: usize, w: usize, oh: usize, ow: usize) -> Vec<
 
 /// Source index of `nearest` for each output index along one axis: `min(⌊o·n_in/n_out⌋, n_in−1)` (integer arithmetic).
 pub fn nearest_taps(n_in: usize, n_out: usize) -> Vec<usize> {
-    (0..n_out).map(|o| ((o * n_in) / n_out).min(n_in - 1)).collect()
+    (0..n_out)
+        .map(|o| ((o * n_in) / n_out).min(n_in - 1))
+        .collect()
 }
 
 /// `nearest` resize of a u8 plane.
@@ -104,7 +106,9 @@ mod tests {
         let x: Vec<f32> = (0..12).map(|v| v as f32).collect();
         assert_eq!(bilinear_f32(&x, 3, 4, 3, 4), x);
         let c = vec![0.25f32; 35];
-        assert!(bilinear_f32(&c, 5, 7, 3, 2).iter().all(|&v| (v - 0.25).abs() < 1e-7));
+        assert!(bilinear_f32(&c, 5, 7, 3, 2)
+            .iter()
+            .all(|&v| (v - 0.25).abs() < 1e-7));
     }
 
     #[test]

@@ -3,7 +3,10 @@
 use super::descriptors::MIN_AREA;
 use super::processed::{list_sources, read_mask, sha256_file};
 use super::resize::nearest_taps;
-use super::sampler::{allocate_bin_labels, bin_counts, generate_sample, parse_bins, sample_seed, QualityBin, SampleResult, SimConfig};
+use super::sampler::{
+    allocate_bin_labels, bin_counts, generate_sample, parse_bins, sample_seed, QualityBin,
+    SampleResult, SimConfig,
+};
 use super::sim::{modes_string, GtMask, SourceContext};
 use super::soft::StoreDtype;
 use super::summary::{format_table, summarize, write_png, Summary};
@@ -37,7 +40,9 @@ pub struct GeneratedSample {
 pub fn gt_s_count(gt: &GtMask, store: usize) -> usize {
     let ny = nearest_taps(gt.h, store);
     let nx = nearest_taps(gt.w, store);
-    ny.iter().map(|&i| nx.iter().filter(|&&j| gt.at(i, j)).count()).sum()
+    ny.iter()
+        .map(|&i| nx.iter().filter(|&&j| gt.at(i, j)).count())
+        .sum()
 }
 
 /// Source of sample `j`: `j mod n_src` (SPEC §8.8).
@@ -60,7 +65,9 @@ pub fn generate_range(
     if n_src == 0 || range.is_empty() {
         return Vec::new();
     }
-    let first: Vec<usize> = (0..n_src.min(range.len())).map(|k| range.start + k).collect();
+    let first: Vec<usize> = (0..n_src.min(range.len()))
+        .map(|k| range.start + k)
+        .collect();
     let mut out: Vec<GeneratedSample> = first
         .par_iter()
         .flat_map_iter(|&j0| {
@@ -74,7 +81,13 @@ pub fn generate_range(
                     if let Some(p) = progress {
                         p.inc(1);
                     }
-                    GeneratedSample { index: j, source: si, bin: b, seed: sample_seed(seed, j as u64), result }
+                    GeneratedSample {
+                        index: j,
+                        source: si,
+                        bin: b,
+                        seed: sample_seed(seed, j as u64),
+                        result,
+                    }
                 })
                 .collect::<Vec<_>>()
         })
@@ -100,7 +113,9 @@ impl std::str::FromStr for OutputFormat {
             "safetensors" => Ok(OutputFormat::Safetensors),
             "npy" => Ok(OutputFormat::Npy),
             "both" => Ok(OutputFormat::Both),
-            _ => Err(Error::Arg(format!("--format: expected safetensors|npy|both, got {s:?}"))),
+            _ => Err(Error::Arg(format!(
+                "--format: expected safetensors|npy|both, got {s:?}"
+            ))),
         }
     }
 }
@@ -227,52 +242,99 @@ pub fn npy_bytes(data: &[f32], h: usize, w: usize) -> Vec<u8> {
 pub fn records_csv(records: &[SampleRecord]) -> Result<String> {
     let mut w = csv::Writer::from_writer(Vec::new());
     for r in records {
-        w.serialize(r).map_err(|e| Error::msg(format!("samples.csv: {e}")))?;
+        w.serialize(r)
+            .map_err(|e| Error::msg(format!("samples.csv: {e}")))?;
     }
-    let bytes = w.into_inner().map_err(|e| Error::msg(format!("samples.csv: {e}")))?;
+    let bytes = w
+        .into_inner()
+        .map_err(|e| Error::msg(format!("samples.csv: {e}")))?;
     String::from_utf8(bytes).map_err(|e| Error::msg(format!("samples.csv: {e}")))
 }
 
 fn shard_path(run_dir: &Path, k: usize) -> PathBuf {
-    run_dir.join("shards").join(format!("coarse-{k:05}.safetensors"))
+    run_dir
+        .join("shards")
+        .join(format!("coarse-{k:05}.safetensors"))
 }
 
 /// Serialises one shard (`coarse` (n,S,S) f32|f16, `index` (n) u32; records and config hash as metadata).
-fn shard_bytes(samples: &[GeneratedSample], records: &[SampleRecord], s: usize, dtype: StoreDtype, config_hash: &str) -> Result<Vec<u8>> {
+fn shard_bytes(
+    samples: &[GeneratedSample],
+    records: &[SampleRecord],
+    s: usize,
+    dtype: StoreDtype,
+    config_hash: &str,
+) -> Result<Vec<u8>> {
     use safetensors::tensor::{Dtype, TensorView};
     let n = samples.len();
     let coarse: Vec<u8> = match dtype {
-        StoreDtype::F32 => samples.iter().flat_map(|x| x.result.stored.iter().flat_map(|v| v.to_le_bytes())).collect(),
+        StoreDtype::F32 => samples
+            .iter()
+            .flat_map(|x| x.result.stored.iter().flat_map(|v| v.to_le_bytes()))
+            .collect(),
         StoreDtype::F16 => samples
             .iter()
-            .flat_map(|x| x.result.stored.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()))
+            .flat_map(|x| {
+                x.result
+                    .stored
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            })
             .collect(),
     };
-    let index: Vec<u8> = samples.iter().flat_map(|x| (x.index as u32).to_le_bytes()).collect();
-    let dt = if dtype == StoreDtype::F16 { Dtype::F16 } else { Dtype::F32 };
-    let tc = TensorView::new(dt, vec![n, s, s], &coarse).map_err(|e| Error::msg(format!("shard tensor: {e:?}")))?;
-    let ti = TensorView::new(Dtype::U32, vec![n], &index).map_err(|e| Error::msg(format!("shard tensor: {e:?}")))?;
+    let index: Vec<u8> = samples
+        .iter()
+        .flat_map(|x| (x.index as u32).to_le_bytes())
+        .collect();
+    let dt = if dtype == StoreDtype::F16 {
+        Dtype::F16
+    } else {
+        Dtype::F32
+    };
+    let tc = TensorView::new(dt, vec![n, s, s], &coarse)
+        .map_err(|e| Error::msg(format!("shard tensor: {e:?}")))?;
+    let ti = TensorView::new(Dtype::U32, vec![n], &index)
+        .map_err(|e| Error::msg(format!("shard tensor: {e:?}")))?;
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "ultrarefiner-coarse-v1".to_string());
     meta.insert("config_hash".to_string(), config_hash.to_string());
     meta.insert("records_csv".to_string(), records_csv(records)?);
-    safetensors::tensor::serialize(vec![("coarse", tc), ("index", ti)], &Some(meta)).map_err(|e| Error::msg(format!("shard: {e:?}")))
+    safetensors::tensor::serialize(vec![("coarse", tc), ("index", ti)], &Some(meta))
+        .map_err(|e| Error::msg(format!("shard: {e:?}")))
 }
 
 /// Records of a complete shard written by an earlier run with the same configuration (for `--resume`), or None.
-fn read_complete_shard(path: &Path, expected: std::ops::Range<usize>, config_hash: &str) -> Result<Option<Vec<SampleRecord>>> {
-    let Ok(bytes) = std::fs::read(path) else { return Ok(None) };
-    let Ok((_, meta)) = safetensors::SafeTensors::read_metadata(&bytes) else { return Ok(None) };
-    let Some(m) = meta.metadata() else { return Ok(None) };
+fn read_complete_shard(
+    path: &Path,
+    expected: std::ops::Range<usize>,
+    config_hash: &str,
+) -> Result<Option<Vec<SampleRecord>>> {
+    let Ok(bytes) = std::fs::read(path) else {
+        return Ok(None);
+    };
+    let Ok((_, meta)) = safetensors::SafeTensors::read_metadata(&bytes) else {
+        return Ok(None);
+    };
+    let Some(m) = meta.metadata() else {
+        return Ok(None);
+    };
     if m.get("config_hash").map(String::as_str) != Some(config_hash) {
-        return Err(Error::file(path, "--resume: shard was generated with a different configuration; use a new --output-root"));
+        return Err(Error::file(
+            path,
+            "--resume: shard was generated with a different configuration; use a new --output-root",
+        ));
     }
-    let Some(rec) = m.get("records_csv") else { return Ok(None) };
-    let Ok(records) = csv::Reader::from_reader(rec.as_bytes()).deserialize::<SampleRecord>().collect::<std::result::Result<Vec<_>, _>>()
+    let Some(rec) = m.get("records_csv") else {
+        return Ok(None);
+    };
+    let Ok(records) = csv::Reader::from_reader(rec.as_bytes())
+        .deserialize::<SampleRecord>()
+        .collect::<std::result::Result<Vec<_>, _>>()
     else {
         return Ok(None);
     };
-    let ok = records.len() == expected.len() && records.iter().zip(expected).all(|(r, j)| r.index == j);
+    let ok =
+        records.len() == expected.len() && records.iter().zip(expected).all(|(r, j)| r.index == j);
     if ok && safetensors::SafeTensors::deserialize(&bytes).is_ok() {
         Ok(Some(records))
     } else {
@@ -282,7 +344,9 @@ fn read_complete_shard(path: &Path, expected: std::ops::Range<usize>, config_has
 
 /// Loads GT sources from the processed layout (parallel), skipping GTs with `A < 16` (and GTs whose `GT_S` is empty,
 /// which no corruption could be scored against). Returns (sources, skipped (dataset, name, area)).
-pub fn load_sources(opts: &SyntheticOptions) -> Result<(Vec<Source>, Vec<(String, String, usize)>)> {
+pub fn load_sources(
+    opts: &SyntheticOptions,
+) -> Result<(Vec<Source>, Vec<(String, String, usize)>)> {
     let refs = list_sources(&opts.processed_root, &opts.datasets, opts.exclude_fold)?;
     let loaded: Vec<Result<(Option<Source>, Option<(String, String, usize)>)>> = refs
         .par_iter()
@@ -290,14 +354,24 @@ pub fn load_sources(opts: &SyntheticOptions) -> Result<(Vec<Source>, Vec<(String
             let (h, w, m) = read_mask(&r.mask_path)?;
             let gt = GtMask::from_full(&m, h, w);
             let area = gt.as_ref().map_or(0, |g| g.area());
-            let Some(gt) = gt.filter(|g| area >= MIN_AREA && gt_s_count(g, opts.sim.store_size) > 0) else {
+            let Some(gt) =
+                gt.filter(|g| area >= MIN_AREA && gt_s_count(g, opts.sim.store_size) > 0)
+            else {
                 return Ok((None, Some((r.dataset.clone(), r.name.clone(), area))));
             };
             let sha256 = match &r.sha256 {
                 Some(s) => s.clone(),
                 None => sha256_file(&r.image_path)?,
             };
-            Ok((Some(Source { dataset: r.dataset.clone(), name: r.name.clone(), gt, sha256 }), None))
+            Ok((
+                Some(Source {
+                    dataset: r.dataset.clone(),
+                    name: r.name.clone(),
+                    gt,
+                    sha256,
+                }),
+                None,
+            ))
         })
         .collect();
     let mut sources = Vec::new();
@@ -310,7 +384,14 @@ pub fn load_sources(opts: &SyntheticOptions) -> Result<(Vec<Source>, Vec<(String
     Ok((sources, skipped))
 }
 
-fn record_of(s: &GeneratedSample, src: &Source, ctx_desc: &super::descriptors::LesionDescriptors, bins: &[QualityBin], soft: &str, shard_size: usize) -> SampleRecord {
+fn record_of(
+    s: &GeneratedSample,
+    src: &Source,
+    ctx_desc: &super::descriptors::LesionDescriptors,
+    bins: &[QualityBin],
+    soft: &str,
+    shard_size: usize,
+) -> SampleRecord {
     let b = &bins[s.bin];
     SampleRecord {
         index: s.index,
@@ -343,7 +424,9 @@ fn record_of(s: &GeneratedSample, src: &Source, ctx_desc: &super::descriptors::L
 pub fn run_synthetic(opts: &SyntheticOptions) -> Result<RunReport> {
     let t0 = std::time::Instant::now();
     if opts.datasets.is_empty() {
-        return Err(Error::Arg("--datasets: at least one dataset is required".into()));
+        return Err(Error::Arg(
+            "--datasets: at least one dataset is required".into(),
+        ));
     }
     if opts.shard_size == 0 {
         return Err(Error::Arg("--shard-size must be > 0".into()));
@@ -352,7 +435,10 @@ pub fn run_synthetic(opts: &SyntheticOptions) -> Result<RunReport> {
         return Err(Error::Arg("--store-size must be > 0".into()));
     }
     if !(opts.sim.temperature.0 > 0.0 && opts.sim.temperature.1 >= opts.sim.temperature.0) {
-        return Err(Error::Arg(format!("--temperature: need 0 < lo <= hi, got {:?}", opts.sim.temperature)));
+        return Err(Error::Arg(format!(
+            "--temperature: need 0 < lo <= hi, got {:?}",
+            opts.sim.temperature
+        )));
     }
     let bins = parse_bins(&opts.bins, opts.critical_fraction)?;
     let pool = {
@@ -360,7 +446,8 @@ pub fn run_synthetic(opts: &SyntheticOptions) -> Result<RunReport> {
         if let Some(n) = opts.num_workers {
             b = b.num_threads(n.max(1));
         }
-        b.build().map_err(|e| Error::msg(format!("thread pool: {e}")))?
+        b.build()
+            .map_err(|e| Error::msg(format!("thread pool: {e}")))?
     };
     let name = run_name(&opts.datasets);
     let run_dir = opts.output_root.join(&name);
@@ -390,7 +477,10 @@ pub fn run_synthetic(opts: &SyntheticOptions) -> Result<RunReport> {
         allocation.push_str(&format!("  {d}: {c} sources\n"));
     }
     for (b, c) in bins.iter().zip(&counts) {
-        allocation.push_str(&format!("  bin {:<9} [{:.2}, {:.2}) {:>8} samples\n", b.name, b.lo, b.hi, c));
+        allocation.push_str(&format!(
+            "  bin {:<9} [{:.2}, {:.2}) {:>8} samples\n",
+            b.name, b.lo, b.hi, c
+        ));
     }
     if opts.dry_run {
         return Ok(RunReport {
@@ -422,7 +512,9 @@ pub fn run_synthetic(opts: &SyntheticOptions) -> Result<RunReport> {
         "exclude_fold": opts.exclude_fold,
         "sources": sources.iter().map(|s| format!("{}/{}:{}", s.dataset, s.name, s.sha256)).collect::<Vec<_>>(),
     });
-    let config_hash = blake3::hash(config_json.to_string().as_bytes()).to_hex().to_string();
+    let config_hash = blake3::hash(config_json.to_string().as_bytes())
+        .to_hex()
+        .to_string();
     let soft_name = opts.sim.soft.name();
     let n_shards = total.div_ceil(opts.shard_size);
     let mut records: Vec<Option<Vec<SampleRecord>>> = vec![None; n_shards];
@@ -434,11 +526,16 @@ pub fn run_synthetic(opts: &SyntheticOptions) -> Result<RunReport> {
     }
     let todo: Vec<usize> = (0..n_shards).filter(|&k| records[k].is_none()).collect();
     let pb = if opts.progress {
-        let n_todo: usize = todo.iter().map(|&k| ((k + 1) * opts.shard_size).min(total) - k * opts.shard_size).sum();
+        let n_todo: usize = todo
+            .iter()
+            .map(|&k| ((k + 1) * opts.shard_size).min(total) - k * opts.shard_size)
+            .sum();
         let pb = indicatif::ProgressBar::new(n_todo as u64);
         pb.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} samples  {per_sec}  eta {eta}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} samples  {per_sec}  eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         Some(pb)
     } else {
@@ -465,33 +562,70 @@ pub fn run_synthetic(opts: &SyntheticOptions) -> Result<RunReport> {
     let mut k = 0;
     while k < todo.len() {
         let mut chunk = vec![todo[k]];
-        while chunk.len() < per_chunk && k + chunk.len() < todo.len() && todo[k + chunk.len()] == chunk[chunk.len() - 1] + 1 {
+        while chunk.len() < per_chunk
+            && k + chunk.len() < todo.len()
+            && todo[k + chunk.len()] == chunk[chunk.len() - 1] + 1
+        {
             chunk.push(todo[k + chunk.len()]);
         }
         k += chunk.len();
         let start = chunk[0] * opts.shard_size;
         let end = ((chunk[chunk.len() - 1] + 1) * opts.shard_size).min(total);
-        let samples = pool.install(|| generate_range(&sources, &labels, &bins, &opts.sim, opts.seed, start..end, pb.as_ref()));
+        let samples = pool.install(|| {
+            generate_range(
+                &sources,
+                &labels,
+                &bins,
+                &opts.sim,
+                opts.seed,
+                start..end,
+                pb.as_ref(),
+            )
+        });
         for &sk in &chunk {
             let a = sk * opts.shard_size - start;
             let b = (((sk + 1) * opts.shard_size).min(total)) - start;
             let part = &samples[a..b];
             let recs: Vec<SampleRecord> = part
                 .iter()
-                .map(|s| record_of(s, &sources[s.source], &descs[s.source], &bins, soft_name, opts.shard_size))
+                .map(|s| {
+                    record_of(
+                        s,
+                        &sources[s.source],
+                        &descs[s.source],
+                        &bins,
+                        soft_name,
+                        opts.shard_size,
+                    )
+                })
                 .collect();
             if opts.format != OutputFormat::Npy {
-                let bytes = shard_bytes(part, &recs, opts.sim.store_size, opts.sim.store_dtype, &config_hash)?;
+                let bytes = shard_bytes(
+                    part,
+                    &recs,
+                    opts.sim.store_size,
+                    opts.sim.store_dtype,
+                    &config_hash,
+                )?;
                 write_atomic(&shard_path(&run_dir, sk), &bytes)?;
             } else {
                 // npy only: an empty-tensor shard still carries the records (resume, CSV rebuild).
-                let bytes = shard_bytes(&[], &recs, opts.sim.store_size, opts.sim.store_dtype, &config_hash)?;
+                let bytes = shard_bytes(
+                    &[],
+                    &recs,
+                    opts.sim.store_size,
+                    opts.sim.store_dtype,
+                    &config_hash,
+                )?;
                 write_atomic(&shard_path(&run_dir, sk), &bytes)?;
             }
             if opts.format != OutputFormat::Safetensors {
                 for (s, r) in part.iter().zip(&recs) {
                     let p = npy_dir.join(format!("{}.npy", r.sample_id));
-                    write_atomic(&p, &npy_bytes(&s.result.stored, opts.sim.store_size, opts.sim.store_size))?;
+                    write_atomic(
+                        &p,
+                        &npy_bytes(&s.result.stored, opts.sim.store_size, opts.sim.store_size),
+                    )?;
                 }
             }
             records[sk] = Some(recs);
@@ -541,5 +675,14 @@ pub fn run_synthetic(opts: &SyntheticOptions) -> Result<RunReport> {
     let mj = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::msg(e.to_string()))?;
     write_atomic(&run_dir.join("manifest.json"), &mj)?;
     write_png(&run_dir.join("summary.png"), &summary, &bins)?;
-    Ok(RunReport { run_dir, run_name: name, n_sources: n_src, skipped_too_small: skipped, summary, table, seconds, allocation })
+    Ok(RunReport {
+        run_dir,
+        run_name: name,
+        n_sources: n_src,
+        skipped_too_small: skipped,
+        summary,
+        table,
+        seconds,
+        allocation,
+    })
 }

@@ -40,7 +40,11 @@ pub const DEFAULT_BINS: &str = "0.90-0.99:0.25,0.80-0.90:0.40,0.60-0.80:0.35";
 pub fn parse_bins(spec: &str, critical_fraction: f64) -> Result<Vec<QualityBin>> {
     let mut bins = Vec::new();
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let bad = || Error::Arg(format!("--bins: cannot parse {part:?}; expected lo-hi:share, e.g. 0.90-0.99:0.25"));
+        let bad = || {
+            Error::Arg(format!(
+                "--bins: cannot parse {part:?}; expected lo-hi:share, e.g. 0.90-0.99:0.25"
+            ))
+        };
         let (range, share) = part.split_once(':').ok_or_else(bad)?;
         let (lo, hi) = range.split_once('-').ok_or_else(bad)?;
         let lo: f64 = lo.trim().parse().map_err(|_| bad())?;
@@ -52,20 +56,31 @@ pub fn parse_bins(spec: &str, critical_fraction: f64) -> Result<Vec<QualityBin>>
             )));
         }
         let class = BinClass::from_lo(lo);
-        bins.push(QualityBin { name: class.name().to_string(), lo, hi, share, class });
+        bins.push(QualityBin {
+            name: class.name().to_string(),
+            lo,
+            hi,
+            share,
+            class,
+        });
     }
     if bins.is_empty() {
         return Err(Error::Arg("--bins: no bin given".into()));
     }
     let total: f64 = bins.iter().map(|b| b.share).sum();
     if (total - 1.0).abs() > 1e-6 {
-        return Err(Error::Arg(format!("--bins: shares sum to {total}, expected 1")));
+        return Err(Error::Arg(format!(
+            "--bins: shares sum to {total}, expected 1"
+        )));
     }
     if !(0.0..1.0).contains(&critical_fraction) {
-        return Err(Error::Arg(format!("--critical-fraction must be in [0, 1), got {critical_fraction}")));
+        return Err(Error::Arg(format!(
+            "--critical-fraction must be in [0, 1), got {critical_fraction}"
+        )));
     }
     if critical_fraction > 0.0 {
-        bins.iter_mut().for_each(|b| b.share *= 1.0 - critical_fraction);
+        bins.iter_mut()
+            .for_each(|b| b.share *= 1.0 - critical_fraction);
         bins.push(QualityBin {
             name: "critical".into(),
             lo: 0.0,
@@ -88,7 +103,10 @@ pub fn parse_bins(spec: &str, critical_fraction: f64) -> Result<Vec<QualityBin>>
 
 /// Exact per-bin counts: `round(share·T)` per bin, the last bin takes the remainder (SPEC §8.8).
 pub fn bin_counts(bins: &[QualityBin], total: usize) -> Vec<usize> {
-    let mut counts: Vec<usize> = bins.iter().map(|b| (b.share * total as f64).round() as usize).collect();
+    let mut counts: Vec<usize> = bins
+        .iter()
+        .map(|b| (b.share * total as f64).round() as usize)
+        .collect();
     let n = counts.len();
     let head: usize = counts[..n - 1].iter().sum();
     counts[n - 1] = total.saturating_sub(head);
@@ -105,7 +123,11 @@ pub fn bin_counts(bins: &[QualityBin], total: usize) -> Vec<usize> {
 /// Bin label of every sample: exact counts, shuffled with the project RNG `("failure-sim-bins")`.
 pub fn allocate_bin_labels(bins: &[QualityBin], total: usize, seed: u64) -> Vec<u16> {
     let counts = bin_counts(bins, total);
-    let mut labels: Vec<u16> = counts.iter().enumerate().flat_map(|(i, &c)| std::iter::repeat(i as u16).take(c)).collect();
+    let mut labels: Vec<u16> = counts
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &c)| std::iter::repeat(i as u16).take(c))
+        .collect();
     let mut rng = crate::rng::stream_rng(seed, "failure-sim-bins", &[]);
     labels.shuffle(&mut rng);
     labels
@@ -171,7 +193,12 @@ struct Candidate {
 
 /// Quality-controlled sampling of one corrupted mask for `bin` (SPEC §8.6). Never returns a mask whose stored
 /// hard mask equals `GT_S` (unless `GT_S` is empty and nothing can differ, which callers exclude).
-pub fn sample_for_bin<R: Rng + ?Sized>(ctx: &SourceContext, bin: &QualityBin, cfg: &SimConfig, rng: &mut R) -> SampleResult {
+pub fn sample_for_bin<R: Rng + ?Sized>(
+    ctx: &SourceContext,
+    bin: &QualityBin,
+    cfg: &SimConfig,
+    rng: &mut R,
+) -> SampleResult {
     let mut best: Option<Candidate> = None;
     let store = |m: &[bool], t: f64| stored_mask(ctx, m, cfg.soft, t, cfg.store_dtype);
     for attempt in 0..cfg.max_attempts {
@@ -258,8 +285,17 @@ pub fn sample_for_bin<R: Rng + ?Sized>(ctx: &SourceContext, bin: &QualityBin, cf
 
 /// The smallest global erosion or dilation that changes at least one pixel at `S` (whichever Dice is closer to the
 /// bin). Recorded as mode `erosion`/`dilation` with `s = 0` and the equivalent gain `c/(0.04R)`.
-fn minimal_change_fallback<R: Rng + ?Sized>(ctx: &SourceContext, bin: &QualityBin, cfg: &SimConfig, rng: &mut R) -> SampleResult {
-    let t = if cfg.temperature.1 > cfg.temperature.0 { rng.gen_range(cfg.temperature.0..cfg.temperature.1) } else { cfg.temperature.0 };
+fn minimal_change_fallback<R: Rng + ?Sized>(
+    ctx: &SourceContext,
+    bin: &QualityBin,
+    cfg: &SimConfig,
+    rng: &mut R,
+) -> SampleResult {
+    let t = if cfg.temperature.1 > cfg.temperature.0 {
+        rng.gen_range(cfg.temperature.0..cfg.temperature.1)
+    } else {
+        cfg.temperature.0
+    };
     let r = ctx.desc.radius.max(1e-6);
     let max_c = 4.0 * r + 64.0;
     let mut options: Vec<(f64, SampleResult)> = Vec::new();
@@ -296,7 +332,10 @@ fn minimal_change_fallback<R: Rng + ?Sized>(ctx: &SourceContext, bin: &QualityBi
                 stored: vec![0.0; ctx.store * ctx.store],
                 dice: if ctx.gt_s_count == 0 { 1.0 } else { 0.0 },
                 in_bin: bin.contains(0.0) && ctx.gt_s_count > 0,
-                modes: vec![ModeDraw { mode: Mode::Disappearance, s: 1.0 }],
+                modes: vec![ModeDraw {
+                    mode: Mode::Disappearance,
+                    s: 1.0,
+                }],
                 gain: 1.0,
                 attempts: cfg.max_attempts + 1,
                 temperature: t,
@@ -306,7 +345,13 @@ fn minimal_change_fallback<R: Rng + ?Sized>(ctx: &SourceContext, bin: &QualityBi
 }
 
 /// Generates sample `j` (SPEC §8.8): everything from the project RNG `("failure-sim", j)`.
-pub fn generate_sample(ctx: &SourceContext, bin: &QualityBin, cfg: &SimConfig, seed: u64, j: u64) -> SampleResult {
+pub fn generate_sample(
+    ctx: &SourceContext,
+    bin: &QualityBin,
+    cfg: &SimConfig,
+    seed: u64,
+    j: u64,
+) -> SampleResult {
     let mut rng = crate::rng::stream_rng(seed, "failure-sim", &[j]);
     sample_for_bin(ctx, bin, cfg, &mut rng)
 }

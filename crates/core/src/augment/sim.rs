@@ -14,7 +14,9 @@ use super::resize::{bilinear_taps_f32, nearest_taps};
 use rand::Rng;
 
 /// A failure mode (SPEC §8.4). The order of [`Mode::ALL`] is the order of the §8.5 table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     Erosion,
@@ -201,7 +203,12 @@ impl Rect {
         let x0 = self.x0.saturating_sub(m);
         let y1 = (self.y0 + self.h + m).min(ih);
         let x1 = (self.x0 + self.w + m).min(iw);
-        Rect { y0, x0, h: y1 - y0, w: x1 - x0 }
+        Rect {
+            y0,
+            x0,
+            h: y1 - y0,
+            w: x1 - x0,
+        }
     }
 }
 
@@ -221,7 +228,12 @@ pub fn bounding_box(mask: &[bool], h: usize, w: usize) -> Option<Rect> {
     if y0 == usize::MAX {
         None
     } else {
-        Some(Rect { y0, x0, h: y1 - y0 + 1, w: x1 - x0 + 1 })
+        Some(Rect {
+            y0,
+            x0,
+            h: y1 - y0 + 1,
+            w: x1 - x0 + 1,
+        })
     }
 }
 
@@ -242,14 +254,20 @@ impl GtMask {
         let bbox = bounding_box(&b, h, w)?;
         let mut crop = Vec::with_capacity(bbox.len());
         for i in 0..bbox.h {
-            crop.extend_from_slice(&b[(bbox.y0 + i) * w + bbox.x0..(bbox.y0 + i) * w + bbox.x0 + bbox.w]);
+            crop.extend_from_slice(
+                &b[(bbox.y0 + i) * w + bbox.x0..(bbox.y0 + i) * w + bbox.x0 + bbox.w],
+            );
         }
         Some(GtMask { h, w, bbox, crop })
     }
     /// Value at image pixel (i, j).
     pub fn at(&self, i: usize, j: usize) -> bool {
         let b = &self.bbox;
-        i >= b.y0 && j >= b.x0 && i < b.y0 + b.h && j < b.x0 + b.w && self.crop[(i - b.y0) * b.w + (j - b.x0)]
+        i >= b.y0
+            && j >= b.x0
+            && i < b.y0 + b.h
+            && j < b.x0 + b.w
+            && self.crop[(i - b.y0) * b.w + (j - b.x0)]
     }
     /// Crop to a rectangle (outside the bbox: background).
     pub fn window(&self, r: &Rect) -> Vec<bool> {
@@ -362,11 +380,21 @@ impl SourceContext {
         let mut tmp = vec![0f32; region.h * s];
         let (rx0, rx1) = (region.x0, region.x0 + region.w);
         // Output columns whose taps touch the region.
-        let cols: Vec<usize> =
-            (0..s).filter(|&o| (self.taps_x[o].0 >= rx0 && self.taps_x[o].0 < rx1) || (self.taps_x[o].1 >= rx0 && self.taps_x[o].1 < rx1)).collect();
+        let cols: Vec<usize> = (0..s)
+            .filter(|&o| {
+                (self.taps_x[o].0 >= rx0 && self.taps_x[o].0 < rx1)
+                    || (self.taps_x[o].1 >= rx0 && self.taps_x[o].1 < rx1)
+            })
+            .collect();
         for i in 0..region.h {
             let row = &vals[i * region.w..(i + 1) * region.w];
-            let at = |j: usize| if j >= rx0 && j < rx1 { row[j - rx0] } else { 0.0 };
+            let at = |j: usize| {
+                if j >= rx0 && j < rx1 {
+                    row[j - rx0]
+                } else {
+                    0.0
+                }
+            };
             for &o in &cols {
                 let (i0, i1, l) = self.taps_x[o];
                 tmp[i * s + o] = (1.0 - l) * at(i0) + l * at(i1);
@@ -440,8 +468,19 @@ impl BlobShape {
         let ratio = rng.gen_range(0.6..1.0);
         let angle = rng.gen_range(0.0..std::f64::consts::PI);
         let px_per_unit = (BLOB_N - 1) as f64 / (2.0 * BLOB_EXT);
-        let field = random_field(BLOB_N, BLOB_N, corr_norm * px_per_unit, spectrum, false, rng);
-        BlobShape { ratio, angle, field }
+        let field = random_field(
+            BLOB_N,
+            BLOB_N,
+            corr_norm * px_per_unit,
+            spectrum,
+            false,
+            rng,
+        );
+        BlobShape {
+            ratio,
+            angle,
+            field,
+        }
     }
 
     fn field_at(&self, u: f64, v: f64) -> f64 {
@@ -452,7 +491,8 @@ impl BlobShape {
         let (x1, y1) = ((x0 + 1).min(BLOB_N - 1), (y0 + 1).min(BLOB_N - 1));
         let (lx, ly) = (x - x0 as f64, y - y0 as f64);
         let f = |i: usize, j: usize| self.field[i * BLOB_N + j];
-        (1.0 - ly) * ((1.0 - lx) * f(y0, x0) + lx * f(y0, x1)) + ly * ((1.0 - lx) * f(y1, x0) + lx * f(y1, x1))
+        (1.0 - ly) * ((1.0 - lx) * f(y0, x0) + lx * f(y0, x1))
+            + ly * ((1.0 - lx) * f(y1, x0) + lx * f(y1, x1))
     }
 
     /// Approximate signed distance (negative inside) of the blob of radius `r` centred at `(cy, cx)` at `(y, x)`.
@@ -468,7 +508,16 @@ impl BlobShape {
 
     #[allow(clippy::too_many_arguments)]
     /// Combine the blob into `phi` (window values) by union (`min`) or subtraction (`max(φ, −ψ)`), over a box.
-    fn apply(&self, phi: &mut [f64], win: &Rect, r: f64, cy: f64, cx: f64, union: bool, extra: f64) {
+    fn apply(
+        &self,
+        phi: &mut [f64],
+        win: &Rect,
+        r: f64,
+        cy: f64,
+        cx: f64,
+        union: bool,
+        extra: f64,
+    ) {
         let half = (1.6 * r + extra + 2.0).ceil() as isize;
         let (icy, icx) = (cy.round() as isize, cx.round() as isize);
         let i0 = (icy - half).max(0) as usize;
@@ -533,7 +582,11 @@ pub struct Composition {
 }
 
 /// Draws `k` distinct indices with probabilities proportional to `weights`, without replacement.
-fn weighted_without_replacement<R: Rng + ?Sized>(weights: &[f64], k: usize, rng: &mut R) -> Vec<usize> {
+fn weighted_without_replacement<R: Rng + ?Sized>(
+    weights: &[f64],
+    k: usize,
+    rng: &mut R,
+) -> Vec<usize> {
     let mut w = weights.to_vec();
     let mut out = Vec::new();
     for _ in 0..k {
@@ -584,16 +637,24 @@ impl Composition {
             .collect();
         let picks = weighted_without_replacement(&weights, k, rng);
         let (slo, shi) = class.intensity_range();
-        let boost = 1.0 + 0.5 * d.tiny as u8 as f64 + 0.25 * d.irregular as u8 as f64 + 0.25 * d.complexity;
+        let boost =
+            1.0 + 0.5 * d.tiny as u8 as f64 + 0.25 * d.irregular as u8 as f64 + 0.25 * d.complexity;
         let mut modes: Vec<ModeDraw> = picks
             .iter()
             .map(|&i| {
                 let s: f64 = rng.gen_range(slo..shi);
-                ModeDraw { mode: Mode::ALL[i], s: (s * boost).min(1.0) }
+                ModeDraw {
+                    mode: Mode::ALL[i],
+                    s: (s * boost).min(1.0),
+                }
             })
             .collect();
         modes.sort_by_key(|m| m.mode.application_rank());
-        let temperature = if temperature.1 > temperature.0 { rng.gen_range(temperature.0..temperature.1) } else { temperature.0 };
+        let temperature = if temperature.1 > temperature.0 {
+            rng.gen_range(temperature.0..temperature.1)
+        } else {
+            temperature.0
+        };
         let mut c = Composition {
             modes: modes.clone(),
             temperature,
@@ -631,7 +692,11 @@ impl Composition {
                         let idx = ((rng.gen::<f64>() * pool as f64) as usize).min(pool - 1);
                         let p = ctx.fg_sorted[idx].1 as usize;
                         let angle = rng.gen_range(0.0..std::f64::consts::PI);
-                        c.strips.push(StripDraw { cy: (p / win.w) as f64, cx: (p % win.w) as f64, angle });
+                        c.strips.push(StripDraw {
+                            cy: (p / win.w) as f64,
+                            cx: (p % win.w) as f64,
+                            angle,
+                        });
                     }
                 }
                 Mode::Holes => {
@@ -640,7 +705,8 @@ impl Composition {
                         let u_r = rng.gen::<f64>();
                         let u_pos = rng.gen::<f64>();
                         let r1 = r * (0.08 + u_r * (0.04 + 0.18 * s));
-                        let shape = BlobShape::draw(rng, (1.0f64).max(r1 / 2.0) / r1.max(1e-6), spectrum);
+                        let shape =
+                            BlobShape::draw(rng, (1.0f64).max(r1 / 2.0) / r1.max(1e-6), spectrum);
                         c.holes.push(BlobDraw { u_r, u_pos, shape });
                     }
                 }
@@ -659,28 +725,44 @@ impl Composition {
                         let p = ctx.fg_sorted.last().map(|x| x.1 as usize).unwrap_or(0);
                         ((p / win.w) as f64, (p % win.w) as f64, (0.0, 1.0))
                     } else {
-                        let idx = ((rng.gen::<f64>() * ctx.boundary.len() as f64) as usize).min(ctx.boundary.len() - 1);
+                        let idx = ((rng.gen::<f64>() * ctx.boundary.len() as f64) as usize)
+                            .min(ctx.boundary.len() - 1);
                         let p = ctx.boundary[idx] as usize;
                         let (i, j) = (p / win.w, p % win.w);
                         let at = |i: usize, j: usize| ctx.phi[i * win.w + j];
                         let gy = at((i + 1).min(win.h - 1), j) - at(i.saturating_sub(1), j);
                         let gx = at(i, (j + 1).min(win.w - 1)) - at(i, j.saturating_sub(1));
                         let n = (gy * gy + gx * gx).sqrt();
-                        let normal = if n > 1e-12 { (gy / n, gx / n) } else { (0.0, 1.0) };
+                        let normal = if n > 1e-12 {
+                            (gy / n, gx / n)
+                        } else {
+                            (0.0, 1.0)
+                        };
                         (i as f64, j as f64, normal)
                     };
-                    let rot = rng.gen_range(-std::f64::consts::FRAC_PI_4..std::f64::consts::FRAC_PI_4);
+                    let rot =
+                        rng.gen_range(-std::f64::consts::FRAC_PI_4..std::f64::consts::FRAC_PI_4);
                     let (sr, cr) = rot.sin_cos();
-                    let dir = (cr * normal.0 + sr * normal.1, -sr * normal.0 + cr * normal.1);
+                    let dir = (
+                        cr * normal.0 + sr * normal.1,
+                        -sr * normal.0 + cr * normal.1,
+                    );
                     let tip = if rng.gen::<f64>() < 0.5 {
                         let rb = r * rng.gen_range(0.1..0.3);
-                        let shape = BlobShape::draw(rng, (1.0f64).max(rb / 2.0) / rb.max(1e-6), spectrum);
+                        let shape =
+                            BlobShape::draw(rng, (1.0f64).max(rb / 2.0) / rb.max(1e-6), spectrum);
                         Some((rb, shape))
                     } else {
                         None
                     };
                     let bridge = has_islands && rng.gen::<f64>() < 0.5;
-                    c.attach = Some(AttachDraw { sy, sx, dir, tip, bridge });
+                    c.attach = Some(AttachDraw {
+                        sy,
+                        sx,
+                        dir,
+                        tip,
+                        bridge,
+                    });
                 }
                 Mode::Erosion | Mode::Dilation | Mode::Disappearance => {}
             }
@@ -694,7 +776,11 @@ impl Composition {
     }
 
     fn s_of(&self, m: Mode) -> f64 {
-        self.modes.iter().find(|d| d.mode == m).map(|d| d.s).unwrap_or(0.0)
+        self.modes
+            .iter()
+            .find(|d| d.mode == m)
+            .map(|d| d.s)
+            .unwrap_or(0.0)
     }
 
     /// The final field `φ'` on the working window at gain `g` (before thresholding).
@@ -717,8 +803,14 @@ impl Composition {
         }
         let deform_a = g * r * (0.05 + 0.30 * self.s_of(Mode::Deform));
         // Each operator applies only if its mode is part of the composition.
-        let shrink_field = self.shrink_field.as_ref().filter(|_| self.has(Mode::Shrinkage));
-        let deform_field = self.deform_field.as_ref().filter(|_| self.has(Mode::Deform));
+        let shrink_field = self
+            .shrink_field
+            .as_ref()
+            .filter(|_| self.has(Mode::Shrinkage));
+        let deform_field = self
+            .deform_field
+            .as_ref()
+            .filter(|_| self.has(Mode::Deform));
         for (p, v) in phi.iter_mut().enumerate() {
             let mut dv = offset;
             if let Some(f) = shrink_field {
@@ -730,7 +822,11 @@ impl Composition {
             *v += dv;
         }
         // Margin of the jitter band, so set operations are evaluated wherever the band could reach.
-        let jit_a = if self.has(Mode::Jitter) { g * (0.5 + 2.0 * self.s_of(Mode::Jitter)) } else { 0.0 };
+        let jit_a = if self.has(Mode::Jitter) {
+            g * (0.5 + 2.0 * self.s_of(Mode::Jitter))
+        } else {
+            0.0
+        };
         let extra = 3.0 + 3.0 * jit_a;
         // Breakage: subtract straight strips.
         if self.has(Mode::Breakage) {
@@ -740,7 +836,17 @@ impl Composition {
             for st in &self.strips {
                 let (sa, ca) = st.angle.sin_cos();
                 let (ay, ax) = (st.cy - sa * half_len, st.cx - ca * half_len);
-                segment_csg(&mut phi, &win, (ay, ax), (sa, ca), 2.0 * half_len, hw, hw, false, extra);
+                segment_csg(
+                    &mut phi,
+                    &win,
+                    (ay, ax),
+                    (sa, ca),
+                    2.0 * half_len,
+                    hw,
+                    hw,
+                    false,
+                    extra,
+                );
             }
         }
         // Holes: subtract blobs centred at pixels with φ < −(r + 1.5).
@@ -776,8 +882,10 @@ impl Composition {
                 for t in 0..n {
                     let p = ctx.bg_sorted[lo + (start + t) % n].1 as usize;
                     let (iy, ix) = (win.y0 + p / win.w, win.x0 + p % win.w);
-                    let dist_border =
-                        (iy as f64).min(ix as f64).min((ctx.h - 1 - iy) as f64).min((ctx.w - 1 - ix) as f64);
+                    let dist_border = (iy as f64)
+                        .min(ix as f64)
+                        .min((ctx.h - 1 - iy) as f64)
+                        .min((ctx.w - 1 - ix) as f64);
                     if dist_border >= ri {
                         found = Some(p);
                         break;
@@ -811,17 +919,33 @@ impl Composition {
                 }
             }
             let h0 = (1.0f64).max(r * (0.06 + 0.12 * s));
-            segment_csg(&mut phi, &win, (at.sy, at.sx), dir, len, h0, 0.4 * h0, true, extra);
+            segment_csg(
+                &mut phi,
+                &win,
+                (at.sy, at.sx),
+                dir,
+                len,
+                h0,
+                0.4 * h0,
+                true,
+                extra,
+            );
             if let Some((rb, shape)) = &at.tip {
                 let (ty, tx) = (at.sy + dir.0 * len, at.sx + dir.1 * len);
                 shape.apply(&mut phi, &win, *rb, ty, tx, true, extra);
             }
         }
         for &(cy, cx, ri, bk) in &island_pos {
-            self.islands[bk].shape.apply(&mut phi, &win, ri, cy, cx, true, extra);
+            self.islands[bk]
+                .shape
+                .apply(&mut phi, &win, ri, cy, cx, true, extra);
         }
         // Jitter, last: only inside the band |φ'| < 3 + 2a.
-        if let Some(f) = self.jitter_field.as_ref().filter(|_| self.has(Mode::Jitter)) {
+        if let Some(f) = self
+            .jitter_field
+            .as_ref()
+            .filter(|_| self.has(Mode::Jitter))
+        {
             let band = 3.0 + 2.0 * jit_a;
             for (v, &fv) in phi.iter_mut().zip(f.iter()) {
                 if v.abs() < band {
@@ -848,7 +972,11 @@ impl Composition {
 
 /// `"erosion:0.42|deform:0.31"`.
 pub fn modes_string(modes: &[ModeDraw]) -> String {
-    modes.iter().map(|m| format!("{}:{:.2}", m.mode.name(), m.s)).collect::<Vec<_>>().join("|")
+    modes
+        .iter()
+        .map(|m| format!("{}:{:.2}", m.mode.name(), m.s))
+        .collect::<Vec<_>>()
+        .join("|")
 }
 
 /// Signed-distance CSG of a (tapered) segment from `a` along unit `dir` with length `len`, half-width `h_start`

@@ -38,7 +38,11 @@ pub struct Summary {
 }
 
 pub fn summarize(records: &[SampleRecord], bins: &[QualityBin]) -> Summary {
-    let mut s = Summary { bin_order: bins.iter().map(|b| b.name.clone()).collect(), total: records.len(), ..Default::default() };
+    let mut s = Summary {
+        bin_order: bins.iter().map(|b| b.name.clone()).collect(),
+        total: records.len(),
+        ..Default::default()
+    };
     s.histogram = vec![vec![0; HIST_BINS]; bins.len()];
     let mut dice: Vec<Vec<f64>> = vec![Vec::new(); bins.len()];
     for b in bins {
@@ -88,18 +92,34 @@ pub fn format_table(s: &Summary, bins: &[QualityBin]) -> String {
     for b in bins {
         let c = &s.counts_by_bin[&b.name];
         let d = &s.dice_by_bin[&b.name];
-        let share = if s.total > 0 { 100.0 * c.target as f64 / s.total as f64 } else { 0.0 };
-        let hit = if c.target > 0 { 100.0 * c.in_bin as f64 / c.target as f64 } else { 0.0 };
+        let share = if s.total > 0 {
+            100.0 * c.target as f64 / s.total as f64
+        } else {
+            0.0
+        };
+        let hit = if c.target > 0 {
+            100.0 * c.in_bin as f64 / c.target as f64
+        } else {
+            0.0
+        };
         out.push_str(&format!(
             "{:<10} [{:.2}, {:.2})  {:>6}  {:>5.1}%  {:>6}  {:>4}  {:>5.1}%  {:.4} ± {:.4}   [{:.4}, {:.4}]\n",
             b.name, b.lo, b.hi, c.target, share, c.in_bin, c.out_of_bin, hit, d.mean, d.std, d.min, d.max
         ));
     }
     out.push_str("modes: ");
-    out.push_str(&s.mode_counts.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
+    out.push_str(
+        &s.mode_counts
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
     out.push('\n');
     out.push_str("dice histogram:\n");
-    let total_hist: Vec<usize> = (0..HIST_BINS).map(|h| s.histogram.iter().map(|v| v[h]).sum()).collect();
+    let total_hist: Vec<usize> = (0..HIST_BINS)
+        .map(|h| s.histogram.iter().map(|v| v[h]).sum())
+        .collect();
     let below: usize = total_hist[..HIST_BINS / 2].iter().sum();
     let max = total_hist.iter().copied().max().unwrap_or(0).max(1);
     if below > 0 {
@@ -109,7 +129,13 @@ pub fn format_table(s: &Summary, bins: &[QualityBin]) -> String {
     for row in 10..20 {
         let n: usize = total_hist[row * step..(row + 1) * step].iter().sum();
         let bar = "#".repeat((40 * n).div_ceil(max * step).min(40));
-        out.push_str(&format!("  [{:.2}, {:.2}) {:>7} {}\n", row as f64 * 0.05, (row + 1) as f64 * 0.05, n, bar));
+        out.push_str(&format!(
+            "  [{:.2}, {:.2}) {:>7} {}\n",
+            row as f64 * 0.05,
+            (row + 1) as f64 * 0.05,
+            n,
+            bar
+        ));
     }
     out
 }
@@ -122,9 +148,19 @@ pub fn write_png(path: &Path, s: &Summary, bins: &[QualityBin]) -> Result<()> {
     {
         let root = BitMapBackend::new(path, (w, h)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
-        let colors = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189)];
+        let colors = [
+            RGBColor(31, 119, 180),
+            RGBColor(255, 127, 14),
+            RGBColor(44, 160, 44),
+            RGBColor(214, 39, 40),
+            RGBColor(148, 103, 189),
+        ];
         let (x0, x1, y0, y1) = (40i32, (w - 20) as i32, 20i32, (h - 30) as i32);
-        let max = (0..HIST_BINS).map(|k| s.histogram.iter().map(|v| v[k]).sum::<usize>()).max().unwrap_or(0).max(1);
+        let max = (0..HIST_BINS)
+            .map(|k| s.histogram.iter().map(|v| v[k]).sum::<usize>())
+            .max()
+            .unwrap_or(0)
+            .max(1);
         let bw = (x1 - x0) as f64 / HIST_BINS as f64;
         for k in 0..HIST_BINS {
             let mut base = 0usize;
@@ -137,23 +173,32 @@ pub fn write_png(path: &Path, s: &Summary, bins: &[QualityBin]) -> Result<()> {
                 let yb = y1 - (((base + n) as f64 / max as f64) * (y1 - y0) as f64) as i32;
                 let xa = x0 + (k as f64 * bw) as i32 + 1;
                 let xb = x0 + ((k + 1) as f64 * bw) as i32 - 1;
-                root.draw(&Rectangle::new([(xa, yb), (xb, ya)], colors[bi % colors.len()].filled()))
-                    .map_err(|e| err(e.to_string()))?;
+                root.draw(&Rectangle::new(
+                    [(xa, yb), (xb, ya)],
+                    colors[bi % colors.len()].filled(),
+                ))
+                .map_err(|e| err(e.to_string()))?;
                 base += n;
             }
         }
         // Axes and bin edges.
-        root.draw(&PathElement::new(vec![(x0, y1), (x1, y1)], BLACK)).map_err(|e| err(e.to_string()))?;
-        root.draw(&PathElement::new(vec![(x0, y0), (x0, y1)], BLACK)).map_err(|e| err(e.to_string()))?;
+        root.draw(&PathElement::new(vec![(x0, y1), (x1, y1)], BLACK))
+            .map_err(|e| err(e.to_string()))?;
+        root.draw(&PathElement::new(vec![(x0, y0), (x0, y1)], BLACK))
+            .map_err(|e| err(e.to_string()))?;
         for t in 0..=10 {
             let x = x0 + (t as f64 * 0.1 * (x1 - x0) as f64) as i32;
-            root.draw(&PathElement::new(vec![(x, y1), (x, y1 + 6)], BLACK)).map_err(|e| err(e.to_string()))?;
+            root.draw(&PathElement::new(vec![(x, y1), (x, y1 + 6)], BLACK))
+                .map_err(|e| err(e.to_string()))?;
         }
         for b in bins {
             for e in [b.lo, b.hi] {
                 let x = x0 + (e * (x1 - x0) as f64) as i32;
-                root.draw(&PathElement::new(vec![(x, y0), (x, y1)], RGBColor(120, 120, 120)))
-                    .map_err(|e| err(e.to_string()))?;
+                root.draw(&PathElement::new(
+                    vec![(x, y0), (x, y1)],
+                    RGBColor(120, 120, 120),
+                ))
+                .map_err(|e| err(e.to_string()))?;
             }
         }
         root.present().map_err(|e| err(e.to_string()))?;
