@@ -15,9 +15,7 @@ mod fetch;
 mod manifest;
 mod source;
 
-pub use convert::{
-    convert_weights, sam_original_safetensors_to_canonical, ConvertOutcome, SAM_PREFIXES,
-};
+pub use convert::{convert_weights, ConvertOutcome};
 pub use fetch::{fetch, FetchOptions, FetchReport};
 pub use manifest::{
     utc_now_iso8601, write_atomic, Manifest, ManifestRecord, MANIFEST_FORMAT_VERSION,
