@@ -466,6 +466,23 @@ fn hub_non_sam_file_rejected() {
 }
 
 #[test]
+fn hub_timm_alias_routes_to_timm_converter() {
+    // A SAM file given for the timm alias fails inside the timm converter, naming the expected format.
+    let td = tempfile::tempdir().unwrap();
+    let f = td.path().join("model.safetensors");
+    write_tiny_sam(&f, 1.0);
+    let e = fetch(&FetchOptions {
+        from_file: Some(f),
+        weights_dir: td.path().join("weights"),
+        ..FetchOptions::new("r50-vit-b16")
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("converting `r50-vit-b16` (expected timm"), "{e}");
+    assert!(!td.path().join("weights/manifest.json").exists());
+}
+
+#[test]
 fn hub_medsam_pth_from_file() {
     // `{'model': state_dict}` container, as some MedSAM checkpoints are saved; provenance medsam.
     let td = tempfile::tempdir().unwrap();
