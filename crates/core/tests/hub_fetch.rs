@@ -577,12 +577,18 @@ fn hub_alias_resolution_suggests_fetch() {
         .to_string();
     assert!(e.contains("ultrarefiner fetch medsam-vit-b"), "{e}");
     assert!(e.contains("medsam-vit-b.safetensors"), "{e}");
+    assert_eq!(hub::default_vit_pretrained(&weights), None);
     // With the file present it resolves to weights/<alias>.safetensors.
     std::fs::create_dir_all(&weights).unwrap();
     std::fs::write(weights.join("medsam-vit-b.safetensors"), b"x").unwrap();
     assert_eq!(
         hub::resolve_weights_arg("medsam-vit-b", &weights).unwrap(),
         weights.join("medsam-vit-b.safetensors")
+    );
+    std::fs::write(weights.join("r50-vit-b16.safetensors"), b"x").unwrap();
+    assert_eq!(
+        hub::default_vit_pretrained(&weights),
+        Some(weights.join("r50-vit-b16.safetensors"))
     );
     // Neither a file nor an alias.
     let e = hub::resolve_weights_arg("no/such/file.safetensors", &weights)

@@ -271,3 +271,10 @@ pub fn resolve_weights_arg(arg: &str, weights_dir: &Path) -> Result<PathBuf> {
         alias_names()
     )))
 }
+
+/// Default of `--vit-pretrained` (SPEC §11.2): `weights_dir/r50-vit-b16.safetensors` if present, else `None` (the
+/// caller warns and trains the encoder from scratch).
+pub fn default_vit_pretrained(weights_dir: &Path) -> Option<PathBuf> {
+    let p = converted_path(weights_dir, "r50-vit-b16");
+    p.is_file().then_some(p)
+}
