@@ -92,7 +92,7 @@ pub fn fetch(opts: &FetchOptions) -> Result<FetchReport> {
 
     // Verification: the registry's known SHA-256 (for its default revision, or any --from-file), else the value
     // recorded at the first download of the same snapshot.
-    let default_revision = revision.as_deref().map_or(true, |r| r == entry.revision);
+    let default_revision = revision.as_deref().is_none_or(|r| r == entry.revision);
     let mut sha_verified = false;
     if let Some(known) = entry.sha256 {
         if default_revision {
