@@ -2,6 +2,7 @@
 use anyhow::Result;
 use clap::Parser;
 use std::path::PathBuf;
+use ultrarefiner::config::Config;
 use ultrarefiner::hub::{self, FetchOptions};
 
 fn after_help() -> String {
@@ -64,12 +65,17 @@ pub struct Args {
     /// Where the converted `<alias>.safetensors`, its sidecar and manifest.json go.
     #[arg(long, value_name = "DIR", default_value = hub::DEFAULT_WEIGHTS_DIR)]
     weights_dir: PathBuf,
+    /// Model preset (paper, narrow, tiny) or TOML path whose TransUNet geometry the `r50-vit-b16*` aliases are
+    /// converted for (position embeddings resized to its grid); SAM aliases keep the file's own geometry.
+    #[arg(long, default_value = "paper")]
+    config: String,
     /// No download progress bar.
     #[arg(long)]
     quiet: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
+    let transunet = Config::load(&a.config)?.model.transunet;
     let opts = FetchOptions {
         alias: a.alias,
         revision: a.revision,
@@ -80,6 +86,7 @@ pub fn run(a: Args) -> Result<()> {
         from_file: a.from_file,
         weights_dir: a.weights_dir,
         progress: !a.quiet,
+        transunet,
     };
     let rep = hub::fetch(&opts)?;
     let r = &rep.record;

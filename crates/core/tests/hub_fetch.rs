@@ -6,37 +6,41 @@ use std::path::{Path, PathBuf};
 use ultrarefiner::hub::{
     self, cache_dir_from_env, fetch, sha256_file, FetchOptions, HubCache, Manifest, WeightSource,
 };
+use ultrarefiner::testing::fixture_path;
 
 const C1: &str = "1111111111111111111111111111111111111111";
 const C2: &str = "2222222222222222222222222222222222222222";
 
-/// A tiny SAM-like safetensors file (original names, one f16 tensor, plus pixel_mean that must be dropped).
+/// Original-name SAM tensors of the narrow fixture (`sam_narrow.pth`, real 1024/16/64/256 geometry, ~1 MB).
+fn narrow_sam() -> Vec<(String, Tensor)> {
+    candle_core::pickle::read_all(fixture_path("sam_narrow.pth").unwrap()).unwrap()
+}
+
+fn narrow_sam_keys() -> Vec<String> {
+    let mut k: Vec<String> = narrow_sam()
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k != "pixel_mean" && k != "pixel_std")
+        .collect();
+    k.sort();
+    k
+}
+
+/// The narrow SAM as an original-name safetensors file: one tensor scaled by `scale` (so files differ), one stored
+/// as f16, plus `pixel_mean`, which conversion must drop.
 fn write_tiny_sam(path: &Path, scale: f32) {
-    let dev = Device::Cpu;
     let mut m: HashMap<String, Tensor> = HashMap::new();
-    let w = Tensor::new(&[[1f32, 2., 3.], [4., 5., 6.]], &dev).unwrap();
-    m.insert(
-        "image_encoder.patch_embed.proj.weight".into(),
-        (w * scale as f64).unwrap(),
-    );
-    m.insert(
-        "image_encoder.blocks.0.norm1.weight".into(),
-        Tensor::new(&[1f32, 1.5], &dev)
-            .unwrap()
-            .to_dtype(DType::F16)
-            .unwrap(),
-    );
-    m.insert(
-        "prompt_encoder.no_mask_embed.weight".into(),
-        Tensor::new(&[[0.5f32, -0.5]], &dev).unwrap(),
-    );
-    m.insert(
-        "mask_decoder.iou_token.weight".into(),
-        Tensor::new(&[[0.25f32, 0.75]], &dev).unwrap(),
-    );
+    for (k, t) in narrow_sam() {
+        let t = match k.as_str() {
+            "mask_decoder.iou_token.weight" => (t * scale as f64).unwrap(),
+            "prompt_encoder.no_mask_embed.weight" => t.to_dtype(DType::F16).unwrap(),
+            _ => t,
+        };
+        m.insert(k, t);
+    }
     m.insert(
         "pixel_mean".into(),
-        Tensor::new(&[123.675f32, 116.28, 103.53], &dev).unwrap(),
+        Tensor::new(&[123.675f32, 116.28, 103.53], &Device::Cpu).unwrap(),
     );
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d).unwrap();
@@ -44,28 +48,50 @@ fn write_tiny_sam(path: &Path, scale: f32) {
     candle_core::safetensors::save(&m, path).unwrap();
 }
 
-/// Writes the HF cache layout for `lmz/candle-sam` by hand: blob, snapshot link, ref.
-fn fabricate_snapshot(cache: &Path, reference: Option<&str>, commit: &str, scale: f32) -> PathBuf {
-    let repo = cache.join("models--lmz--candle-sam");
-    let tmp = repo.join("tmp.safetensors");
-    write_tiny_sam(&tmp, scale);
-    let sha = sha256_file(&tmp).unwrap();
+/// Writes the HF cache layout by hand: `blobs/<sha>`, `snapshots/<commit>/<file>` (a relative symlink, as the hub
+/// client makes it) and, if given, `refs/<reference>` holding the commit.
+fn fabricate(
+    cache: &Path,
+    folder: &str,
+    file: &str,
+    reference: Option<&str>,
+    commit: &str,
+    src: &Path,
+) -> PathBuf {
+    let repo = cache.join(folder);
+    let sha = sha256_file(src).unwrap();
     let blob = repo.join("blobs").join(&sha);
     std::fs::create_dir_all(blob.parent().unwrap()).unwrap();
-    std::fs::rename(&tmp, &blob).unwrap();
+    std::fs::copy(src, &blob).unwrap();
     let snap = repo.join("snapshots").join(commit);
     std::fs::create_dir_all(&snap).unwrap();
-    let file = snap.join("sam_vit_b_01ec64.safetensors");
+    let path = snap.join(file);
     #[cfg(unix)]
-    std::os::unix::fs::symlink(Path::new("../../blobs").join(&sha), &file).unwrap();
+    std::os::unix::fs::symlink(Path::new("../../blobs").join(&sha), &path).unwrap();
     #[cfg(not(unix))]
-    std::fs::copy(&blob, &file).unwrap();
+    std::fs::copy(&blob, &path).unwrap();
     if let Some(r) = reference {
         let rp = repo.join("refs").join(r);
         std::fs::create_dir_all(rp.parent().unwrap()).unwrap();
         std::fs::write(rp, commit).unwrap();
     }
-    file
+    path
+}
+
+/// `lmz/candle-sam` snapshot holding a narrow SAM (see [`write_tiny_sam`]).
+fn fabricate_snapshot(cache: &Path, reference: Option<&str>, commit: &str, scale: f32) -> PathBuf {
+    let src = cache.join(format!("src-{commit}-{scale}.safetensors"));
+    write_tiny_sam(&src, scale);
+    let p = fabricate(
+        cache,
+        "models--lmz--candle-sam",
+        "sam_vit_b_01ec64.safetensors",
+        reference,
+        commit,
+        &src,
+    );
+    std::fs::remove_file(src).unwrap();
+    p
 }
 
 fn offline_opts(alias: &str, cache: &Path, weights: &Path) -> FetchOptions {
@@ -101,34 +127,28 @@ fn hub_offline_cache_resolves_and_converts() {
     assert_eq!(r.file, "sam_vit_b_01ec64.safetensors");
     assert_eq!(r.source, "hub");
     assert_eq!(r.provenance, "sam");
-    assert_eq!(r.tensor_count, 4);
+    assert_eq!(r.tensor_count, narrow_sam_keys().len());
     assert_eq!(r.sha256, sha256_file(&snap_file).unwrap());
     assert_eq!(r.sha256_converted, sha256_file(&rep.output).unwrap());
     assert_eq!(r.date.len(), 20);
 
-    // Canonical file: SAM keys only, all f32, pixel_mean dropped, values copied through.
+    // Canonical file: exactly the §6.5 keys, all f32, pixel_mean dropped, values copied through.
     let t = candle_core::safetensors::load(&rep.output, &Device::Cpu).unwrap();
     let mut keys: Vec<_> = t.keys().cloned().collect();
     keys.sort();
-    assert_eq!(
-        keys,
-        [
-            "image_encoder.blocks.0.norm1.weight",
-            "image_encoder.patch_embed.proj.weight",
-            "mask_decoder.iou_token.weight",
-            "prompt_encoder.no_mask_embed.weight"
-        ]
-    );
+    assert_eq!(keys, narrow_sam_keys());
     assert!(t.values().all(|x| x.dtype() == DType::F32));
-    let n1: Vec<f32> = t["image_encoder.blocks.0.norm1.weight"].to_vec1().unwrap();
-    assert_eq!(n1, vec![1.0, 1.5]);
+    let src: HashMap<String, Tensor> = narrow_sam().into_iter().collect();
+    let k = "image_encoder.patch_embed.proj.weight";
+    let (a, b) = (t[k].flatten_all().unwrap(), src[k].flatten_all().unwrap());
+    assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
 
     // Sidecar and manifest on disk.
     let side: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&rep.sidecar).unwrap()).unwrap();
     assert_eq!(side["provenance"], "sam");
     assert_eq!(side["format"], "sam-safetensors");
-    assert_eq!(side["tensor_count"], 4);
+    assert_eq!(side["tensor_count"], narrow_sam_keys().len());
     let m = Manifest::load(&weights.join("manifest.json")).unwrap();
     assert_eq!(m.weights, vec![rep.record.clone()]);
     // No temporary files left behind.
@@ -394,16 +414,41 @@ fn hub_from_file_converts_local_file() {
 }
 
 #[test]
+fn hub_hf_named_file_needs_hf_alias() {
+    let td = tempfile::tempdir().unwrap();
+    let canon: HashMap<String, Tensor> = narrow_sam()
+        .into_iter()
+        .filter(|(k, _)| k != "pixel_mean" && k != "pixel_std")
+        .collect();
+    let hf = ultrarefiner::convert::hf_sam::canonical_to_hf(&canon).unwrap();
+    let f = td.path().join("model.safetensors");
+    candle_core::safetensors::save(&hf.into_iter().collect::<HashMap<_, _>>(), &f).unwrap();
+    let weights = td.path().join("weights");
+    let opts = |alias: &str| FetchOptions {
+        from_file: Some(f.clone()),
+        weights_dir: weights.clone(),
+        ..FetchOptions::new(alias)
+    };
+    let e = fetch(&opts("sam-vit-b")).unwrap_err().to_string();
+    assert!(e.contains("HF-transformers") && e.contains("-hf"), "{e}");
+    assert!(!weights.join("sam-vit-b.safetensors").exists());
+    assert!(!weights.join("manifest.json").exists());
+    // The HF alias converts it back to the original names.
+    let rep = fetch(&opts("sam-vit-b-hf")).unwrap();
+    assert_eq!(rep.record.format, "hf-sam");
+    let t = candle_core::safetensors::load(&rep.output, &Device::Cpu).unwrap();
+    let mut keys: Vec<_> = t.keys().cloned().collect();
+    keys.sort();
+    assert_eq!(keys, narrow_sam_keys());
+}
+
+#[test]
 fn hub_non_sam_file_rejected() {
     let td = tempfile::tempdir().unwrap();
-    let f = td.path().join("hf.safetensors");
+    let f = td.path().join("other.safetensors");
     let mut m = HashMap::new();
     m.insert(
-        "vision_encoder.patch_embed.projection.weight".to_string(),
-        Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
-    );
-    m.insert(
-        "mask_decoder.iou_token.weight".to_string(),
+        "encoder.layer.0.weight".to_string(),
         Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
     );
     candle_core::safetensors::save(&m, &f).unwrap();
@@ -415,12 +460,104 @@ fn hub_non_sam_file_rejected() {
     })
     .unwrap_err()
     .to_string();
-    assert!(
-        e.contains("vision_encoder.patch_embed.projection.weight") && e.contains("sam-vit-b-hf"),
-        "{e}"
-    );
+    assert!(e.contains("other.safetensors"), "{e}");
     assert!(!weights.join("sam-vit-b.safetensors").exists());
     assert!(!weights.join("manifest.json").exists());
+}
+
+#[test]
+fn hub_timm_alias_routes_to_timm_converter() {
+    // A SAM file given for the timm alias fails inside the timm converter, naming the expected format.
+    let td = tempfile::tempdir().unwrap();
+    let f = td.path().join("model.safetensors");
+    write_tiny_sam(&f, 1.0);
+    let e = fetch(&FetchOptions {
+        from_file: Some(f),
+        weights_dir: td.path().join("weights"),
+        ..FetchOptions::new("r50-vit-b16")
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("converting `r50-vit-b16` (expected timm"), "{e}");
+    assert!(!td.path().join("weights/manifest.json").exists());
+}
+
+#[test]
+fn hub_medsam_pth_from_file() {
+    // `{'model': state_dict}` container, as some MedSAM checkpoints are saved; provenance medsam.
+    let td = tempfile::tempdir().unwrap();
+    let weights = td.path().join("weights");
+    let src = fixture_path("sam_narrow_medsam_style.pth").unwrap();
+    let rep = fetch(&FetchOptions {
+        from_file: Some(src.clone()),
+        weights_dir: weights.clone(),
+        ..FetchOptions::new("medsam-vit-b")
+    })
+    .unwrap();
+    assert_eq!(
+        (rep.record.provenance.as_str(), rep.record.format.as_str()),
+        ("medsam", "sam-pth")
+    );
+    assert_eq!(rep.record.repo_type, "space");
+    assert_eq!(rep.record.sha256, sha256_file(&src).unwrap());
+    let side: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&rep.sidecar).unwrap()).unwrap();
+    assert_eq!(side["provenance"], "medsam");
+    assert_eq!(side["format"], "sam-pth");
+    let t = candle_core::safetensors::load(&rep.output, &Device::Cpu).unwrap();
+    assert_eq!(t.len(), narrow_sam_keys().len());
+}
+
+#[test]
+fn hub_npz_from_fabricated_cache() {
+    let td = tempfile::tempdir().unwrap();
+    let cache = td.path().join("hub");
+    let weights = td.path().join("weights");
+    let npz = fixture_path("transunet_narrow_pretrained.npz").unwrap();
+    let folder = "models--ccf92--ViT_Classification_Model";
+    fabricate(
+        &cache,
+        folder,
+        "R50+ViT-B_16.npz",
+        Some("refs/pr/1"),
+        C1,
+        &npz,
+    );
+    fabricate(&cache, folder, "R50+ViT-B_16.npz", Some("main"), C2, &npz);
+    let narrow = ultrarefiner::config::Config::narrow().model.transunet;
+    let opts = FetchOptions {
+        transunet: narrow,
+        ..offline_opts("r50-vit-b16-npz", &cache, &weights)
+    };
+    // The alias's own revision (refs/pr/1) carries a known SHA-256, which the narrow fixture does not match.
+    let e = fetch(&opts).unwrap_err().to_string();
+    assert!(
+        e.contains("SHA-256 mismatch") && e.contains(&sha256_file(&npz).unwrap()),
+        "{e}"
+    );
+    assert!(
+        e.contains("ff009bf39bb4f9198b834cfe46aba2bfdaf730e933ab3e3c4b1edf4226eaafbe"),
+        "{e}"
+    );
+    // Another revision is not checked against it and converts (narrow geometry).
+    let rep = fetch(&FetchOptions {
+        revision: Some("main".into()),
+        ..opts
+    })
+    .unwrap();
+    assert!(!rep.sha_verified);
+    assert_eq!(
+        (rep.record.commit.as_deref(), rep.record.format.as_str()),
+        (Some(C2), "npz")
+    );
+    assert_eq!(rep.record.provenance, "vit");
+    let t = candle_core::safetensors::load(&rep.output, &Device::Cpu).unwrap();
+    assert_eq!(t.len(), rep.record.tensor_count);
+    assert!(
+        t.keys().all(|k| k.starts_with("transformer.")),
+        "{:?}",
+        t.keys().take(3).collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -440,12 +577,18 @@ fn hub_alias_resolution_suggests_fetch() {
         .to_string();
     assert!(e.contains("ultrarefiner fetch medsam-vit-b"), "{e}");
     assert!(e.contains("medsam-vit-b.safetensors"), "{e}");
+    assert_eq!(hub::default_vit_pretrained(&weights), None);
     // With the file present it resolves to weights/<alias>.safetensors.
     std::fs::create_dir_all(&weights).unwrap();
     std::fs::write(weights.join("medsam-vit-b.safetensors"), b"x").unwrap();
     assert_eq!(
         hub::resolve_weights_arg("medsam-vit-b", &weights).unwrap(),
         weights.join("medsam-vit-b.safetensors")
+    );
+    std::fs::write(weights.join("r50-vit-b16.safetensors"), b"x").unwrap();
+    assert_eq!(
+        hub::default_vit_pretrained(&weights),
+        Some(weights.join("r50-vit-b16.safetensors"))
     );
     // Neither a file nor an alias.
     let e = hub::resolve_weights_arg("no/such/file.safetensors", &weights)

@@ -3,6 +3,7 @@ use super::convert::convert_weights;
 use super::manifest::{utc_now_iso8601, Manifest, ManifestRecord};
 use super::source::{sha256_file, HubCache, LocalPath, WeightSource};
 use super::{converted_path, lookup_or_err};
+use crate::config::TransUnetConfig;
 use crate::{Error, Result};
 use std::path::PathBuf;
 
@@ -22,6 +23,8 @@ pub struct FetchOptions {
     pub weights_dir: PathBuf,
     /// Download progress bar.
     pub progress: bool,
+    /// Geometry the TransUNet encoder aliases (`r50-vit-b16*`) are converted for (default: the paper preset, 224).
+    pub transunet: TransUnetConfig,
 }
 
 impl FetchOptions {
@@ -35,6 +38,7 @@ impl FetchOptions {
             from_file: None,
             weights_dir: PathBuf::from(super::DEFAULT_WEIGHTS_DIR),
             progress: true,
+            transunet: crate::config::Config::paper().model.transunet,
         }
     }
 }
@@ -88,7 +92,7 @@ pub fn fetch(opts: &FetchOptions) -> Result<FetchReport> {
 
     // Verification: the registry's known SHA-256 (for its default revision, or any --from-file), else the value
     // recorded at the first download of the same snapshot.
-    let default_revision = revision.as_deref().map_or(true, |r| r == entry.revision);
+    let default_revision = revision.as_deref().is_none_or(|r| r == entry.revision);
     let mut sha_verified = false;
     if let Some(known) = entry.sha256 {
         if default_revision {
@@ -129,7 +133,19 @@ pub fn fetch(opts: &FetchOptions) -> Result<FetchReport> {
     }
 
     let output = converted_path(&opts.weights_dir, entry.alias);
-    let conv = convert_weights(entry.format, &resolved.path, &output, entry.provenance)?;
+    let conv = convert_weights(
+        entry.format,
+        &resolved.path,
+        &output,
+        entry.provenance,
+        &opts.transunet,
+    )
+    .map_err(|e| {
+        Error::msg(format!(
+            "converting `{}` (expected {}: {}) failed: {e}",
+            entry.alias, entry.format, entry.description
+        ))
+    })?;
     let sha_converted = sha256_file(&output)?;
 
     let (file, source_kind) = match &opts.from_file {

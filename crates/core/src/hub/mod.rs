@@ -15,9 +15,7 @@ mod fetch;
 mod manifest;
 mod source;
 
-pub use convert::{
-    convert_weights, sam_original_safetensors_to_canonical, ConvertOutcome, SAM_PREFIXES,
-};
+pub use convert::{convert_weights, ConvertOutcome};
 pub use fetch::{fetch, FetchOptions, FetchReport};
 pub use manifest::{
     utc_now_iso8601, write_atomic, Manifest, ManifestRecord, MANIFEST_FORMAT_VERSION,
@@ -272,4 +270,11 @@ pub fn resolve_weights_arg(arg: &str, weights_dir: &Path) -> Result<PathBuf> {
         "`{arg}` is neither an existing file nor a weight alias (aliases: {}; get one with `ultrarefiner fetch <alias>`)",
         alias_names()
     )))
+}
+
+/// Default of `--vit-pretrained` (SPEC §11.2): `weights_dir/r50-vit-b16.safetensors` if present, else `None` (the
+/// caller warns and trains the encoder from scratch).
+pub fn default_vit_pretrained(weights_dir: &Path) -> Option<PathBuf> {
+    let p = converted_path(weights_dir, "r50-vit-b16");
+    p.is_file().then_some(p)
 }
