@@ -3,10 +3,15 @@
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use ultrarefiner::data::{self, phantom::PhantomOptions, prepare::PrepareOptions, verify::VerifyOptions};
+use ultrarefiner::config::Config;
+use ultrarefiner::data::{
+    self, phantom::PhantomOptions, prepare::PrepareOptions, verify::VerifyOptions,
+};
 
 #[derive(Parser, Debug)]
-#[command(about = "Prepare datasets: convert raw layouts, verify processed data, generate the phantom set")]
+#[command(
+    about = "Prepare datasets: convert raw layouts, verify processed data, generate the phantom set"
+)]
 pub struct Args {
     #[command(subcommand)]
     pub cmd: Cmd,
@@ -41,15 +46,18 @@ pub struct DatasetsArgs {
     /// Datasets to process (comma-separated or repeated); default: every dataset folder present under --raw-root.
     #[arg(long, num_args = 1.., value_delimiter = ',')]
     pub datasets: Vec<String>,
-    /// Fraction of each dataset held out as test split.
-    #[arg(long, default_value_t = 0.2)]
-    pub test_ratio: f64,
-    /// Number of cross-validation folds of the training split.
-    #[arg(long, default_value_t = 5)]
-    pub n_splits: usize,
-    /// Seed of the CPython-compatible shuffle used for the split and the folds.
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
+    /// Preset (paper, narrow, tiny) or TOML path supplying [data] defaults.
+    #[arg(long, default_value = "paper")]
+    pub config: String,
+    /// Fraction of each dataset held out as test split [default: 0.2, from [data]].
+    #[arg(long)]
+    pub test_ratio: Option<f64>,
+    /// Number of cross-validation folds of the training split [default: 5, from [data]].
+    #[arg(long)]
+    pub n_splits: Option<usize>,
+    /// Seed of the CPython-compatible shuffle used for the split and the folds [default: 42, from [data]].
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Re-process datasets even when splits.json already matches the raw content.
     #[arg(long)]
     pub overwrite: bool,
@@ -82,18 +90,21 @@ pub struct PhantomArgs {
     /// Output folder (BUSI layout); pass it to `prepare datasets` as <raw-root>/PHANTOM.
     #[arg(long, default_value = "./dataset/raw/PHANTOM")]
     pub out: PathBuf,
-    /// Number of images (50% benign, 33% malignant, the rest normal).
-    #[arg(long, default_value_t = 120)]
-    pub count: usize,
+    /// Preset (paper, narrow, tiny) or TOML path supplying [phantom] defaults (count and size ranges).
+    #[arg(long, default_value = "paper")]
+    pub config: String,
+    /// Number of images (50% benign, 33% malignant, the rest normal) [default: 120 paper, 48 tiny].
+    #[arg(long)]
+    pub count: Option<usize>,
     /// Seed; the output is byte-identical for a seed and count.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
-    /// Image height range in pixels, `A-B` inclusive.
-    #[arg(long, default_value = "280-400")]
-    pub size_h: String,
-    /// Image width range in pixels, `A-B` inclusive.
-    #[arg(long, default_value = "360-520")]
-    pub size_w: String,
+    /// Image height range in pixels, `A-B` inclusive [default: 280-400 paper, 112-144 tiny].
+    #[arg(long)]
+    pub size_h: Option<String>,
+    /// Image width range in pixels, `A-B` inclusive [default: 360-520 paper, 128-176 tiny].
+    #[arg(long)]
+    pub size_w: Option<String>,
     /// Do not burn caliper marks into the images.
     #[arg(long)]
     pub no_annotations: bool,
@@ -103,9 +114,17 @@ pub struct PhantomArgs {
 }
 
 fn parse_range(flag: &str, s: &str) -> anyhow::Result<(usize, usize)> {
-    let (a, b) = s.split_once('-').with_context(|| format!("{flag} must look like A-B (e.g. 280-400), got `{s}`"))?;
-    let a: usize = a.trim().parse().with_context(|| format!("{flag}: `{a}` is not a number"))?;
-    let b: usize = b.trim().parse().with_context(|| format!("{flag}: `{b}` is not a number"))?;
+    let (a, b) = s
+        .split_once('-')
+        .with_context(|| format!("{flag} must look like A-B (e.g. 280-400), got `{s}`"))?;
+    let a: usize = a
+        .trim()
+        .parse()
+        .with_context(|| format!("{flag}: `{a}` is not a number"))?;
+    let b: usize = b
+        .trim()
+        .parse()
+        .with_context(|| format!("{flag}: `{b}` is not a number"))?;
     if a > b {
         bail!("{flag}: lower bound {a} exceeds upper bound {b}");
     }
@@ -115,13 +134,14 @@ fn parse_range(flag: &str, s: &str) -> anyhow::Result<(usize, usize)> {
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.cmd {
         Cmd::Datasets(a) => {
+            let cfg = Config::load(&a.config)?;
             let opts = PrepareOptions {
                 raw_root: a.raw_root,
                 output_root: a.output_root,
                 datasets: data::parse_dataset_list(&a.datasets)?,
-                test_ratio: a.test_ratio,
-                n_splits: a.n_splits,
-                seed: a.seed,
+                test_ratio: a.test_ratio.unwrap_or(cfg.data.test_ratio),
+                n_splits: a.n_splits.unwrap_or(cfg.data.n_splits),
+                seed: a.seed.unwrap_or(cfg.data.seed),
                 overwrite: a.overwrite,
                 skip_bad: a.skip_bad,
                 verify: true,
@@ -147,15 +167,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         Cmd::Phantom(a) => {
-            let opts = PhantomOptions {
-                out: a.out,
-                count: a.count,
-                seed: a.seed,
-                height_range: parse_range("--size-h", &a.size_h)?,
-                width_range: parse_range("--size-w", &a.size_w)?,
-                annotations: !a.no_annotations,
-                num_workers: a.num_workers,
-            };
+            let cfg = Config::load(&a.config)?;
+            let mut opts = PhantomOptions::from_config(&cfg.phantom, a.out, a.seed);
+            if let Some(c) = a.count {
+                opts.count = c;
+            }
+            if let Some(h) = &a.size_h {
+                opts.height_range = parse_range("--size-h", h)?;
+            }
+            if let Some(w) = &a.size_w {
+                opts.width_range = parse_range("--size-w", w)?;
+            }
+            opts.annotations = !a.no_annotations;
+            opts.num_workers = a.num_workers;
             let report = data::phantom::generate(&opts)?;
             println!("{report}");
         }

@@ -5,8 +5,10 @@ use ultrarefiner::data::splits::{kfold_indices, sort_names, test_split, SplitsFi
 use ultrarefiner::testing::fixture_path;
 
 /// `r = random.Random(42); [r.getrandbits(32) for _ in range(10)]` (CPython 3).
-const FIRST10: [u32; 10] =
-    [2746317213, 478163327, 107420369, 3184935163, 1181241943, 1051802512, 958682846, 599310825, 3163119785, 440213415];
+const FIRST10: [u32; 10] = [
+    2746317213, 478163327, 107420369, 3184935163, 1181241943, 1051802512, 958682846, 599310825,
+    3163119785, 440213415,
+];
 
 #[test]
 fn genrand_matches_cpython() {
@@ -22,18 +24,26 @@ fn shuffles_match_cpython() {
     assert_eq!(shuffled_range(2, 42), vec![1, 0]);
     assert_eq!(shuffled_range(5, 42), vec![3, 1, 2, 4, 0]);
     let want103 = vec![
-        41, 78, 82, 9, 67, 47, 1, 72, 15, 80, 58, 10, 45, 33, 56, 37, 50, 32, 66, 44, 30, 65, 8, 21, 55, 97, 89, 42, 63,
-        26, 79, 52, 95, 49, 61, 74, 48, 76, 101, 59, 87, 12, 36, 23, 39, 40, 18, 68, 5, 62, 7, 34, 83, 46, 2, 51, 16, 38,
-        60, 70, 22, 6, 24, 85, 93, 102, 84, 19, 73, 43, 88, 20, 0, 98, 57, 96, 53, 91, 25, 71, 92, 77, 64, 29, 27, 90,
-        100, 4, 54, 75, 11, 69, 86, 13, 99, 17, 28, 31, 35, 94, 3, 14, 81,
+        41, 78, 82, 9, 67, 47, 1, 72, 15, 80, 58, 10, 45, 33, 56, 37, 50, 32, 66, 44, 30, 65, 8,
+        21, 55, 97, 89, 42, 63, 26, 79, 52, 95, 49, 61, 74, 48, 76, 101, 59, 87, 12, 36, 23, 39,
+        40, 18, 68, 5, 62, 7, 34, 83, 46, 2, 51, 16, 38, 60, 70, 22, 6, 24, 85, 93, 102, 84, 19,
+        73, 43, 88, 20, 0, 98, 57, 96, 53, 91, 25, 71, 92, 77, 64, 29, 27, 90, 100, 4, 54, 75, 11,
+        69, 86, 13, 99, 17, 28, 31, 35, 94, 3, 14, 81,
     ];
     assert_eq!(shuffled_range(103, 42), want103);
     // n = 518 and 1500: first 12, last 6 and Σ i·x[i] (CPython).
     for (n, head, tail, wsum) in [
-        (518usize, vec![226, 336, 421, 127, 312, 92, 474, 139, 386, 188, 303, 430], vec![142, 228, 250, 281, 25, 114], 34643014u64),
+        (
+            518usize,
+            vec![226, 336, 421, 127, 312, 92, 474, 139, 386, 188, 303, 430],
+            vec![142, 228, 250, 281, 25, 114],
+            34643014u64,
+        ),
         (
             1500,
-            vec![1303, 397, 386, 549, 597, 1113, 1365, 134, 1117, 1164, 213, 1181],
+            vec![
+                1303, 397, 386, 549, 597, 1113, 1365, 134, 1117, 1164, 213, 1181,
+            ],
             vec![457, 501, 563, 51, 228, 1309],
             843153938,
         ),
@@ -52,7 +62,11 @@ fn folds_json() -> serde_json::Value {
 }
 
 fn as_usize(v: &serde_json::Value) -> Vec<usize> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
 }
 
 #[test]
@@ -60,7 +74,11 @@ fn kfold_matches_fixture() {
     let j = folds_json();
     for (key, entry) in j["kfold"].as_object().unwrap() {
         let n: usize = key.parse().unwrap();
-        assert_eq!(shuffled_range(n, 42), as_usize(&entry["permutation"]), "permutation n={n}");
+        assert_eq!(
+            shuffled_range(n, 42),
+            as_usize(&entry["permutation"]),
+            "permutation n={n}"
+        );
         let folds = kfold_indices(n, 5, 42);
         let want = entry["folds"].as_array().unwrap();
         assert_eq!(folds.len(), want.len());
@@ -90,7 +108,15 @@ fn train_test_split_matches_fixture() {
 fn splits_file_fold_membership_matches_fixture() {
     let j = folds_json();
     // 163 names whose .png-inclusive sort differs from the plain sort (`a-1` vs `a`).
-    let mut names: Vec<String> = (0..163).map(|i| if i % 7 == 0 { format!("s{:03}-x", i / 2) } else { format!("s{i:03}") }).collect();
+    let mut names: Vec<String> = (0..163)
+        .map(|i| {
+            if i % 7 == 0 {
+                format!("s{:03}-x", i / 2)
+            } else {
+                format!("s{i:03}")
+            }
+        })
+        .collect();
     names.dedup();
     names.truncate(163);
     assert_eq!(names.len(), 163);
@@ -98,16 +124,28 @@ fn splits_file_fold_membership_matches_fixture() {
     let mut items = names.clone();
     sort_names(&mut items);
     let tt = &j["train_test_split"]["BUS_UCLM_total_163"];
-    let mut want_train: Vec<String> = as_usize(&tt["train"]).iter().map(|&i| items[i].clone()).collect();
-    let mut want_test: Vec<String> = as_usize(&tt["test"]).iter().map(|&i| items[i].clone()).collect();
+    let mut want_train: Vec<String> = as_usize(&tt["train"])
+        .iter()
+        .map(|&i| items[i].clone())
+        .collect();
+    let mut want_test: Vec<String> = as_usize(&tt["test"])
+        .iter()
+        .map(|&i| items[i].clone())
+        .collect();
     sort_names(&mut want_train);
     sort_names(&mut want_test);
     assert_eq!(sp.train, want_train);
     assert_eq!(sp.test, want_test);
     let kf = &j["kfold"]["130"]["folds"];
     for (i, f) in sp.folds.iter().enumerate() {
-        let want_val: Vec<String> = as_usize(&kf[i]["val"]).iter().map(|&k| sp.train[k].clone()).collect();
-        let want_tr: Vec<String> = as_usize(&kf[i]["train"]).iter().map(|&k| sp.train[k].clone()).collect();
+        let want_val: Vec<String> = as_usize(&kf[i]["val"])
+            .iter()
+            .map(|&k| sp.train[k].clone())
+            .collect();
+        let want_tr: Vec<String> = as_usize(&kf[i]["train"])
+            .iter()
+            .map(|&k| sp.train[k].clone())
+            .collect();
         assert_eq!(f.val, want_val, "fold {i} val");
         assert_eq!(f.train, want_tr, "fold {i} train");
     }

@@ -2,7 +2,11 @@
 use ultrarefiner::data::phantom::{class_list, render, PhantomClass, PhantomOptions};
 
 fn tiny_opts() -> PhantomOptions {
-    PhantomOptions { height_range: (112, 144), width_range: (128, 176), ..Default::default() }
+    PhantomOptions {
+        height_range: (112, 144),
+        width_range: (128, 176),
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -34,7 +38,13 @@ fn statistics_over_200_images() {
         tiny += img.meta.lesions.iter().filter(|l| l.tiny).count();
         let n = img.speckle.len() as f64;
         let mean = img.speckle.iter().map(|&v| v as f64).sum::<f64>() / n;
-        let sd = (img.speckle.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let sd = (img
+            .speckle
+            .iter()
+            .map(|&v| (v as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n)
+            .sqrt();
         snr_sum += mean / sd;
         snr_n += 1;
         if !img.meta.lesions.is_empty() {
@@ -74,7 +84,11 @@ fn statistics_over_200_images() {
 #[test]
 fn render_is_deterministic_and_masks_match_metadata() {
     let o = tiny_opts();
-    for (k, c) in [(0, PhantomClass::Benign), (1, PhantomClass::Malignant), (2, PhantomClass::Normal)] {
+    for (k, c) in [
+        (0, PhantomClass::Benign),
+        (1, PhantomClass::Malignant),
+        (2, PhantomClass::Normal),
+    ] {
         let a = render(&o, k, c, 1);
         let b = render(&o, k, c, 1);
         assert_eq!(a.image, b.image);
@@ -93,7 +107,9 @@ fn render_is_deterministic_and_masks_match_metadata() {
 #[test]
 #[ignore = "manual inspection helper; set PHANTOM_DUMP=/some/dir"]
 fn dump_for_inspection() {
-    let Ok(dir) = std::env::var("PHANTOM_DUMP") else { return };
+    let Ok(dir) = std::env::var("PHANTOM_DUMP") else {
+        return;
+    };
     let dir = std::path::PathBuf::from(dir);
     std::fs::create_dir_all(&dir).unwrap();
     let o = PhantomOptions::default();
@@ -101,10 +117,21 @@ fn dump_for_inspection() {
     for (k, &c) in classes.iter().enumerate() {
         let img = render(&o, k, c, k + 1);
         let (w, h) = (img.image.width, img.image.height);
-        let png = ultrarefiner::data::pixels::encode_png(&img.image.data, w, h, image::ExtendedColorType::L8).unwrap();
+        let png = ultrarefiner::data::pixels::encode_png(
+            &img.image.data,
+            w,
+            h,
+            image::ExtendedColorType::L8,
+        )
+        .unwrap();
         std::fs::write(dir.join(format!("{k:02}_{}.png", c.name())), png).unwrap();
-        let t: Vec<u8> = img.tissue.iter().map(|&v| (v.clamp(0.0, 1.0) * 255.0) as u8).collect();
-        let png = ultrarefiner::data::pixels::encode_png(&t, w, h, image::ExtendedColorType::L8).unwrap();
+        let t: Vec<u8> = img
+            .tissue
+            .iter()
+            .map(|&v| (v.clamp(0.0, 1.0) * 255.0) as u8)
+            .collect();
+        let png =
+            ultrarefiner::data::pixels::encode_png(&t, w, h, image::ExtendedColorType::L8).unwrap();
         std::fs::write(dir.join(format!("{k:02}_{}_tissue.png", c.name())), png).unwrap();
     }
 }

@@ -413,6 +413,16 @@ fn fd_conv2d_strided_and_transpose() {
         RTOL,
         100,
     );
+    // Non-square strided input whose H and W agree modulo the stride (what `check_strided_input` admits).
+    let xr = rand_t(&[1, 2, 6, 8], -1.0, 1.0, 36);
+    let w3 = rand_t(&[3, 2, 3, 3], -1.0, 1.0, 37);
+    fd_check(
+        "StdConv2d s2 6x8",
+        &[xr, w3],
+        |t| nn::StdConv2d::from_tensors(t[1].clone(), None, 2, 1).forward(&t[0]),
+        RTOL,
+        100,
+    );
     let wt = rand_t(&[3, 5, 2, 2], -1.0, 1.0, 33);
     fd_check(
         "conv_transpose2d k2 s2",

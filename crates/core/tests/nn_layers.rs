@@ -263,3 +263,44 @@ fn layer_norm_half_precision_uses_f32_statistics() {
         2e-2,
     );
 }
+
+#[test]
+fn batch_norm_reads_buffers_from_a_seeded_varmap_as_plain_tensors() {
+    let vm = VarMap::new();
+    {
+        let mut d = vm.data().lock().unwrap();
+        let rm =
+            candle_core::Var::from_tensor(&Tensor::new(&[1.0f32, 2.0], &cpu()).unwrap()).unwrap();
+        d.insert("bn.running_mean".to_string(), rm);
+        let nbt = candle_core::Var::from_tensor(&Tensor::new(5.0f32, &cpu()).unwrap()).unwrap();
+        d.insert("bn.num_batches_tracked".to_string(), nbt);
+    }
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &cpu());
+    let bn = nn::BatchNorm2d::new(2, 1e-5, 0.1, vb.pp("bn")).unwrap();
+    assert_eq!(to_vec(&bn.running_mean().unwrap()), vec![1.0, 2.0]);
+    assert_eq!(to_vec(&bn.running_var().unwrap()), vec![1.0, 1.0]);
+    assert_eq!(bn.num_batches_tracked().unwrap(), 5);
+    assert!(!bn.running_mean().unwrap().is_variable());
+    // A wrong shape names the buffer.
+    let mut m = HashMap::new();
+    m.insert(
+        "running_var".to_string(),
+        Tensor::new(&[1.0f32, 2.0, 3.0], &cpu()).unwrap(),
+    );
+    m.insert(
+        "weight".to_string(),
+        Tensor::new(&[1.0f32, 1.0], &cpu()).unwrap(),
+    );
+    m.insert(
+        "bias".to_string(),
+        Tensor::new(&[0.0f32, 0.0], &cpu()).unwrap(),
+    );
+    let err = nn::BatchNorm2d::new(
+        2,
+        1e-5,
+        0.1,
+        VarBuilder::from_tensors(m, DType::F32, &cpu()),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("running_var"), "{err}");
+}

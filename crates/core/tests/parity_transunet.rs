@@ -6,7 +6,7 @@ use candle_nn::{VarBuilder, VarMap};
 use std::collections::HashMap;
 use ultrarefiner::config::TransUnetConfig;
 use ultrarefiner::models::transunet::{
-    checkpoint::LoadMode, load_into_varmap, read_checkpoint, TransUnet,
+    build_trainable, checkpoint::LoadMode, load_into_varmap, read_checkpoint, TransUnet,
 };
 use ultrarefiner::testing::{assert_close, assert_grad_close, fixture_path, get_f32, load_fixture};
 
@@ -235,8 +235,7 @@ fn transunet_tiny_every_var_gets_a_gradient() {
         .transunet;
     let s = cfg.img_size;
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let model = TransUnet::new(&cfg, vb).unwrap();
+    let model = build_trainable(&cfg, &varmap, "", DType::F32, &Device::Cpu, 42, None).unwrap();
     // Input: smooth image with a bright disc; target: the disc.
     let mut img = vec![0f32; 2 * s * s];
     let mut lab = vec![0f32; 2 * s * s];
@@ -306,8 +305,7 @@ fn transunet_tiny_dropout_is_seeded() {
         .transunet;
     let s = cfg.img_size;
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let model = TransUnet::new(&cfg, vb).unwrap();
+    let model = build_trainable(&cfg, &varmap, "", DType::F32, &Device::Cpu, 42, None).unwrap();
     let x = Tensor::rand(0f32, 1f32, (2, 1, s, s), &Device::Cpu).unwrap();
     let a = model.forward_t(&x, true, Some(1)).unwrap();
     let b = model.forward_t(&x, true, Some(1)).unwrap();
@@ -338,8 +336,7 @@ fn transunet_paper_forward_random() {
         .model
         .transunet;
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let model = TransUnet::new(&cfg, vb).unwrap();
+    let model = build_trainable(&cfg, &varmap, "", DType::F32, &Device::Cpu, 42, None).unwrap();
     let x = Tensor::rand(0f32, 1f32, (1, 1, 224, 224), &Device::Cpu).unwrap();
     let out = model.forward_with_intermediates(&x, false, None).unwrap();
     assert_eq!(out.logits.dims(), &[1, 2, 224, 224]);
@@ -356,4 +353,24 @@ fn transunet_paper_forward_random() {
         .to_scalar::<f32>()
         .unwrap();
     assert!(m.is_finite());
+}
+
+/// The model is dtype-generic: an f64 build (used by finite-difference checks) reproduces the eval logits.
+#[test]
+fn transunet_narrow_eval_f64() {
+    let io = load_fixture("transunet_narrow_io.safetensors").unwrap();
+    let model = TransUnet::from_tensors(&narrow(), weights(), DType::F64, &Device::Cpu).unwrap();
+    let x = get_f32(&io, "input").unwrap().to_dtype(DType::F64).unwrap();
+    let out = model.forward_with_intermediates(&x, false, None).unwrap();
+    assert_eq!(out.logits.dtype(), DType::F64);
+    rel(
+        "eval.logits (f64)",
+        &out.logits,
+        &get_f32(&io, "eval.logits").unwrap(),
+        2e-4,
+    );
+    let bufs = model.bn_buffers().unwrap();
+    assert!(bufs
+        .iter()
+        .all(|(k, t)| k.ends_with("num_batches_tracked") || t.dtype() == DType::F64));
 }

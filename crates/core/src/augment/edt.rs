@@ -58,21 +58,43 @@ fn dt1d(f: &[f64], d: &mut [f64], s2: f64, v: &mut [usize], z: &mut [f64]) {
 pub fn squared_distance_to_sites(is_site: &[bool], h: usize, w: usize, sampling: (f64, f64)) -> Vec<f64> {
     assert_eq!(is_site.len(), h * w, "mask length must be h*w");
     let n = h.max(w);
+    if h == 0 || w == 0 {
+        return Vec::new();
+    }
     let mut v = vec![0usize; n];
     let mut z = vec![0f64; n + 1];
-    let mut f = vec![0f64; n];
-    let mut d = vec![0f64; n];
+    let mut f = vec![0f64; w];
+    let mut d = vec![0f64; w];
     let (sy, sx) = sampling;
     let mut out: Vec<f64> = is_site.iter().map(|&s| if s { 0.0 } else { f64::INFINITY }).collect();
-    // Columns.
-    for j in 0..w {
+    // Columns, gathered in blocks of 8 adjacent columns (one cache line of f64 per row) to avoid strided misses.
+    const B: usize = 8;
+    let mut fb = vec![0f64; B * h];
+    let mut db = vec![0f64; B * h];
+    let mut j0 = 0;
+    while j0 < w {
+        let nb = B.min(w - j0);
         for i in 0..h {
-            f[i] = out[i * w + j];
+            let row = &out[i * w + j0..i * w + j0 + nb];
+            for (c, &x) in row.iter().enumerate() {
+                fb[c * h + i] = x;
+            }
         }
-        dt1d(&f[..h], &mut d[..h], sy * sy, &mut v, &mut z);
+        for c in 0..nb {
+            let col = &fb[c * h..(c + 1) * h];
+            if col.iter().all(|x| x.is_infinite()) {
+                db[c * h..(c + 1) * h].iter_mut().for_each(|x| *x = f64::INFINITY);
+            } else {
+                dt1d(col, &mut db[c * h..(c + 1) * h], sy * sy, &mut v, &mut z);
+            }
+        }
         for i in 0..h {
-            out[i * w + j] = d[i];
+            let row = &mut out[i * w + j0..i * w + j0 + nb];
+            for (c, x) in row.iter_mut().enumerate() {
+                *x = db[c * h + i];
+            }
         }
+        j0 += nb;
     }
     // Rows.
     for i in 0..h {

@@ -38,6 +38,15 @@ pub fn standard_normal<R: Rng + ?Sized>(rng: &mut R) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
+/// Two independent standard normal variates (both outputs of one Box–Muller transform).
+pub fn standard_normal_pair<R: Rng + ?Sized>(rng: &mut R) -> (f64, f64) {
+    let u1: f64 = 1.0 - rng.gen::<f64>();
+    let u2: f64 = rng.gen::<f64>();
+    let r = (-2.0 * u1.ln()).sqrt();
+    let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
+    (r * c, r * s)
+}
+
 /// Smallest `m ≥ n` whose prime factors are only 2, 3 and 5 (a fast FFT length).
 pub fn fast_len(n: usize) -> usize {
     let mut m = n.max(1);
@@ -75,7 +84,14 @@ fn filtered_noise<R: Rng + ?Sized>(h: usize, w: usize, ly: f64, lx: f64, spectru
     let px = (3.0 * lx).ceil() as usize;
     let nh = fast_len(h + 2 * py);
     let nw = fast_len(w + 2 * px);
-    let mut buf: Vec<Complex<f64>> = (0..nh * nw).map(|_| Complex::new(standard_normal(rng), 0.0)).collect();
+    let mut buf: Vec<Complex<f64>> = Vec::with_capacity(nh * nw);
+    while buf.len() < nh * nw {
+        let (a, b) = standard_normal_pair(rng);
+        buf.push(Complex::new(a, 0.0));
+        if buf.len() < nh * nw {
+            buf.push(Complex::new(b, 0.0));
+        }
+    }
     let (fw, fh, iw, ih) = PLANNER.with(|p| {
         let mut planner = p.borrow_mut();
         (

@@ -25,20 +25,39 @@ impl LoaderWorkload {
         batch_size: usize,
         num_workers: Option<usize>,
     ) -> Result<Self> {
-        let ds = SegDataset::open(processed_root, datasets, Split::Train, img_size)?.with_augmentation(42);
+        let ds = SegDataset::open(processed_root, datasets, Split::Train, img_size)?
+            .with_augmentation(42);
         if ds.len() < batch_size {
-            return Err(Error::Arg(format!("loader bench needs at least {batch_size} samples, found {}", ds.len())));
+            return Err(Error::Arg(format!(
+                "loader bench needs at least {batch_size} samples, found {}",
+                ds.len()
+            )));
         }
         let mut opts = LoaderOptions::train(batch_size, 42);
         opts.num_workers = num_workers;
-        Ok(Self { loader: Loader::new(Arc::new(ds), opts)?, epoch: std::cell::Cell::new(0) })
+        Ok(Self {
+            loader: Loader::new(Arc::new(ds), opts)?,
+            epoch: std::cell::Cell::new(0),
+        })
     }
 
     /// Self-contained set-up: generates a `count`-image phantom (paper sizes) under `work_dir` and prepares it.
-    pub fn phantom(work_dir: &Path, count: usize, img_size: usize, batch_size: usize, num_workers: Option<usize>) -> Result<Self> {
+    pub fn phantom(
+        work_dir: &Path,
+        count: usize,
+        img_size: usize,
+        batch_size: usize,
+        num_workers: Option<usize>,
+    ) -> Result<Self> {
         let raw = work_dir.join("raw");
         let processed = work_dir.join("processed");
-        generate(&PhantomOptions { out: raw.join("PHANTOM"), count, seed: 7, num_workers, ..Default::default() })?;
+        generate(&PhantomOptions {
+            out: raw.join("PHANTOM"),
+            count,
+            seed: 7,
+            num_workers,
+            ..Default::default()
+        })?;
         prepare_datasets(&PrepareOptions {
             raw_root: raw,
             output_root: processed.clone(),

@@ -27,11 +27,25 @@ pub struct LoaderOptions {
 impl LoaderOptions {
     /// Training loader: shuffled, `drop_last = true`.
     pub fn train(batch_size: usize, seed: u64) -> Self {
-        Self { batch_size, shuffle: true, drop_last: true, seed, num_workers: None, prefetch: 2 }
+        Self {
+            batch_size,
+            shuffle: true,
+            drop_last: true,
+            seed,
+            num_workers: None,
+            prefetch: 2,
+        }
     }
     /// Validation/test loader: dataset order, `drop_last = false`.
     pub fn eval(batch_size: usize) -> Self {
-        Self { batch_size, shuffle: false, drop_last: false, seed: 0, num_workers: None, prefetch: 2 }
+        Self {
+            batch_size,
+            shuffle: false,
+            drop_last: false,
+            seed: 0,
+            num_workers: None,
+            prefetch: 2,
+        }
     }
     pub fn with_workers(mut self, n: usize) -> Self {
         self.num_workers = Some(n);
@@ -58,7 +72,10 @@ impl Batch {
     /// Stacks samples (all of the same `S`) into host tensors.
     pub fn from_samples(samples: Vec<Sample>) -> Result<Self> {
         let b = samples.len();
-        let s = samples.first().map(|x| x.size).ok_or_else(|| Error::msg("empty batch"))?;
+        let s = samples
+            .first()
+            .map(|x| x.size)
+            .ok_or_else(|| Error::msg("empty batch"))?;
         let mut img = Vec::with_capacity(b * s * s);
         let mut msk = Vec::with_capacity(b * s * s);
         let mut names = Vec::with_capacity(b);
@@ -67,7 +84,10 @@ impl Batch {
         let mut indices = Vec::with_capacity(b);
         for x in samples {
             if x.size != s {
-                return Err(Error::msg(format!("sample {} has size {} but the batch has {s}", x.name, x.size)));
+                return Err(Error::msg(format!(
+                    "sample {} has size {} but the batch has {s}",
+                    x.name, x.size
+                )));
             }
             img.extend_from_slice(&x.image);
             msk.extend_from_slice(&x.mask);
@@ -95,7 +115,11 @@ impl Batch {
 
     /// Moves images and masks to `device` (one transfer per tensor).
     pub fn to_device(&self, device: &Device) -> Result<Self> {
-        Ok(Batch { images: self.images.to_device(device)?, masks: self.masks.to_device(device)?, ..self.clone() })
+        Ok(Batch {
+            images: self.images.to_device(device)?,
+            masks: self.masks.to_device(device)?,
+            ..self.clone()
+        })
     }
 }
 
@@ -133,7 +157,11 @@ impl Loader {
             )),
             None => None,
         };
-        Ok(Self { dataset, opts, pool })
+        Ok(Self {
+            dataset,
+            opts,
+            pool,
+        })
     }
 
     pub fn dataset(&self) -> &Arc<dyn Dataset> {
@@ -154,7 +182,10 @@ impl Loader {
     /// The batches of `epoch` as index lists.
     pub fn batch_indices(&self, epoch: u64) -> Vec<Vec<usize>> {
         let order = epoch_order(self.dataset.len(), self.opts.shuffle, self.opts.seed, epoch);
-        let mut out: Vec<Vec<usize>> = order.chunks(self.opts.batch_size).map(|c| c.to_vec()).collect();
+        let mut out: Vec<Vec<usize>> = order
+            .chunks(self.opts.batch_size)
+            .map(|c| c.to_vec())
+            .collect();
         if self.opts.drop_last && out.last().is_some_and(|l| l.len() < self.opts.batch_size) {
             out.pop();
         }
@@ -181,12 +212,24 @@ impl Loader {
                 }
             }
         });
-        EpochIter { rx: Some(rx), handle: Some(handle) }
+        EpochIter {
+            rx: Some(rx),
+            handle: Some(handle),
+        }
     }
 }
 
-fn build_batch(ds: &Arc<dyn Dataset>, pool: Option<&rayon::ThreadPool>, idx: &[usize], epoch: u64) -> Result<Batch> {
-    let work = || idx.par_iter().map(|&i| ds.get(i, epoch)).collect::<Result<Vec<Sample>>>();
+fn build_batch(
+    ds: &Arc<dyn Dataset>,
+    pool: Option<&rayon::ThreadPool>,
+    idx: &[usize],
+    epoch: u64,
+) -> Result<Batch> {
+    let work = || {
+        idx.par_iter()
+            .map(|&i| ds.get(i, epoch))
+            .collect::<Result<Vec<Sample>>>()
+    };
     let samples = match pool {
         Some(p) => p.install(work),
         None => work(),

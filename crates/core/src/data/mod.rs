@@ -64,10 +64,17 @@ impl DatasetKind {
     /// Parses a registry name (case-insensitive). Unknown names are an error listing the known ones.
     pub fn parse(s: &str) -> Result<Self> {
         let up = s.trim().to_ascii_uppercase();
-        Self::ALL.iter().copied().find(|k| k.name() == up).ok_or_else(|| {
-            let known: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
-            Error::Arg(format!("unknown dataset name `{s}` (known: {})", known.join(", ")))
-        })
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|k| k.name() == up)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
+                Error::Arg(format!(
+                    "unknown dataset name `{s}` (known: {})",
+                    known.join(", ")
+                ))
+            })
     }
 
     /// UDIAT is the unseen, test-only dataset: every sample goes to `test/`.
@@ -87,7 +94,12 @@ impl std::fmt::Display for DatasetKind {
 pub fn parse_dataset_list<S: AsRef<str>>(items: &[S]) -> Result<Vec<DatasetKind>> {
     let mut out = Vec::new();
     for item in items {
-        for part in item.as_ref().split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        for part in item
+            .as_ref()
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
             let k = DatasetKind::parse(part)?;
             if !out.contains(&k) {
                 out.push(k);
@@ -107,10 +119,20 @@ pub fn combined_name<S: AsRef<str>>(names: &[S]) -> String {
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename.
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let fname = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{fname}.tmp-{}-{}", std::process::id(), tmp_counter()));
+    let fname = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{fname}.tmp-{}-{}",
+        std::process::id(),
+        tmp_counter()
+    ));
     {
         let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;

@@ -43,6 +43,20 @@ impl Default for PhantomOptions {
     }
 }
 
+impl PhantomOptions {
+    /// Options from the `[phantom]` section of a preset (count and size ranges); the rest default.
+    pub fn from_config(cfg: &crate::config::PhantomConfig, out: PathBuf, seed: u64) -> Self {
+        Self {
+            out,
+            count: cfg.count,
+            seed,
+            height_range: (cfg.height_range[0], cfg.height_range[1]),
+            width_range: (cfg.width_range[0], cfg.width_range[1]),
+            ..Default::default()
+        }
+    }
+}
+
 /// Image class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -223,13 +237,27 @@ pub fn generate(opts: &PhantomOptions) -> Result<PhantomReport> {
         },
         "images": metas,
     });
-    write_atomic(&opts.out.join("phantom.json"), serde_json::to_string_pretty(&doc).unwrap_or_default().as_bytes())?;
+    write_atomic(
+        &opts.out.join("phantom.json"),
+        serde_json::to_string_pretty(&doc)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
     let lesions: Vec<&LesionMeta> = metas.iter().flat_map(|m| m.lesions.iter()).collect();
     Ok(PhantomReport {
         out: opts.out.clone(),
-        benign: classes.iter().filter(|c| **c == PhantomClass::Benign).count(),
-        malignant: classes.iter().filter(|c| **c == PhantomClass::Malignant).count(),
-        normal: classes.iter().filter(|c| **c == PhantomClass::Normal).count(),
+        benign: classes
+            .iter()
+            .filter(|c| **c == PhantomClass::Benign)
+            .count(),
+        malignant: classes
+            .iter()
+            .filter(|c| **c == PhantomClass::Malignant)
+            .count(),
+        normal: classes
+            .iter()
+            .filter(|c| **c == PhantomClass::Normal)
+            .count(),
         lesions: lesions.len(),
         tiny_lesions: lesions.iter().filter(|l| l.tiny).count(),
         second_masks: metas.iter().filter(|m| m.lesions.len() > 1).count(),
@@ -245,14 +273,37 @@ fn write_image(opts: &PhantomOptions, img: &PhantomImage) -> Result<()> {
     let bytes = encode_png(&rgb, g.width, g.height, image::ExtendedColorType::Rgb8)?;
     write_atomic(&dir.join(&m.file), &bytes)?;
     for (i, mask) in img.masks.iter().enumerate() {
-        let fname = if i == 0 { format!("{base}_mask.png") } else { format!("{base}_mask_{i}.png") };
-        let fmt = if i == 0 { m.mask_format.as_str() } else { "grey" };
+        let fname = if i == 0 {
+            format!("{base}_mask.png")
+        } else {
+            format!("{base}_mask_{i}.png")
+        };
+        let fmt = if i == 0 {
+            m.mask_format.as_str()
+        } else {
+            "grey"
+        };
         let bytes = match fmt {
             "rgba" => {
-                let px: Vec<u8> = mask.data.iter().flat_map(|&v| [v * 255, v * 255, v * 255, 255]).collect();
-                encode_png(&px, mask.width, mask.height, image::ExtendedColorType::Rgba8)?
+                let px: Vec<u8> = mask
+                    .data
+                    .iter()
+                    .flat_map(|&v| [v * 255, v * 255, v * 255, 255])
+                    .collect();
+                encode_png(
+                    &px,
+                    mask.width,
+                    mask.height,
+                    image::ExtendedColorType::Rgba8,
+                )?
             }
-            "palette1" => encode_png_indexed(mask.width, mask.height, 1, Some(&[[0, 0, 0], [255, 255, 255]]), &mask.data)?,
+            "palette1" => encode_png_indexed(
+                mask.width,
+                mask.height,
+                1,
+                Some(&[[0, 0, 0], [255, 255, 255]]),
+                &mask.data,
+            )?,
             _ => {
                 let px: Vec<u8> = mask.data.iter().map(|&v| v * 255).collect();
                 encode_png(&px, mask.width, mask.height, image::ExtendedColorType::L8)?
@@ -285,7 +336,9 @@ fn wrap_angle(a: f64) -> f64 {
 fn blur(v: &[f32], h: usize, w: usize, sy: f64, sx: f64) -> Vec<f32> {
     fn kernel(s: f64) -> Vec<f32> {
         let r = (3.0 * s).ceil() as i64;
-        let k: Vec<f64> = (-r..=r).map(|i| (-(i * i) as f64 / (2.0 * s * s)).exp()).collect();
+        let k: Vec<f64> = (-r..=r)
+            .map(|i| (-(i * i) as f64 / (2.0 * s * s)).exp())
+            .collect();
         let sum: f64 = k.iter().sum();
         k.iter().map(|&x| (x / sum) as f32).collect()
     }
@@ -343,7 +396,8 @@ fn edt_1d(f: &[f64], out: &mut [f64]) {
         }
         loop {
             let p = v[k];
-            let s = ((f[q] + (q * q) as f64) - (f[p] + (p * p) as f64)) / (2.0 * (q as f64 - p as f64));
+            let s =
+                ((f[q] + (q * q) as f64) - (f[p] + (p * p) as f64)) / (2.0 * (q as f64 - p as f64));
             if s <= z[k] && k > 0 {
                 k -= 1;
             } else {
@@ -372,7 +426,11 @@ fn edt(h: usize, w: usize, target: impl Fn(usize) -> bool) -> Vec<f64> {
     let mut colo = vec![0f64; h];
     for x in 0..w {
         for y in 0..h {
-            col[y] = if target(y * w + x) { 0.0 } else { f64::INFINITY };
+            col[y] = if target(y * w + x) {
+                0.0
+            } else {
+                f64::INFINITY
+            };
         }
         edt_1d(&col, &mut colo);
         for y in 0..h {
@@ -402,9 +460,17 @@ impl Shape {
     fn rho(&self, theta: f64) -> f64 {
         let (s, c) = theta.sin_cos();
         let re = self.a * self.b / ((self.b * c).powi(2) + (self.a * s).powi(2)).sqrt();
-        let modul: f64 = 1.0 + self.harmonics.iter().map(|&(k, ak, bk)| ak * (k * theta + bk).cos()).sum::<f64>();
-        let spic: f64 =
-            self.spicules.iter().map(|&(tj, lj, wj)| lj * (1.0 - wrap_angle(theta - tj).abs() / wj).max(0.0)).sum();
+        let modul: f64 = 1.0
+            + self
+                .harmonics
+                .iter()
+                .map(|&(k, ak, bk)| ak * (k * theta + bk).cos())
+                .sum::<f64>();
+        let spic: f64 = self
+            .spicules
+            .iter()
+            .map(|&(tj, lj, wj)| lj * (1.0 - wrap_angle(theta - tj).abs() / wj).max(0.0))
+            .sum();
         re * modul + spic
     }
     fn inside(&self, x: f64, y: f64) -> bool {
@@ -424,23 +490,56 @@ fn draw_shape(rng: &mut ChaCha8Rng, malignant: bool, cx: f64, cy: f64, r: f64) -
     if !malignant {
         let psi = u(rng, -20.0, 20.0).to_radians();
         let s = u(rng, 1.1, 1.6);
-        let harmonics = (2..=4).map(|k| (k as f64, u(rng, 0.0, 0.06), u(rng, 0.0, TAU))).collect();
-        Shape { cx, cy, psi, a: r * s, b: r / s, harmonics, spicules: Vec::new() }
+        let harmonics = (2..=4)
+            .map(|k| (k as f64, u(rng, 0.0, 0.06), u(rng, 0.0, TAU)))
+            .collect();
+        Shape {
+            cx,
+            cy,
+            psi,
+            a: r * s,
+            b: r / s,
+            harmonics,
+            spicules: Vec::new(),
+        }
     } else {
         let psi = u(rng, 70.0, 110.0).to_radians();
         let s = u(rng, 1.0, 1.3);
-        let harmonics =
-            (2..=8).map(|k| (k as f64, u(rng, 0.0, 0.12) / ((k - 1) as f64).sqrt(), u(rng, 0.0, TAU))).collect();
+        let harmonics = (2..=8)
+            .map(|k| {
+                (
+                    k as f64,
+                    u(rng, 0.0, 0.12) / ((k - 1) as f64).sqrt(),
+                    u(rng, 0.0, TAU),
+                )
+            })
+            .collect();
         let n = rng.gen_range(6..=14);
-        let spicules = (0..n).map(|_| (u(rng, 0.0, TAU), u(rng, 0.3, 0.9) * r, u(rng, 0.03, 0.08))).collect();
-        Shape { cx, cy, psi, a: r * s, b: r / s, harmonics, spicules }
+        let spicules = (0..n)
+            .map(|_| (u(rng, 0.0, TAU), u(rng, 0.3, 0.9) * r, u(rng, 0.03, 0.08)))
+            .collect();
+        Shape {
+            cx,
+            cy,
+            psi,
+            a: r * s,
+            b: r / s,
+            harmonics,
+            spicules,
+        }
     }
 }
 
 fn rasterise(shape: &Shape, h: usize, w: usize) -> (Vec<u8>, usize) {
     let e = shape.max_extent();
-    let (x0, x1) = (((shape.cx - e).floor().max(0.0)) as usize, ((shape.cx + e).ceil().min(w as f64 - 1.0)) as usize);
-    let (y0, y1) = (((shape.cy - e).floor().max(0.0)) as usize, ((shape.cy + e).ceil().min(h as f64 - 1.0)) as usize);
+    let (x0, x1) = (
+        ((shape.cx - e).floor().max(0.0)) as usize,
+        ((shape.cx + e).ceil().min(w as f64 - 1.0)) as usize,
+    );
+    let (y0, y1) = (
+        ((shape.cy - e).floor().max(0.0)) as usize,
+        ((shape.cy + e).ceil().min(h as f64 - 1.0)) as usize,
+    );
     let mut m = vec![0u8; h * w];
     let mut n = 0;
     for y in y0..=y1 {
@@ -473,9 +572,20 @@ pub fn render(opts: &PhantomOptions, k: usize, class: PhantomClass, number: usiz
     let c_f = curve(rng, w, 0.3 * wf);
     let c_m = curve(rng, w, 0.3 * wf);
     // The skin line keeps a positive thickness: its interface moves by a quarter of the 0.03H amplitude.
-    let ys: Vec<f64> = c_s.iter().map(|&c| (u_s * hf + 0.25 * 0.03 * hf * c as f64).max(0.01 * hf)).collect();
-    let yf: Vec<f64> = c_f.iter().zip(&ys).map(|(&c, &s)| (u_f * hf + 0.03 * hf * c as f64).max(s + 2.0)).collect();
-    let ym: Vec<f64> = c_m.iter().zip(&yf).map(|(&c, &f)| (u_m * hf + 0.03 * hf * c as f64).max(f + 4.0)).collect();
+    let ys: Vec<f64> = c_s
+        .iter()
+        .map(|&c| (u_s * hf + 0.25 * 0.03 * hf * c as f64).max(0.01 * hf))
+        .collect();
+    let yf: Vec<f64> = c_f
+        .iter()
+        .zip(&ys)
+        .map(|(&c, &s)| (u_f * hf + 0.03 * hf * c as f64).max(s + 2.0))
+        .collect();
+    let ym: Vec<f64> = c_m
+        .iter()
+        .zip(&yf)
+        .map(|(&c, &f)| (u_m * hf + 0.03 * hf * c as f64).max(f + 4.0))
+        .collect();
     let ell = 0.04 * mn;
     let g_tex = gaussian_field(rng, h, w, ell);
     let g_mus = gaussian_field(rng, h, w, ell);
@@ -540,7 +650,11 @@ pub fn render(opts: &PhantomOptions, k: usize, class: PhantomClass, number: usiz
             let cx = u(rng, 0.2 * wf, 0.8 * wf);
             let cy = u(rng, u_f + 0.1, u_m - 0.1) * hf;
             let tiny = rng.gen::<f64>() < 0.15;
-            let r = if tiny { u(rng, 3.0, 8.0) } else { u(rng, 10f64.ln(), (0.2 * mn).ln()).exp() };
+            let r = if tiny {
+                u(rng, 3.0, 8.0)
+            } else {
+                u(rng, 10f64.ln(), (0.2 * mn).ln()).exp()
+            };
             let shape = draw_shape(rng, malignant, cx, cy, r);
             let (m, area) = rasterise(&shape, h, w);
             if area < 10 {
@@ -569,7 +683,13 @@ pub fn render(opts: &PhantomOptions, k: usize, class: PhantomClass, number: usiz
     for (shape, m, area, r, tiny) in &lesions {
         let d_out = edt(h, w, |i| m[i] != 0); // distance to the lesion (outside)
         let d_in = edt(h, w, |i| m[i] == 0); // distance to the background (inside)
-        let sd = |i: usize| if m[i] != 0 { -(d_in[i] - 0.5) } else { d_out[i] - 0.5 };
+        let sd = |i: usize| {
+            if m[i] != 0 {
+                -(d_in[i] - 0.5)
+            } else {
+                d_out[i] - 0.5
+            }
+        };
         let hyp = u(rng, 0.08, 0.30);
         let g2 = gaussian_field(rng, h, w, 2.0);
         let wblend = if malignant { 2.0 } else { 0.7 };
@@ -660,13 +780,20 @@ pub fn render(opts: &PhantomOptions, k: usize, class: PhantomClass, number: usiz
         let mut b = blur(&v, h, w, 0.7, 1.5);
         let n = b.len() as f64;
         let mean = b.iter().map(|&x| x as f64).sum::<f64>() / n;
-        let sd = (b.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt().max(1e-12);
-        b.iter_mut().for_each(|x| *x = ((*x as f64 - mean) / sd) as f32);
+        let sd = (b.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n)
+            .sqrt()
+            .max(1e-12);
+        b.iter_mut()
+            .for_each(|x| *x = ((*x as f64 - mean) / sd) as f32);
         b
     };
     let g1 = smooth_unit(randn_vec(rng, h * w));
     let g2 = smooth_unit(randn_vec(rng, h * w));
-    let speckle: Vec<f32> = g1.iter().zip(&g2).map(|(a, b)| ((a * a + b * b) / 2.0).sqrt()).collect();
+    let speckle: Vec<f32> = g1
+        .iter()
+        .zip(&g2)
+        .map(|(a, b)| ((a * a + b * b) / 2.0).sqrt())
+        .collect();
 
     // 8. Log compression and quantisation.
     let ln21 = 21f64.ln();
@@ -696,8 +823,10 @@ pub fn render(opts: &PhantomOptions, k: usize, class: PhantomClass, number: usiz
                 if mx < 3 || my < 3 || mx >= w as i64 - 3 || my >= h as i64 - 3 {
                     continue;
                 }
-                let pts: Vec<usize> =
-                    (-2..=2).flat_map(|o| [(mx + o, my), (mx, my + o)]).map(|(x, y)| y as usize * w + x as usize).collect();
+                let pts: Vec<usize> = (-2..=2)
+                    .flat_map(|o| [(mx + o, my), (mx, my + o)])
+                    .map(|(x, y)| y as usize * w + x as usize)
+                    .collect();
                 if pts.iter().any(|&i| dist[i] < 3.0) {
                     continue;
                 }
@@ -723,7 +852,10 @@ pub fn render(opts: &PhantomOptions, k: usize, class: PhantomClass, number: usiz
     let masks: Vec<Gray> = if lesions.is_empty() {
         vec![Gray::zeros(w, h)]
     } else {
-        lesions.iter().map(|l| Gray::new(w, h, l.1.clone())).collect()
+        lesions
+            .iter()
+            .map(|l| Gray::new(w, h, l.1.clone()))
+            .collect()
     };
     PhantomImage {
         image: Gray::new(w, h, std::mem::take(&mut pix)),

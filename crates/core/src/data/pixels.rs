@@ -18,10 +18,18 @@ pub struct Gray {
 impl Gray {
     pub fn new(width: usize, height: usize, data: Vec<u8>) -> Self {
         debug_assert_eq!(data.len(), width * height);
-        Self { width, height, data }
+        Self {
+            width,
+            height,
+            data,
+        }
     }
     pub fn zeros(width: usize, height: usize) -> Self {
-        Self { width, height, data: vec![0; width * height] }
+        Self {
+            width,
+            height,
+            data: vec![0; width * height],
+        }
     }
     /// `(height, width)`.
     pub fn hw(&self) -> (usize, usize) {
@@ -43,9 +51,12 @@ pub fn decode_png_bytes(path: &Path, bytes: &[u8]) -> Result<DynamicImage> {
     if bytes.len() < 8 || &bytes[..8] != b"\x89PNG\r\n\x1a\n" {
         return Err(Error::file(path, "not a PNG file (bad signature)"));
     }
-    let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), image::ImageFormat::Png);
+    let mut reader =
+        image::ImageReader::with_format(std::io::Cursor::new(bytes), image::ImageFormat::Png);
     reader.no_limits();
-    reader.decode().map_err(|e| Error::file(path, format!("corrupt PNG: {e}")))
+    reader
+        .decode()
+        .map_err(|e| Error::file(path, format!("corrupt PNG: {e}")))
 }
 
 /// PIL's luma: `(19595·R + 38470·G + 7471·B + 32768) ≫ 16`.
@@ -70,10 +81,22 @@ pub fn to_gray(img: &DynamicImage) -> Result<Gray> {
     let data: Vec<u8> = match img {
         DynamicImage::ImageLuma8(b) => b.as_raw().clone(),
         DynamicImage::ImageLumaA8(b) => b.as_raw().chunks_exact(2).map(|p| p[0]).collect(),
-        DynamicImage::ImageRgb8(b) => b.as_raw().chunks_exact(3).map(|p| luma(p[0], p[1], p[2])).collect(),
-        DynamicImage::ImageRgba8(b) => b.as_raw().chunks_exact(4).map(|p| luma(p[0], p[1], p[2])).collect(),
+        DynamicImage::ImageRgb8(b) => b
+            .as_raw()
+            .chunks_exact(3)
+            .map(|p| luma(p[0], p[1], p[2]))
+            .collect(),
+        DynamicImage::ImageRgba8(b) => b
+            .as_raw()
+            .chunks_exact(4)
+            .map(|p| luma(p[0], p[1], p[2]))
+            .collect(),
         DynamicImage::ImageLuma16(b) => b.as_raw().iter().map(|&v| u16_to_u8(v)).collect(),
-        DynamicImage::ImageLumaA16(b) => b.as_raw().chunks_exact(2).map(|p| u16_to_u8(p[0])).collect(),
+        DynamicImage::ImageLumaA16(b) => b
+            .as_raw()
+            .chunks_exact(2)
+            .map(|p| u16_to_u8(p[0]))
+            .collect(),
         DynamicImage::ImageRgb16(b) => b
             .as_raw()
             .chunks_exact(3)
@@ -104,7 +127,9 @@ pub fn to_binary_mask(img: &DynamicImage) -> Gray {
     let (w, h) = (img.width() as usize, img.height() as usize);
     fn any<T: Copy + PartialEq + Default>(raw: &[T], stride: usize, colour: usize) -> Vec<u8> {
         let zero = T::default();
-        raw.chunks_exact(stride).map(|p| p[..colour].iter().any(|&c| c != zero) as u8).collect()
+        raw.chunks_exact(stride)
+            .map(|p| p[..colour].iter().any(|&c| c != zero) as u8)
+            .collect()
     }
     let data = match img {
         DynamicImage::ImageLuma8(b) => any(b.as_raw(), 1, 1),
@@ -115,9 +140,22 @@ pub fn to_binary_mask(img: &DynamicImage) -> Gray {
         DynamicImage::ImageLumaA16(b) => any(b.as_raw(), 2, 1),
         DynamicImage::ImageRgb16(b) => any(b.as_raw(), 3, 3),
         DynamicImage::ImageRgba16(b) => any(b.as_raw(), 4, 3),
-        DynamicImage::ImageRgb32F(b) => b.as_raw().chunks_exact(3).map(|p| p.iter().any(|&c| c > 0.0) as u8).collect(),
-        DynamicImage::ImageRgba32F(b) => b.as_raw().chunks_exact(4).map(|p| p[..3].iter().any(|&c| c > 0.0) as u8).collect(),
-        other => other.to_rgb8().as_raw().chunks_exact(3).map(|p| p.iter().any(|&c| c != 0) as u8).collect(),
+        DynamicImage::ImageRgb32F(b) => b
+            .as_raw()
+            .chunks_exact(3)
+            .map(|p| p.iter().any(|&c| c > 0.0) as u8)
+            .collect(),
+        DynamicImage::ImageRgba32F(b) => b
+            .as_raw()
+            .chunks_exact(4)
+            .map(|p| p[..3].iter().any(|&c| c > 0.0) as u8)
+            .collect(),
+        other => other
+            .to_rgb8()
+            .as_raw()
+            .chunks_exact(3)
+            .map(|p| p.iter().any(|&c| c != 0) as u8)
+            .collect(),
     };
     Gray::new(w, h, data)
 }
@@ -131,13 +169,23 @@ pub fn encode_gray_png(g: &Gray) -> Result<Vec<u8>> {
         image::codecs::png::CompressionType::Fast,
         image::codecs::png::FilterType::Adaptive,
     );
-    enc.write_image(&g.data, g.width as u32, g.height as u32, image::ExtendedColorType::L8)
-        .map_err(|e| Error::msg(format!("PNG encoding failed: {e}")))?;
+    enc.write_image(
+        &g.data,
+        g.width as u32,
+        g.height as u32,
+        image::ExtendedColorType::L8,
+    )
+    .map_err(|e| Error::msg(format!("PNG encoding failed: {e}")))?;
     Ok(out)
 }
 
 /// Encodes raw samples of any `image` colour type as PNG bytes (used by the phantom and by tests).
-pub fn encode_png(data: &[u8], width: usize, height: usize, color: image::ExtendedColorType) -> Result<Vec<u8>> {
+pub fn encode_png(
+    data: &[u8],
+    width: usize,
+    height: usize,
+    color: image::ExtendedColorType,
+) -> Result<Vec<u8>> {
     use image::ImageEncoder;
     let mut out = Vec::new();
     let enc = image::codecs::png::PngEncoder::new_with_quality(
@@ -167,7 +215,9 @@ pub fn encode_png_indexed(
     samples: &[u8],
 ) -> Result<Vec<u8>> {
     if ![1u8, 2, 4, 8].contains(&bit_depth) || samples.len() != width * height {
-        return Err(Error::msg("encode_png_indexed: bad bit depth or sample count"));
+        return Err(Error::msg(
+            "encode_png_indexed: bad bit depth or sample count",
+        ));
     }
     let colour_type: u8 = if palette.is_some() { 3 } else { 0 };
     let row_bytes = (width * bit_depth as usize).div_ceil(8);
@@ -211,7 +261,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         c ^= b as u32;
         for _ in 0..8 {
-            c = if c & 1 == 1 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 == 1 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
         }
     }
     c ^ 0xffff_ffff
@@ -219,7 +273,11 @@ fn crc32(data: &[u8]) -> u32 {
 
 fn zlib_stored(data: &[u8]) -> Vec<u8> {
     let mut out = vec![0x78, 0x01];
-    let chunks: Vec<&[u8]> = if data.is_empty() { vec![&[][..]] } else { data.chunks(65535).collect() };
+    let chunks: Vec<&[u8]> = if data.is_empty() {
+        vec![&[][..]]
+    } else {
+        data.chunks(65535).collect()
+    };
     for (i, c) in chunks.iter().enumerate() {
         out.push((i + 1 == chunks.len()) as u8);
         let len = c.len() as u16;

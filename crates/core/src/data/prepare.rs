@@ -108,13 +108,27 @@ impl fmt::Display for PrepareReport {
         writeln!(
             f,
             "{:<10} {:>6} {:>6} {:>6} {:>7} {:>7} {:>5} {:>6} {:>5}  {:<28} {}",
-            "dataset", "found", "kept", "blank", "normal", "merged", "bad", "train", "test", "fold val sizes", "status"
+            "dataset",
+            "found",
+            "kept",
+            "blank",
+            "normal",
+            "merged",
+            "bad",
+            "train",
+            "test",
+            "fold val sizes",
+            "status"
         )?;
         for d in &self.datasets {
             let folds = if d.fold_val_sizes.is_empty() {
                 "-".to_string()
             } else {
-                d.fold_val_sizes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("/")
+                d.fold_val_sizes
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join("/")
             };
             let status = match d.status {
                 DatasetStatus::Processed => format!("processed ({:.1} s)", d.seconds),
@@ -151,19 +165,31 @@ impl fmt::Display for PrepareReport {
 /// Converts, splits and writes every requested dataset, then verifies them (SPEC §3.11).
 pub fn prepare_datasets(opts: &PrepareOptions) -> Result<PrepareReport> {
     if !(0.0..1.0).contains(&opts.test_ratio) {
-        return Err(Error::Arg(format!("--test-ratio must be in [0, 1), got {}", opts.test_ratio)));
+        return Err(Error::Arg(format!(
+            "--test-ratio must be in [0, 1), got {}",
+            opts.test_ratio
+        )));
     }
     if opts.n_splits < 2 {
-        return Err(Error::Arg(format!("--n-splits must be at least 2, got {}", opts.n_splits)));
+        return Err(Error::Arg(format!(
+            "--n-splits must be at least 2, got {}",
+            opts.n_splits
+        )));
     }
     let kinds: Vec<DatasetKind> = if opts.datasets.is_empty() {
-        let present: Vec<DatasetKind> =
-            DatasetKind::ALL.iter().copied().filter(|k| opts.raw_root.join(k.name()).is_dir()).collect();
+        let present: Vec<DatasetKind> = DatasetKind::ALL
+            .iter()
+            .copied()
+            .filter(|k| opts.raw_root.join(k.name()).is_dir())
+            .collect();
         if present.is_empty() {
             let names: Vec<&str> = DatasetKind::ALL.iter().map(|k| k.name()).collect();
             return Err(Error::file(
                 &opts.raw_root,
-                format!("no dataset folder found under the raw root (expected one of {})", names.join(", ")),
+                format!(
+                    "no dataset folder found under the raw root (expected one of {})",
+                    names.join(", ")
+                ),
             ));
         }
         present
@@ -171,7 +197,10 @@ pub fn prepare_datasets(opts: &PrepareOptions) -> Result<PrepareReport> {
         for k in &opts.datasets {
             let d = opts.raw_root.join(k.name());
             if !d.is_dir() {
-                return Err(Error::file(&d, format!("raw folder of dataset {k} does not exist")));
+                return Err(Error::file(
+                    &d,
+                    format!("raw folder of dataset {k} does not exist"),
+                ));
             }
         }
         opts.datasets.clone()
@@ -192,11 +221,12 @@ pub fn prepare_datasets(opts: &PrepareOptions) -> Result<PrepareReport> {
 
     // summary.json: update the entries of the processed datasets, keep the others.
     let summary_path = opts.output_root.join("summary.json");
-    let mut summary: serde_json::Map<String, serde_json::Value> = std::fs::read_to_string(&summary_path)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v.get("datasets").and_then(|d| d.as_object()).cloned())
-        .unwrap_or_default();
+    let mut summary: serde_json::Map<String, serde_json::Value> =
+        std::fs::read_to_string(&summary_path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("datasets").and_then(|d| d.as_object()).cloned())
+            .unwrap_or_default();
     let mut reports = Vec::new();
     for (r, stats) in results {
         if let Some(s) = stats {
@@ -212,7 +242,12 @@ pub fn prepare_datasets(opts: &PrepareOptions) -> Result<PrepareReport> {
         "n_splits": opts.n_splits,
         "datasets": summary,
     });
-    write_atomic(&summary_path, serde_json::to_string_pretty(&summary_doc).unwrap_or_default().as_bytes())?;
+    write_atomic(
+        &summary_path,
+        serde_json::to_string_pretty(&summary_doc)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
 
     let verify = if opts.verify {
         Some(verify_with(&VerifyOptions {
@@ -224,15 +259,36 @@ pub fn prepare_datasets(opts: &PrepareOptions) -> Result<PrepareReport> {
     } else {
         None
     };
-    Ok(PrepareReport { output_root: opts.output_root.clone(), datasets: reports, verify })
+    Ok(PrepareReport {
+        output_root: opts.output_root.clone(),
+        datasets: reports,
+        verify,
+    })
 }
 
 /// What happened to one raw sample.
 enum Outcome {
-    Kept { name: String, height: usize, width: usize, area_frac: f64, sha: String, n_masks: usize },
-    Blank { name: String },
-    SizeMismatch { name: String, path: PathBuf, msg: String },
-    Bad { name: String, path: PathBuf, msg: String },
+    Kept {
+        name: String,
+        height: usize,
+        width: usize,
+        area_frac: f64,
+        sha: String,
+        n_masks: usize,
+    },
+    Blank {
+        name: String,
+    },
+    SizeMismatch {
+        name: String,
+        path: PathBuf,
+        msg: String,
+    },
+    Bad {
+        name: String,
+        path: PathBuf,
+        msg: String,
+    },
 }
 
 /// Reads and converts one sample (merging its masks) without writing anything.
@@ -269,13 +325,27 @@ fn process_sample(s: &RawSample, staging: &Path) -> Outcome {
         Ok((img, mask)) => {
             let fg = mask.data.iter().filter(|&&v| v != 0).count();
             if fg == 0 {
-                return Outcome::Blank { name: s.name.clone() };
+                return Outcome::Blank {
+                    name: s.name.clone(),
+                };
             }
             let write = || -> Result<String> {
                 let bytes = super::pixels::encode_gray_png(&img)?;
                 let sha = super::sha256_hex(&bytes);
-                write_atomic(&staging.join("all").join("images").join(format!("{}.png", s.name)), &bytes)?;
-                super::pixels::write_gray_png(&staging.join("all").join("masks").join(format!("{}.png", s.name)), &mask)?;
+                write_atomic(
+                    &staging
+                        .join("all")
+                        .join("images")
+                        .join(format!("{}.png", s.name)),
+                    &bytes,
+                )?;
+                super::pixels::write_gray_png(
+                    &staging
+                        .join("all")
+                        .join("masks")
+                        .join(format!("{}.png", s.name)),
+                    &mask,
+                )?;
                 Ok(sha)
             };
             match write() {
@@ -287,15 +357,35 @@ fn process_sample(s: &RawSample, staging: &Path) -> Outcome {
                     sha,
                     n_masks: s.masks.len(),
                 },
-                Err(e) => Outcome::Bad { name: s.name.clone(), path: s.image.clone(), msg: format!("write failed: {e}") },
+                Err(e) => Outcome::Bad {
+                    name: s.name.clone(),
+                    path: s.image.clone(),
+                    msg: format!("write failed: {e}"),
+                },
             }
         }
         Err(Error::File { path, msg }) if msg.contains("differs from its image") => {
-            Outcome::SizeMismatch { name: s.name.clone(), path, msg }
+            Outcome::SizeMismatch {
+                name: s.name.clone(),
+                path,
+                msg,
+            }
         }
-        Err(Error::File { path, msg }) => Outcome::Bad { name: s.name.clone(), path, msg },
-        Err(Error::Io { path, source }) => Outcome::Bad { name: s.name.clone(), path, msg: source.to_string() },
-        Err(e) => Outcome::Bad { name: s.name.clone(), path: s.image.clone(), msg: e.to_string() },
+        Err(Error::File { path, msg }) => Outcome::Bad {
+            name: s.name.clone(),
+            path,
+            msg,
+        },
+        Err(Error::Io { path, source }) => Outcome::Bad {
+            name: s.name.clone(),
+            path,
+            msg: source.to_string(),
+        },
+        Err(e) => Outcome::Bad {
+            name: s.name.clone(),
+            path: s.image.clone(),
+            msg: e.to_string(),
+        },
     }
 }
 
@@ -309,7 +399,12 @@ fn raw_digest(kind: DatasetKind, l: &RawListing, opts: &PrepareOptions) -> Resul
             h.update(s.name.as_bytes());
             for p in std::iter::once(&s.image).chain(&s.masks) {
                 let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
-                h.update(p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().as_bytes());
+                h.update(
+                    p.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                        .as_bytes(),
+                );
                 h.update(blake3::hash(&bytes).as_bytes());
             }
             Ok(h.finalize().to_hex().to_string())
@@ -357,7 +452,10 @@ fn quantiles(v: &mut [f64]) -> serde_json::Value {
     json!({"min": v[0], "q25": q(0.25), "median": q(0.5), "q75": q(0.75), "max": v[v.len() - 1]})
 }
 
-fn prepare_one(kind: DatasetKind, opts: &PrepareOptions) -> Result<(DatasetReport, Option<serde_json::Value>)> {
+fn prepare_one(
+    kind: DatasetKind,
+    opts: &PrepareOptions,
+) -> Result<(DatasetReport, Option<serde_json::Value>)> {
     let t0 = Instant::now();
     let raw_dir = opts.raw_root.join(kind.name());
     let listing = list_raw(kind, &raw_dir)?;
@@ -400,7 +498,9 @@ fn prepare_one(kind: DatasetKind, opts: &PrepareOptions) -> Result<(DatasetRepor
         return Err(problems_error(kind, &problems));
     }
 
-    let staging = opts.output_root.join(format!(".{}.staging-{}", kind.name(), std::process::id()));
+    let staging = opts
+        .output_root
+        .join(format!(".{}.staging-{}", kind.name(), std::process::id()));
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
     }
@@ -413,7 +513,9 @@ fn prepare_one(kind: DatasetKind, opts: &PrepareOptions) -> Result<(DatasetRepor
         }
     };
     // Swap the staging folder into place.
-    let old = opts.output_root.join(format!(".{}.old-{}", kind.name(), std::process::id()));
+    let old = opts
+        .output_root
+        .join(format!(".{}.old-{}", kind.name(), std::process::id()));
     if final_dir.exists() {
         if old.exists() {
             std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
@@ -431,9 +533,18 @@ fn prepare_one(kind: DatasetKind, opts: &PrepareOptions) -> Result<(DatasetRepor
 
 fn problems_error(kind: DatasetKind, problems: &[(PathBuf, String)]) -> Error {
     if problems.len() == 1 {
-        return Error::file(&problems[0].0, format!("{} ({kind}; use --skip-bad to skip such samples)", problems[0].1));
+        return Error::file(
+            &problems[0].0,
+            format!(
+                "{} ({kind}; use --skip-bad to skip such samples)",
+                problems[0].1
+            ),
+        );
     }
-    let mut msg = format!("{kind}: {} bad input files (use --skip-bad to skip them):", problems.len());
+    let mut msg = format!(
+        "{kind}: {} bad input files (use --skip-bad to skip them):",
+        problems.len()
+    );
     for (p, m) in problems {
         msg.push_str(&format!("\n  {}: {m}", p.display()));
     }
@@ -452,11 +563,19 @@ fn build_staging(
         let d = staging.join(sub);
         std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
     }
-    let outcomes: Vec<Outcome> = listing.samples.par_iter().map(|s| process_sample(s, staging)).collect();
+    let outcomes: Vec<Outcome> = listing
+        .samples
+        .par_iter()
+        .map(|s| process_sample(s, staging))
+        .collect();
 
     let mut excluded = Excluded {
         normal: listing.excluded_normal.clone(),
-        missing_mask: listing.missing_mask.iter().map(|(n, _)| n.clone()).collect(),
+        missing_mask: listing
+            .missing_mask
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect(),
         ..Default::default()
     };
     let mut warnings = listing.warnings.clone();
@@ -471,7 +590,14 @@ fn build_staging(
     let mut new_problems = Vec::new();
     for o in outcomes {
         match o {
-            Outcome::Kept { name, height, width, area_frac, sha: h, n_masks } => {
+            Outcome::Kept {
+                name,
+                height,
+                width,
+                area_frac,
+                sha: h,
+                n_masks,
+            } => {
                 heights.push(height as f64);
                 widths.push(width as f64);
                 areas.push(area_frac);
@@ -489,7 +615,9 @@ fn build_staging(
             }
             Outcome::Bad { name, path, msg } => {
                 n_bad += 1;
-                excluded.bad.push(format!("{name}: {}: {msg}", path.display()));
+                excluded
+                    .bad
+                    .push(format!("{name}: {}: {msg}", path.display()));
                 new_problems.push((path, msg));
             }
         }
@@ -509,11 +637,23 @@ fn build_staging(
             format!("{kind}: no usable sample (every image was blank, normal or bad)"),
         ));
     }
-    for v in [&mut excluded.blank, &mut excluded.normal, &mut excluded.missing_mask, &mut excluded.size_mismatch] {
+    for v in [
+        &mut excluded.blank,
+        &mut excluded.normal,
+        &mut excluded.missing_mask,
+        &mut excluded.size_mismatch,
+    ] {
         sort_names(v);
     }
 
-    let mut splits = SplitsFile::build(kind.name(), &kept, kind.test_only(), opts.test_ratio, opts.n_splits, opts.seed);
+    let mut splits = SplitsFile::build(
+        kind.name(),
+        &kept,
+        kind.test_only(),
+        opts.test_ratio,
+        opts.n_splits,
+        opts.seed,
+    );
     splits.excluded = excluded;
     splits.source_sha256 = sha;
     splits.raw_digest = Some(digest.to_string());
@@ -535,7 +675,11 @@ fn build_staging(
     splits.write(&staging.join("splits.json"))?;
 
     // split_info.json (original-system-compatible summary).
-    let by_name: BTreeMap<&str, &RawSample> = listing.samples.iter().map(|s| (s.name.as_str(), s)).collect();
+    let by_name: BTreeMap<&str, &RawSample> = listing
+        .samples
+        .iter()
+        .map(|s| (s.name.as_str(), s))
+        .collect();
     let entry = |n: &String| {
         let s = by_name.get(n.as_str());
         let mut e = json!({"name": format!("{n}.png")});
@@ -543,7 +687,10 @@ fn build_staging(
             if let Some(c) = &s.category {
                 e["category"] = json!(c);
             }
-            e["original_image"] = json!(s.image.file_name().map(|f| f.to_string_lossy().into_owned()));
+            e["original_image"] = json!(s
+                .image
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned()));
         }
         e
     };
@@ -559,7 +706,12 @@ fn build_staging(
     if kind.test_only() {
         info["unseen"] = json!(true);
     }
-    write_atomic(&staging.join("split_info.json"), serde_json::to_string_pretty(&info).unwrap_or_default().as_bytes())?;
+    write_atomic(
+        &staging.join("split_info.json"),
+        serde_json::to_string_pretty(&info)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
 
     let report = DatasetReport {
         dataset: kind,

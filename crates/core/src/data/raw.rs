@@ -55,10 +55,19 @@ fn list_pngs(dir: &Path, warnings: &mut Vec<String>) -> Result<Vec<PngFile>> {
             continue;
         }
         if let Some(stem) = fname.strip_suffix(".png") {
-            out.push(PngFile { stem: stem.to_string(), path });
+            out.push(PngFile {
+                stem: stem.to_string(),
+                path,
+            });
         } else if let Some(stem) = fname.strip_suffix(".PNG") {
-            warnings.push(format!("{}: upper-case .PNG extension accepted", path.display()));
-            out.push(PngFile { stem: stem.to_string(), path });
+            warnings.push(format!(
+                "{}: upper-case .PNG extension accepted",
+                path.display()
+            ));
+            out.push(PngFile {
+                stem: stem.to_string(),
+                path,
+            });
         }
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
@@ -69,7 +78,10 @@ fn list_pngs(dir: &Path, warnings: &mut Vec<String>) -> Result<Vec<PngFile>> {
 /// A folder without any image is an error (the message names the expected layout).
 pub fn list_raw(kind: DatasetKind, dir: &Path) -> Result<RawListing> {
     if !dir.is_dir() {
-        return Err(Error::file(dir, format!("dataset folder of {kind} does not exist")));
+        return Err(Error::file(
+            dir,
+            format!("dataset folder of {kind} does not exist"),
+        ));
     }
     let mut l = RawListing::default();
     match kind {
@@ -86,14 +98,24 @@ pub fn list_raw(kind: DatasetKind, dir: &Path) -> Result<RawListing> {
                     let d = dir.join(class);
                     if d.join("images").is_dir() {
                         let lower = class.to_ascii_lowercase();
-                        list_pair(&d, "images", "masks", &format!("bus_uc_{lower}_"), Some(&lower), &mut l)?;
+                        list_pair(
+                            &d,
+                            "images",
+                            "masks",
+                            &format!("bus_uc_{lower}_"),
+                            Some(&lower),
+                            &mut l,
+                        )?;
                     }
                 }
             }
         }
     }
     if l.found == 0 {
-        return Err(Error::file(dir, format!("no images found for {kind}: {}", expected_layout(kind))));
+        return Err(Error::file(
+            dir,
+            format!("no images found for {kind}: {}", expected_layout(kind)),
+        ));
     }
     // Unique output names within a dataset.
     let mut seen: BTreeMap<&str, &Path> = BTreeMap::new();
@@ -101,7 +123,11 @@ pub fn list_raw(kind: DatasetKind, dir: &Path) -> Result<RawListing> {
         if let Some(prev) = seen.insert(&s.name, &s.image) {
             return Err(Error::file(
                 &s.image,
-                format!("output name `{}` collides with {} (names must be unique within {kind})", s.name, prev.display()),
+                format!(
+                    "output name `{}` collides with {} (names must be unique within {kind})",
+                    s.name,
+                    prev.display()
+                ),
             ));
         }
     }
@@ -182,7 +208,8 @@ fn list_busi(dir: &Path, l: &mut RawListing) -> Result<()> {
         if class != "normal" {
             for (_, m) in masks {
                 for (_, p) in m {
-                    l.warnings.push(format!("{}: mask without an image; ignored", p.display()));
+                    l.warnings
+                        .push(format!("{}: mask without an image; ignored", p.display()));
                 }
             }
         }
@@ -197,20 +224,35 @@ fn list_busbra(dir: &Path, l: &mut RawListing) -> Result<()> {
     }
     for f in list_pngs(&idir, &mut l.warnings)? {
         let Some(id) = f.stem.strip_prefix("bus_") else {
-            l.warnings.push(format!("{}: BUSBRA image names must start with `bus_`; ignored", f.path.display()));
+            l.warnings.push(format!(
+                "{}: BUSBRA image names must start with `bus_`; ignored",
+                f.path.display()
+            ));
             continue;
         };
         l.found += 1;
         let name = format!("busbra_{id}");
         match find_mask(&mdir, &format!("mask_{id}")) {
-            Some(m) => l.samples.push(RawSample { name, image: f.path, masks: vec![m], category: None }),
+            Some(m) => l.samples.push(RawSample {
+                name,
+                image: f.path,
+                masks: vec![m],
+                category: None,
+            }),
             None => l.missing_mask.push((name, f.path)),
         }
     }
     Ok(())
 }
 
-fn list_pair(dir: &Path, images: &str, masks: &str, prefix: &str, category: Option<&str>, l: &mut RawListing) -> Result<()> {
+fn list_pair(
+    dir: &Path,
+    images: &str,
+    masks: &str,
+    prefix: &str,
+    category: Option<&str>,
+    l: &mut RawListing,
+) -> Result<()> {
     let (idir, mdir) = (dir.join(images), dir.join(masks));
     if !idir.is_dir() {
         return Ok(());
@@ -236,7 +278,10 @@ mod tests {
     use super::*;
     #[test]
     fn busi_names() {
-        assert_eq!(format!("benign_{}", busi_base("benign (1)")), "benign_benign_1");
+        assert_eq!(
+            format!("benign_{}", busi_base("benign (1)")),
+            "benign_benign_1"
+        );
         assert_eq!(busi_mask_stem("benign (1)_mask"), Some(("benign (1)", 0)));
         assert_eq!(busi_mask_stem("benign (1)_mask_1"), Some(("benign (1)", 1)));
         assert_eq!(busi_mask_stem("benign (1)"), None);

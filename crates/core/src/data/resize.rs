@@ -2,7 +2,11 @@
 //! The differentiable tensor versions live in `crate::nn`.
 
 /// Per-axis bilinear taps: `(i0, i1, λ0 = 1−λ, λ1 = λ)` for each output index.
-pub fn bilinear_taps(n_in: usize, n_out: usize, align_corners: bool) -> Vec<(usize, usize, f32, f32)> {
+pub fn bilinear_taps(
+    n_in: usize,
+    n_out: usize,
+    align_corners: bool,
+) -> Vec<(usize, usize, f32, f32)> {
     let last = n_in.saturating_sub(1);
     let r: f32 = if align_corners {
         if n_out > 1 {
@@ -15,7 +19,11 @@ pub fn bilinear_taps(n_in: usize, n_out: usize, align_corners: bool) -> Vec<(usi
     };
     (0..n_out)
         .map(|o| {
-            let s = if align_corners { r * o as f32 } else { (r * (o as f32 + 0.5) - 0.5).max(0.0) };
+            let s = if align_corners {
+                r * o as f32
+            } else {
+                (r * (o as f32 + 0.5) - 0.5).max(0.0)
+            };
             let i0 = (s.floor() as usize).min(last);
             let i1 = (i0 + 1).min(last);
             let l = s - i0 as f32;
@@ -26,11 +34,20 @@ pub fn bilinear_taps(n_in: usize, n_out: usize, align_corners: bool) -> Vec<(usi
 
 /// Nearest source index for each output index: `min(⌊o·n_in/n_out⌋, n_in−1)` (exact integer arithmetic).
 pub fn nearest_index(n_in: usize, n_out: usize) -> Vec<usize> {
-    (0..n_out).map(|o| ((o * n_in) / n_out).min(n_in.saturating_sub(1))).collect()
+    (0..n_out)
+        .map(|o| ((o * n_in) / n_out).min(n_in.saturating_sub(1)))
+        .collect()
 }
 
 /// Bilinear resize of one `h×w` plane (row-major) to `oh×ow`.
-pub fn resize_bilinear(src: &[f32], h: usize, w: usize, oh: usize, ow: usize, align_corners: bool) -> Vec<f32> {
+pub fn resize_bilinear(
+    src: &[f32],
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    align_corners: bool,
+) -> Vec<f32> {
     debug_assert_eq!(src.len(), h * w);
     if h == oh && w == ow {
         return src.to_vec();

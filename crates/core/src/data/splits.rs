@@ -16,7 +16,9 @@ pub fn test_split<T: Clone>(items: &[T], test_ratio: f64, seed: u64) -> (Vec<T>,
     let mut v = items.to_vec();
     Mt19937::from_seed(seed).shuffle(&mut v);
     let n = v.len();
-    let split_idx = ((n as f64) * (1.0 - test_ratio)).floor().clamp(0.0, n as f64) as usize;
+    let split_idx = ((n as f64) * (1.0 - test_ratio))
+        .floor()
+        .clamp(0.0, n as f64) as usize;
     let test = v.split_off(split_idx);
     (v, test)
 }
@@ -92,11 +94,21 @@ pub struct SplitsFile {
 impl SplitsFile {
     /// Builds the split of one dataset from its included sample names (any order).
     /// `test_only` (UDIAT) puts everything in `test` and writes no folds.
-    pub fn build(dataset: &str, names: &[String], test_only: bool, test_ratio: f64, n_splits: usize, seed: u64) -> Self {
+    pub fn build(
+        dataset: &str,
+        names: &[String],
+        test_only: bool,
+        test_ratio: f64,
+        n_splits: usize,
+        seed: u64,
+    ) -> Self {
         let mut items = names.to_vec();
         sort_names(&mut items);
-        let (mut train, mut test) =
-            if test_only { (Vec::new(), items) } else { test_split(&items, test_ratio, seed) };
+        let (mut train, mut test) = if test_only {
+            (Vec::new(), items)
+        } else {
+            test_split(&items, test_ratio, seed)
+        };
         sort_names(&mut train);
         sort_names(&mut test);
         let folds = if test_only || train.is_empty() {
@@ -127,7 +139,8 @@ impl SplitsFile {
 
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::file(path, format!("invalid splits.json: {e}")))
+        serde_json::from_str(&text)
+            .map_err(|e| Error::file(path, format!("invalid splits.json: {e}")))
     }
 
     pub fn write(&self, path: &Path) -> Result<()> {
@@ -138,7 +151,11 @@ impl SplitsFile {
     /// The fold `i`, or an error naming the file's fold count.
     pub fn fold(&self, i: usize) -> Result<&Fold> {
         self.folds.get(i).ok_or_else(|| {
-            Error::Arg(format!("dataset {} has {} folds in splits.json; fold {i} does not exist", self.dataset, self.folds.len()))
+            Error::Arg(format!(
+                "dataset {} has {} folds in splits.json; fold {i} does not exist",
+                self.dataset,
+                self.folds.len()
+            ))
         })
     }
 }

@@ -42,10 +42,20 @@ impl VerifyReport {
     }
     /// Every error, prefixed with its dataset.
     pub fn errors(&self) -> Vec<String> {
-        self.datasets.iter().flat_map(|d| d.errors.iter().map(move |e| format!("{}: {e}", d.dataset))).collect()
+        self.datasets
+            .iter()
+            .flat_map(|d| d.errors.iter().map(move |e| format!("{}: {e}", d.dataset)))
+            .collect()
     }
     pub fn warnings(&self) -> Vec<String> {
-        self.datasets.iter().flat_map(|d| d.warnings.iter().map(move |e| format!("{}: {e}", d.dataset))).collect()
+        self.datasets
+            .iter()
+            .flat_map(|d| {
+                d.warnings
+                    .iter()
+                    .map(move |e| format!("{}: {e}", d.dataset))
+            })
+            .collect()
     }
 }
 
@@ -77,7 +87,12 @@ impl fmt::Display for VerifyReport {
 
 /// Verifies every dataset under `root` (non-strict).
 pub fn verify(root: &Path) -> Result<VerifyReport> {
-    verify_with(&VerifyOptions { output_root: root.to_path_buf(), datasets: Vec::new(), strict: false, num_workers: None })
+    verify_with(&VerifyOptions {
+        output_root: root.to_path_buf(),
+        datasets: Vec::new(),
+        strict: false,
+        num_workers: None,
+    })
 }
 
 /// Verifies the selected datasets. I/O problems with the root itself are errors; everything found inside a dataset
@@ -105,7 +120,12 @@ pub fn verify_with(opts: &VerifyOptions) -> Result<VerifyReport> {
     } else {
         opts.datasets.iter().map(|k| k.name().to_string()).collect()
     };
-    let run = || names.iter().map(|n| verify_dataset(&root.join(n), n, opts.strict)).collect::<Vec<_>>();
+    let run = || {
+        names
+            .iter()
+            .map(|n| verify_dataset(&root.join(n), n, opts.strict))
+            .collect::<Vec<_>>()
+    };
     let datasets = match opts.num_workers {
         Some(n) => rayon::ThreadPoolBuilder::new()
             .num_threads(n.max(1))
@@ -141,7 +161,13 @@ fn list_names(dir: &Path) -> std::result::Result<BTreeSet<String>, String> {
 }
 
 fn check_pair(dir: &Path, part: &'static str, name: &str) -> FileCheck {
-    let mut fc = FileCheck { name: name.to_string(), part, pixel_sha: None, file_sha: None, errors: Vec::new() };
+    let mut fc = FileCheck {
+        name: name.to_string(),
+        part,
+        pixel_sha: None,
+        file_sha: None,
+        errors: Vec::new(),
+    };
     let ip = dir.join(part).join("images").join(format!("{name}.png"));
     let mp = dir.join(part).join("masks").join(format!("{name}.png"));
     let img = match std::fs::read(&ip) {
@@ -169,7 +195,11 @@ fn check_pair(dir: &Path, part: &'static str, name: &str) -> FileCheck {
         fc.pixel_sha = Some(super::hex(&h.finalize()));
     }
     if !mp.is_file() {
-        fc.errors.push(format!("{}: image has no mask ({} missing)", ip.display(), mp.display()));
+        fc.errors.push(format!(
+            "{}: image has no mask ({} missing)",
+            ip.display(),
+            mp.display()
+        ));
         return fc;
     }
     match super::pixels::decode_png(&mp) {
@@ -189,10 +219,16 @@ fn check_pair(dir: &Path, part: &'static str, name: &str) -> FileCheck {
                 image::DynamicImage::ImageLuma8(b) => {
                     let raw = b.as_raw();
                     if let Some(v) = raw.iter().find(|&&v| v != 0 && v != 255) {
-                        fc.errors.push(format!("{}: mask is not strictly {{0,255}} (found value {v})", mp.display()));
+                        fc.errors.push(format!(
+                            "{}: mask is not strictly {{0,255}} (found value {v})",
+                            mp.display()
+                        ));
                     }
                     if raw.iter().all(|&v| v == 0) {
-                        fc.errors.push(format!("{}: mask is empty (no foreground pixel)", mp.display()));
+                        fc.errors.push(format!(
+                            "{}: mask is empty (no foreground pixel)",
+                            mp.display()
+                        ));
                     }
                 }
                 other => fc.errors.push(format!(
@@ -208,9 +244,15 @@ fn check_pair(dir: &Path, part: &'static str, name: &str) -> FileCheck {
 }
 
 fn verify_dataset(dir: &Path, name: &str, strict: bool) -> DatasetVerify {
-    let mut r = DatasetVerify { dataset: name.to_string(), ..Default::default() };
+    let mut r = DatasetVerify {
+        dataset: name.to_string(),
+        ..Default::default()
+    };
     if !dir.is_dir() {
-        r.errors.push(format!("{}: processed dataset folder does not exist", dir.display()));
+        r.errors.push(format!(
+            "{}: processed dataset folder does not exist",
+            dir.display()
+        ));
         return r;
     }
     // Folder contents.
@@ -222,7 +264,13 @@ fn verify_dataset(dir: &Path, name: &str, strict: bool) -> DatasetVerify {
         });
         let masks = list_names(&dir.join(part).join("masks")).unwrap_or_default();
         for m in masks.difference(&imgs) {
-            r.errors.push(format!("{}: mask without an image", dir.join(part).join("masks").join(format!("{m}.png")).display()));
+            r.errors.push(format!(
+                "{}: mask without an image",
+                dir.join(part)
+                    .join("masks")
+                    .join(format!("{m}.png"))
+                    .display()
+            ));
         }
         on_disk.insert(part, imgs);
     }
@@ -237,7 +285,8 @@ fn verify_dataset(dir: &Path, name: &str, strict: bool) -> DatasetVerify {
         r.errors.extend(c.errors.iter().cloned());
     }
     for n in on_disk["train"].intersection(&on_disk["test"]) {
-        r.errors.push(format!("sample `{n}` is present in both train/ and test/"));
+        r.errors
+            .push(format!("sample `{n}` is present in both train/ and test/"));
     }
 
     // splits.json.
@@ -258,46 +307,62 @@ fn verify_dataset(dir: &Path, name: &str, strict: bool) -> DatasetVerify {
         let train: BTreeSet<&str> = sp.train.iter().map(String::as_str).collect();
         let test: BTreeSet<&str> = sp.test.iter().map(String::as_str).collect();
         if train.len() != sp.train.len() {
-            r.errors.push(format!("{sp_name}: `train` lists a sample more than once"));
+            r.errors
+                .push(format!("{sp_name}: `train` lists a sample more than once"));
         }
         if test.len() != sp.test.len() {
-            r.errors.push(format!("{sp_name}: `test` lists a sample more than once"));
+            r.errors
+                .push(format!("{sp_name}: `test` lists a sample more than once"));
         }
         for n in train.intersection(&test) {
-            r.errors.push(format!("{sp_name}: `{n}` is in both train and test"));
+            r.errors
+                .push(format!("{sp_name}: `{n}` is in both train and test"));
         }
         for (part, set) in [("train", &train), ("test", &test)] {
             let disk: BTreeSet<&str> = on_disk[part].iter().map(String::as_str).collect();
             for n in set.difference(&disk) {
-                r.errors.push(format!("{sp_name}: {part} sample `{n}` has no file {part}/images/{n}.png"));
+                r.errors.push(format!(
+                    "{sp_name}: {part} sample `{n}` has no file {part}/images/{n}.png"
+                ));
             }
             for n in disk.difference(set) {
-                r.errors.push(format!("{sp_name}: {part}/images/{n}.png is not listed in `{part}`"));
+                r.errors.push(format!(
+                    "{sp_name}: {part}/images/{n}.png is not listed in `{part}`"
+                ));
             }
         }
         for (i, f) in sp.folds.iter().enumerate() {
             let val: BTreeSet<&str> = f.val.iter().map(String::as_str).collect();
             let ftrain: BTreeSet<&str> = f.train.iter().map(String::as_str).collect();
             if val.len() != f.val.len() || ftrain.len() != f.train.len() {
-                r.errors.push(format!("{sp_name}: fold {i} lists a sample more than once"));
+                r.errors
+                    .push(format!("{sp_name}: fold {i} lists a sample more than once"));
             }
             for n in &val {
                 if !train.contains(n) {
-                    r.errors.push(format!("{sp_name}: fold {i} val sample `{n}` is not in `train`"));
+                    r.errors.push(format!(
+                        "{sp_name}: fold {i} val sample `{n}` is not in `train`"
+                    ));
                 }
                 if let Some(j) = fold_of_val.insert(n, i) {
-                    r.errors.push(format!("{sp_name}: `{n}` is in the val sets of folds {j} and {i}"));
+                    r.errors.push(format!(
+                        "{sp_name}: `{n}` is in the val sets of folds {j} and {i}"
+                    ));
                 }
             }
             let expect: BTreeSet<&str> = train.difference(&val).copied().collect();
             if ftrain != expect {
-                r.errors.push(format!("{sp_name}: fold {i} train is not train minus its val set"));
+                r.errors.push(format!(
+                    "{sp_name}: fold {i} train is not train minus its val set"
+                ));
             }
         }
         if !sp.folds.is_empty() {
             for n in &train {
                 if !fold_of_val.contains_key(n) {
-                    r.errors.push(format!("{sp_name}: train sample `{n}` is in no fold's val set"));
+                    r.errors.push(format!(
+                        "{sp_name}: train sample `{n}` is in no fold's val set"
+                    ));
                 }
             }
         }
@@ -308,9 +373,10 @@ fn verify_dataset(dir: &Path, name: &str, strict: bool) -> DatasetVerify {
                     "{}/images/{}.png: SHA-256 differs from splits.json source_sha256",
                     c.part, c.name
                 )),
-                (None, Some(_)) if !sp.source_sha256.is_empty() => {
-                    r.errors.push(format!("{sp_name}: source_sha256 has no entry for `{}`", c.name))
-                }
+                (None, Some(_)) if !sp.source_sha256.is_empty() => r.errors.push(format!(
+                    "{sp_name}: source_sha256 has no entry for `{}`",
+                    c.name
+                )),
                 _ => {}
             }
         }
@@ -324,9 +390,15 @@ fn verify_dataset(dir: &Path, name: &str, strict: bool) -> DatasetVerify {
         }
     }
     for group in by_hash.values().filter(|g| g.len() > 1) {
-        let names: Vec<String> = group.iter().map(|c| format!("{}/{}", c.part, c.name)).collect();
+        let names: Vec<String> = group
+            .iter()
+            .map(|c| format!("{}/{}", c.part, c.name))
+            .collect();
         let parts: BTreeSet<&str> = group.iter().map(|c| c.part).collect();
-        let folds: BTreeSet<usize> = group.iter().filter_map(|c| fold_of_val.get(c.name.as_str()).copied()).collect();
+        let folds: BTreeSet<usize> = group
+            .iter()
+            .filter_map(|c| fold_of_val.get(c.name.as_str()).copied())
+            .collect();
         let where_ = if parts.len() > 1 {
             "across train/test"
         } else if folds.len() > 1 {

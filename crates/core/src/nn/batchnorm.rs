@@ -6,7 +6,7 @@
 use super::init::{ONES, ZEROS};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
-use candle_nn::VarBuilder;
+use candle_nn::{Init, VarBuilder};
 use std::sync::{Mutex, MutexGuard};
 
 #[derive(Debug, Clone)]
@@ -45,21 +45,30 @@ impl Clone for BatchNorm2d {
 }
 
 /// Reads a buffer if the builder has it, as a detached plain tensor (never a `Var`, even from a `VarMap` backend).
+/// `get_with_hints` (not `get_unchecked`) because it works for every backend, `VarMap` included, and checks the shape.
 fn read_buffer(vb: &VarBuilder, name: &str, channels: usize, init: f64) -> Result<Tensor> {
     if vb.contains_tensor(name) {
-        let t = vb.get_unchecked(name)?.to_dtype(vb.dtype())?;
-        if t.dims() != [channels] {
-            return Err(Error::Weights(format!(
-                "`{}.{name}` has shape {:?}, expected ({channels})",
-                vb.prefix(),
-                t.dims()
-            )));
-        }
-        // `copy` gives the buffer its own storage, so later replacement can never alias a Var.
-        Ok(t.detach().copy()?)
+        let t = vb
+            .get_with_hints(channels, name, Init::Const(init))
+            .map_err(|e| {
+                Error::Weights(format!("BatchNorm2d buffer `{}.{name}`: {e}", vb.prefix()))
+            })?;
+        // `copy` gives the buffer its own storage, so it can never alias a Var.
+        Ok(t.detach().to_dtype(vb.dtype())?.copy()?)
     } else {
         Ok((Tensor::ones(channels, vb.dtype(), vb.device())? * init)?)
     }
+}
+
+/// `num_batches_tracked` is optional on load (SPEC §5.3); PyTorch stores an i64 scalar, read through f64.
+fn read_count(vb: &VarBuilder) -> Result<i64> {
+    if !vb.contains_tensor("num_batches_tracked") {
+        return Ok(0);
+    }
+    let t = vb
+        .get_with_hints_dtype((), "num_batches_tracked", Init::Const(0.0), DType::F64)
+        .map_err(|e| Error::Weights(format!("`{}.num_batches_tracked`: {e}", vb.prefix())))?;
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()? as i64)
 }
 
 impl BatchNorm2d {
@@ -69,17 +78,7 @@ impl BatchNorm2d {
         let bias = vb.get_with_hints(channels, "bias", ZEROS)?;
         let running_mean = read_buffer(&vb, "running_mean", channels, 0.0)?;
         let running_var = read_buffer(&vb, "running_var", channels, 1.0)?;
-        // Optional on load (SPEC §5.3); stored as i64 in PyTorch files, read through f64 to accept any dtype.
-        let num_batches_tracked = if vb.contains_tensor("num_batches_tracked") {
-            let t = vb.get_unchecked_dtype("num_batches_tracked", DType::F64)?;
-            t.flatten_all()?
-                .to_vec1::<f64>()?
-                .first()
-                .copied()
-                .unwrap_or(0.0) as i64
-        } else {
-            0
-        };
+        let num_batches_tracked = read_count(&vb)?;
         Ok(Self {
             weight,
             bias,

@@ -360,10 +360,11 @@ pub fn load_pretrained_encoder(
     if ext == "npz" {
         return Ok(crate::convert::npz::convert_npz(path, cfg)?.tensors);
     }
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
-        .map_err(|e| Error::file(path, format!("not a readable safetensors file: {e}")))?;
-    let is_timm = st.tensors().iter().any(|(k, _)| k == "pos_embed");
-    drop(st);
+    let is_timm = {
+        use crate::convert::npz::TensorSource;
+        let src = crate::convert::timm::SafetensorsSource::open(path)?;
+        src.names().iter().any(|k| k == "pos_embed")
+    };
     if is_timm {
         return Ok(crate::convert::timm::convert_timm(path, cfg)?.tensors);
     }
@@ -398,4 +399,28 @@ pub fn load_pretrained_encoder(
         return Err(Error::file(path, problems.join("; ")));
     }
     Ok(out)
+}
+
+/// A trainable TransUNet over `varmap` (parameters under `prefix`: "" for Phase 1, "transunet" for Phase 3), with
+/// the explicit random initialisers of SPEC §5.4 drawn from the project RNG (`seed`, per-variable streams, see
+/// [`super::layers::SeededVarMap`]; variables already in `varmap` are kept), then — when `pretrained` is given — the encoder overwritten from an
+/// `.npz`, timm or canonical file ([`load_pretrained_encoder`]); the decoder and head stay random.
+pub fn build_trainable(
+    cfg: &TransUnetConfig,
+    varmap: &VarMap,
+    prefix: &str,
+    dtype: DType,
+    device: &Device,
+    seed: u64,
+    pretrained: Option<&Path>,
+) -> Result<TransUnet> {
+    let vb = super::layers::seeded_varbuilder(varmap, seed, dtype, device);
+    let vb = if prefix.is_empty() { vb } else { vb.pp(prefix) };
+    let model = TransUnet::new(cfg, vb)?;
+    if let Some(p) = pretrained {
+        let enc: HashMap<String, Tensor> = load_pretrained_encoder(p, cfg)?.into_iter().collect();
+        load_into_varmap(&model, varmap, &enc, LoadMode::Encoder)
+            .map_err(|e| Error::file(p, e.to_string()))?;
+    }
+    Ok(model)
 }

@@ -91,19 +91,14 @@ impl DecoderCup {
     pub fn new(cfg: &TransUnetConfig, vb: VarBuilder) -> Result<Self> {
         let head = cfg.decoder_head_channels;
         let conv_more = Conv2dReLU::new(cfg.hidden_size, head, vb.pp("conv_more"))?;
-        let dc = &cfg.decoder_channels;
-        if dc.len() != 4 {
-            return Err(Error::Config(format!(
-                "transunet.decoder_channels must have 4 entries, got {}",
-                dc.len()
-            )));
-        }
+        let dc = cfg.decoder_channels;
         let skips = cfg.skip_channels();
         let bvb = vb.pp("blocks");
         let mut blocks = Vec::with_capacity(4);
-        for i in 0..4 {
-            let cin = if i == 0 { head } else { dc[i - 1] };
-            blocks.push(DecoderBlock::new(cin, dc[i], skips[i], bvb.pp(i))?);
+        let mut cin = head;
+        for (i, (&cout, &skip)) in dc.iter().zip(skips.iter()).enumerate() {
+            blocks.push(DecoderBlock::new(cin, cout, skip, bvb.pp(i))?);
+            cin = cout;
         }
         Ok(Self {
             conv_more,

@@ -22,7 +22,8 @@ use candle_nn::VarBuilder;
 use std::collections::HashMap;
 
 pub use checkpoint::{
-    load_into_varmap, load_pretrained_encoder, read_checkpoint, save_safetensors_atomic, LoadReport,
+    build_trainable, load_into_varmap, load_pretrained_encoder, read_checkpoint,
+    save_safetensors_atomic, state_dict, LoadMode, LoadReport,
 };
 use decoder::{DecoderCup, SegmentationHead};
 use embeddings::Embeddings;

@@ -101,17 +101,10 @@ impl ResNetV2 {
             (4 * w, 8 * w, 2 * w, 2),
             (8 * w, 16 * w, 4 * w, 2),
         ];
-        let units = &cfg.resnet_block_units;
-        if units.len() != 3 {
-            return Err(Error::Config(format!(
-                "transunet.resnet_block_units must have 3 entries, got {}",
-                units.len()
-            )));
-        }
+        let units = cfg.resnet_block_units;
         let body = vb.pp("body");
         let mut blocks = Vec::with_capacity(3);
-        for (b, &(cin, cout, cmid, stride)) in stages.iter().enumerate() {
-            let n = units[b];
+        for (b, (&(cin, cout, cmid, stride), &n)) in stages.iter().zip(units.iter()).enumerate() {
             if n == 0 {
                 return Err(Error::Config(format!(
                     "transunet.resnet_block_units[{b}] must be ≥ 1"
