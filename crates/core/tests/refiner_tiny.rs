@@ -472,3 +472,73 @@ fn refiner_target_resize_is_nearest() {
         vec![0., 0., 1., 1., 0., 0., 1., 1., 1., 1., 0., 0., 1., 1., 0., 0.]
     );
 }
+
+/// SPEC §6.9: cached (f16-stored) and freshly computed embeddings give the same refiner outputs within the f16
+/// storage error; the second pass is served from the cache.
+#[test]
+fn refiner_embedding_cache_matches_fresh() {
+    use ultrarefiner::models::sam::EmbeddingCache;
+    use ultrarefiner::refiner::ForwardOptions;
+    let cfg = tiny();
+    let dev = Device::Cpu;
+    let tu_vars = VarMap::new();
+    let tu = TransUnet::new(
+        &cfg.transunet,
+        VarBuilder::from_varmap(&tu_vars, DType::F32, &dev),
+    )
+    .unwrap();
+    let (sam, _) = sam_f32(&cfg.sam, false);
+    let fp = sam.image_encoder.fingerprint().unwrap();
+    let model = UltraRefiner::new(tu, SamRefiner::new(sam, SamRefinerSettings::default()));
+    let s = cfg.transunet.img_size;
+    let x = ((noise(&[2, 1, s, s], 21, DType::F32) + 1.0).unwrap() * 0.5).unwrap();
+    let fresh = model.forward(&x).unwrap();
+    let cache = EmbeddingCache::new(None, &fp, 1 << 26).unwrap();
+    let opts = ForwardOptions {
+        cache: Some(&cache),
+        ..ForwardOptions::default()
+    };
+    let first = model.forward_with(&x, &opts).unwrap();
+    let second = model.forward_with(&x, &opts).unwrap();
+    assert_eq!((cache.misses(), cache.hits()), (2, 2));
+    let max_abs = |a: &Tensor, b: &Tensor| -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let scale = fresh
+        .refined_logits_n
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    assert_eq!(
+        max_abs(&first.refined_logits_n, &second.refined_logits_n),
+        0.0
+    );
+    let d = max_abs(&first.refined_logits_n, &fresh.refined_logits_n);
+    eprintln!("cached vs fresh refined logits: max |diff| {d:.3e} (max |ref| {scale:.3e})");
+    assert!(
+        d <= 2e-3 * scale.max(1.0),
+        "cached vs fresh: {d} (scale {scale})"
+    );
+    let emax = max_abs(&fresh.embeddings, &fresh.embeddings.zeros_like().unwrap());
+    let de = max_abs(&first.embeddings, &fresh.embeddings);
+    assert!(
+        de <= 1e-3 * emax,
+        "f16-stored embeddings differ by {de} (max |emb| {emax})"
+    );
+}

@@ -195,3 +195,33 @@ impl SamRefiner {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_from_config() -> Result<()> {
+        let mut c = RefinerConfig::default();
+        let s = SamRefinerSettings::from_config(&c, None)?;
+        assert_eq!(s.prompts, PromptConfig::default());
+        assert_eq!(s.selection_temperature, 0.1);
+        assert_eq!(s.sharpen, None);
+        c.mask_prompt_style = "gaussian".into();
+        c.use_box_prompt = false;
+        c.sharpen_coarse_mask = true;
+        c.sharpen_temperature = 10.0;
+        c.sam_normalization = "auto".into();
+        let s = SamRefinerSettings::from_config(&c, Some("medsam"))?;
+        assert_eq!(s.prompts.mask_style, MaskPromptStyle::Gaussian);
+        assert!(!s.prompts.use_box && !s.prompts.negative_point_active());
+        assert_eq!(s.sharpen, Some(10.0));
+        assert_eq!(s.normalization, SamNormalization::Unit);
+        c.mask_prompt_style = "fuzzy".into();
+        assert!(SamRefinerSettings::from_config(&c, None).is_err());
+        c.mask_prompt_style = "direct".into();
+        c.selection_temperature = 0.0;
+        assert!(SamRefinerSettings::from_config(&c, None).is_err());
+        Ok(())
+    }
+}

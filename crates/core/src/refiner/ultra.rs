@@ -152,3 +152,24 @@ impl UltraRefiner {
         Ok((sam_inputs, emb, r, refined_s))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// `α·P + (1 − α)·detach(P)` keeps the value and scales the gradient by α (SPEC §9.3).
+    #[test]
+    fn gradient_scale_keeps_value_scales_gradient() -> Result<()> {
+        let p = Var::from_tensor(&Tensor::new(&[0.2f64, 0.7, 1.0], &Device::Cpu)?)?;
+        for alpha in [1.0, 0.25] {
+            let q = scale_gradient(p.as_tensor(), alpha)?;
+            let d: f64 = (&q - p.as_tensor())?.abs()?.sum_all()?.to_scalar()?;
+            assert!(d < 1e-15);
+            let g = q.sum_all()?.backward()?;
+            let g: Vec<f64> = g.get(p.as_tensor()).unwrap().to_vec1()?;
+            assert!(g.iter().all(|v| (v - alpha).abs() < 1e-15), "{g:?}");
+        }
+        Ok(())
+    }
+}
