@@ -118,7 +118,7 @@ impl Default for RefinerConfig {
             add_negative_point: true,
             selection_temperature: 0.1,
             sharpen_coarse_mask: false,
-            sharpen_temperature: 0.5,
+            sharpen_temperature: 10.0,
             sam_normalization: "sam".into(),
         }
     }
