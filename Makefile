@@ -13,7 +13,7 @@ DEVICE       ?= cpu
 CUDA_COMPUTE_CAP ?= 90
 BENCH_OUT    ?= bench-results
 
-.PHONY: build build-cuda test lint fmt bench demo clean submit
+.PHONY: build build-cuda test lint fmt bench demo clean submit prepare augment phase1 fetch-weights
 
 build:
 	$(CARGO) build --release --workspace --bins
@@ -33,9 +33,30 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
+# The whole method on the built-in phantom data, tiny preset, CPU (README's first command).
+demo: build
+	scripts/demo.sh
+
+prepare: build
+	$(RELEASE)/ultrarefiner prepare datasets --raw-root $(RAW_ROOT) --output-root $(DATA_ROOT) --datasets $(DATASETS)
+	$(RELEASE)/ultrarefiner prepare verify --output-root $(DATA_ROOT)
+
+augment: build
+	$(RELEASE)/ultrarefiner augment synthetic --processed-root $(DATA_ROOT) --datasets $(DATASETS) --output-root $(AUG_ROOT)
+
+phase1: build
+	$(RELEASE)/phase1 --config $(CONFIG) --data-root $(DATA_ROOT) --dataset $(DATASET) --fold $(FOLD) \
+	  --device $(DEVICE) --resume auto
+
+# Pretrained weights into weights/ (hub cache or network; `ultrarefiner fetch --help` lists aliases and --from-file).
+fetch-weights: build
+	$(RELEASE)/ultrarefiner fetch sam-vit-b
+	$(RELEASE)/ultrarefiner fetch medsam-vit-b
+	$(RELEASE)/ultrarefiner fetch r50-vit-b16
+
 bench: build
 	mkdir -p $(BENCH_OUT)
-	for w in sgemm-2048; do \
+	for w in sgemm-2048 bilinear-224-1024-fwd-bwd loader-224 prepare-busi-sample; do \
 	  $(RELEASE)/ultrarefiner bench --workload $$w --device $(DEVICE) | tee $(BENCH_OUT)/$$w.json; \
 	done
 
