@@ -64,6 +64,16 @@ pub fn workloads() -> Vec<(&'static str, &'static str, Setup)> {
             "`prepare datasets` of ../shared/data/BUSI into a scratch folder (items = images kept)",
             prepare_busi_sample,
         ),
+        (
+            "transunet-train-step",
+            "one Phase 1 optimiser step (train forward, loss, backward, SGD; random init; default batch 4)",
+            transunet_train_step,
+        ),
+        (
+            "transunet-forward",
+            "TransUNet eval-mode forward (random init; default batch 4)",
+            transunet_forward,
+        ),
     ]
 }
 
@@ -174,6 +184,42 @@ fn bilinear_fwd_bwd(opts: &BenchOptions, _cfg: &Config) -> Result<Prepared> {
             grads
                 .get(x.as_tensor())
                 .ok_or_else(|| Error::msg("bilinear resize produced no gradient"))?;
+/// Random images `(B,1,S,S)` and lesion-like masks `(B,S,S)` (a centred disc) on `device`.
+fn transunet_inputs(b: usize, s: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let x = Tensor::rand(0f32, 1.0, (b, 1, s, s), device)?;
+    let r = s as f32 / 4.0;
+    let c = s as f32 / 2.0;
+    let mut m = vec![0f32; b * s * s];
+    for i in 0..b {
+        for y in 0..s {
+            for xx in 0..s {
+                let (dy, dx) = (y as f32 - c, xx as f32 - c);
+                if dy * dy + dx * dx < r * r {
+                    m[i * s * s + y * s + xx] = 1.0;
+                }
+            }
+        }
+    }
+    Ok((x, Tensor::from_vec(m, (b, s, s), &Device::Cpu)?.to_device(device)?))
+}
+
+fn transunet_train_step(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
+    use crate::train::phase1::{build_model, make_optimizer, train_step};
+    let b = opts.batch.unwrap_or(4);
+    let tcfg = cfg.model.transunet.clone();
+    let varmap = candle_nn::VarMap::new();
+    let model = build_model(&tcfg, &varmap, 42, &opts.device, None)?;
+    let mut opt = make_optimizer(&varmap, 0.01, 0.9, 1e-4)?;
+    let mut sched = crate::train::Schedule::poly(1_000_000, 1);
+    let (x, y) = transunet_inputs(b, tcfg.img_size, &opts.device)?;
+    let mut step = 0u64;
+    Ok(Prepared {
+        batch: b,
+        items: Some(b),
+        step: Box::new(move || {
+            step += 1;
+            let seed = crate::rng::mix(42, "dropout", &[0, step]);
+            train_step(&model, &mut opt, &mut sched, &x, &y, Some(seed))?;
             Ok(())
         }),
     })
@@ -224,6 +270,19 @@ fn prepare_busi_sample(_opts: &BenchOptions, _cfg: &Config) -> Result<Prepared> 
         step: Box::new(move || {
             let _keep = &scratch;
             w.run().map(|_| ())
+fn transunet_forward(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
+    let b = opts.batch.unwrap_or(4);
+    let tcfg = cfg.model.transunet.clone();
+    let varmap = candle_nn::VarMap::new();
+    let model = crate::train::phase1::build_model(&tcfg, &varmap, 42, &opts.device, None)?;
+    let (x, _) = transunet_inputs(b, tcfg.img_size, &opts.device)?;
+    Ok(Prepared {
+        batch: b,
+        items: Some(b),
+        step: Box::new(move || {
+            let y = model.forward_t(&x, false, None)?;
+            let _ = y.sum_all()?.to_dtype(DType::F32)?.to_vec0::<f32>()?;
+            Ok(())
         }),
     })
 }
