@@ -184,6 +184,11 @@ fn bilinear_fwd_bwd(opts: &BenchOptions, _cfg: &Config) -> Result<Prepared> {
             grads
                 .get(x.as_tensor())
                 .ok_or_else(|| Error::msg("bilinear resize produced no gradient"))?;
+            Ok(())
+        }),
+    })
+}
+
 /// Random images `(B,1,S,S)` and lesion-like masks `(B,S,S)` (a centred disc) on `device`.
 fn transunet_inputs(b: usize, s: usize, device: &Device) -> Result<(Tensor, Tensor)> {
     let x = Tensor::rand(0f32, 1.0, (b, 1, s, s), device)?;
@@ -200,7 +205,10 @@ fn transunet_inputs(b: usize, s: usize, device: &Device) -> Result<(Tensor, Tens
             }
         }
     }
-    Ok((x, Tensor::from_vec(m, (b, s, s), &Device::Cpu)?.to_device(device)?))
+    Ok((
+        x,
+        Tensor::from_vec(m, (b, s, s), &Device::Cpu)?.to_device(device)?,
+    ))
 }
 
 fn transunet_train_step(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
@@ -270,6 +278,10 @@ fn prepare_busi_sample(_opts: &BenchOptions, _cfg: &Config) -> Result<Prepared> 
         step: Box::new(move || {
             let _keep = &scratch;
             w.run().map(|_| ())
+        }),
+    })
+}
+
 fn transunet_forward(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
     let b = opts.batch.unwrap_or(4);
     let tcfg = cfg.model.transunet.clone();

@@ -14,13 +14,22 @@
 //! Randomness (§0, §11.1.6): the random initialisation is drawn host-side from the project RNG
 //! `("init", fnv1a64(key))` (see [`SeededInit`]), shuffling is `("shuffle", epoch)`, augmentation
 //! `("augment", epoch, index)` and dropout `("dropout", epoch, step)` further mixed per layer by the model.
-use super::checkpoint::{load_checkpoint, save_checkpoint, sha256_file, Best, DataIdentity, Phase, RngState, Sidecar, WeightSource};
-use super::console::{end_of_run, epoch_report, run_header, single_rows, Console, EpochReport, RunHeader, Style, TrainReport, ValidationTable};
+use super::checkpoint::{
+    load_checkpoint, save_checkpoint, sha256_file, Best, DataIdentity, Phase, RngState, Sidecar,
+    WeightSource,
+};
+use super::console::{
+    end_of_run, epoch_report, run_header, single_rows, Console, EpochReport, RunHeader, Style,
+    TrainReport, ValidationTable,
+};
 use super::history::{HistoryRow, Named};
 use super::losses::{phase1_loss, scalar_f64, softmax};
 use super::metrics::{MeanTracker, PooledMetrics};
 use super::optim::{check_groups_match, Grads, Optimizer, ParamGroup, Sgd};
-use super::rundir::{epoch_stem, resolve_resume, Durations, ResumeDecision, RunDir, RunStatus, Summary, Versions, BEST, FINAL, LATEST};
+use super::rundir::{
+    epoch_stem, resolve_resume, Durations, ResumeDecision, RunDir, RunStatus, Summary, Versions,
+    BEST, FINAL, LATEST,
+};
 use super::schedule::Schedule;
 use super::signals::{StopFlag, EXIT_TEMPFAIL};
 use crate::config::{Config, TransUnetConfig};
@@ -28,7 +37,9 @@ use crate::data::dataset::{SegDataset, Split};
 use crate::data::loader::{Loader, LoaderOptions};
 use crate::device::DeviceSpec;
 use crate::eval::metrics::{Confusion, RatioMetrics};
-use crate::models::transunet::{load_into_varmap, load_pretrained_encoder, state_dict, LoadMode, TransUnet};
+use crate::models::transunet::{
+    load_into_varmap, load_pretrained_encoder, state_dict, LoadMode, TransUnet,
+};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
@@ -68,7 +79,9 @@ impl std::str::FromStr for BestMetric {
         match s.trim() {
             "dice" => Ok(BestMetric::Dice),
             "dice_img" | "dice-img" => Ok(BestMetric::DiceImg),
-            o => Err(Error::Arg(format!("--best-metric `{o}` is not one of dice, dice_img"))),
+            o => Err(Error::Arg(format!(
+                "--best-metric `{o}` is not one of dice, dice_img"
+            ))),
         }
     }
 }
@@ -167,7 +180,11 @@ impl Phase1Options {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Phase1Outcome {
     /// Trained to `max_epochs`.
-    Complete { run_dir: PathBuf, best: Best, epochs: u64 },
+    Complete {
+        run_dir: PathBuf,
+        best: Best,
+        epochs: u64,
+    },
     /// `--resume auto` found a complete run; nothing was trained.
     AlreadyComplete { run_dir: PathBuf },
     /// Stopped at a step boundary (signal or `stop_after_epochs`); `latest` holds `epochs_done` epochs.
@@ -231,7 +248,11 @@ fn draw_init(seed: u64, key: &str, shape: &Shape, h: Init) -> Option<Vec<f64>> {
         Init::Const(_) => None,
         Init::Uniform { lo, up } => Some(uniform(&mut rng, lo, up)),
         Init::Randn { mean, stdev } => Some(normal(&mut rng, mean, stdev)),
-        Init::Kaiming { dist, fan, non_linearity } => {
+        Init::Kaiming {
+            dist,
+            fan,
+            non_linearity,
+        } => {
             let std = non_linearity.gain() / (fan.for_shape(shape) as f64).sqrt();
             Some(match dist {
                 candle_nn::init::NormalOrUniform::Uniform => {
@@ -245,8 +266,19 @@ fn draw_init(seed: u64, key: &str, shape: &Shape, h: Init) -> Option<Vec<f64>> {
 }
 
 impl SimpleBackend for SeededInit {
-    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let mut data = self.varmap.data().lock().map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut data = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
         if let Some(v) = data.get(name) {
             if v.shape() != &s {
                 candle_core::bail!("shape mismatch on {name}: {s:?} <> {:?}", v.shape())
@@ -256,7 +288,9 @@ impl SimpleBackend for SeededInit {
         let var = match draw_init(self.seed, name, &s, h) {
             None => h.var(s, dtype, dev)?,
             Some(vals) => {
-                let t = Tensor::from_vec(vals, s, &Device::Cpu)?.to_dtype(dtype)?.to_device(dev)?;
+                let t = Tensor::from_vec(vals, s, &Device::Cpu)?
+                    .to_dtype(dtype)?
+                    .to_device(dev)?;
                 Var::from_tensor(&t)?
             }
         };
@@ -264,11 +298,20 @@ impl SimpleBackend for SeededInit {
         data.insert(name.to_string(), var);
         Ok(t)
     }
-    fn get_unchecked(&self, _name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        _name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         candle_core::bail!("`get_unchecked` is not supported by the seeded initialiser")
     }
     fn contains_tensor(&self, name: &str) -> bool {
-        self.varmap.data().lock().map(|d| d.contains_key(name)).unwrap_or(false)
+        self.varmap
+            .data()
+            .lock()
+            .map(|d| d.contains_key(name))
+            .unwrap_or(false)
     }
 }
 
@@ -281,23 +324,38 @@ pub fn build_model(
     device: &Device,
     pretrained: Option<&Path>,
 ) -> Result<TransUnet> {
-    let backend = SeededInit { varmap: varmap.clone(), seed: crate::rng::mix(seed, "init-transunet", &[]) };
+    let backend = SeededInit {
+        varmap: varmap.clone(),
+        seed: crate::rng::mix(seed, "init-transunet", &[]),
+    };
     let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone());
     let model = TransUnet::new(cfg, vb)?;
     if let Some(p) = pretrained {
         let enc: HashMap<String, Tensor> = load_pretrained_encoder(p, cfg)?.into_iter().collect();
-        load_into_varmap(&model, varmap, &enc, LoadMode::Encoder).map_err(|e| Error::file(p, e.to_string()))?;
+        load_into_varmap(&model, varmap, &enc, LoadMode::Encoder)
+            .map_err(|e| Error::file(p, e.to_string()))?;
     }
     Ok(model)
 }
 
 /// The single SGD parameter group `transunet` over every variable of `varmap`, sorted by key.
-pub fn make_optimizer(varmap: &VarMap, base_lr: f64, momentum: f64, weight_decay: f64) -> Result<Sgd> {
-    let data = varmap.data().lock().map_err(|_| Error::msg("VarMap lock poisoned"))?;
+pub fn make_optimizer(
+    varmap: &VarMap,
+    base_lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+) -> Result<Sgd> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| Error::msg("VarMap lock poisoned"))?;
     let mut params: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     drop(data);
     params.sort_by(|a, b| a.0.cmp(&b.0));
-    Sgd::new(vec![ParamGroup::new("transunet", base_lr, weight_decay, params)], momentum)
+    Sgd::new(
+        vec![ParamGroup::new("transunet", base_lr, weight_decay, params)],
+        momentum,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -338,8 +396,19 @@ pub fn train_step(
     opt.step(&grads)?;
     let metrics = PooledMetrics::from_batch(&foreground_prob(&logits)?, masks)?;
     let comps = loss.component_values()?;
-    let get = |n: &str| comps.iter().find(|(k, _)| k == n).map(|(_, v)| *v).unwrap_or(f64::NAN);
-    Ok(StepOutput { loss: loss.total_f64()?, ce: get("ce"), dice_loss: get("dice"), metrics })
+    let get = |n: &str| {
+        comps
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| *v)
+            .unwrap_or(f64::NAN)
+    };
+    Ok(StepOutput {
+        loss: loss.total_f64()?,
+        ce: get("ce"),
+        dice_loss: get("dice"),
+        metrics,
+    })
 }
 
 /// Per-image Dice (§10.2, threshold 0.5, empty-mask policy) of every sample of a batch.
@@ -367,7 +436,12 @@ pub struct Validation {
 
 /// Eval-mode pass over `loader` (epoch 0 order, no augmentation): mean batch loss, mean of the per-batch pooled
 /// metrics (§10.1) and mean per-image Dice.
-pub fn validate(model: &TransUnet, loader: &Loader, device: &Device, progress: Option<(&Console, u64, u64)>) -> Result<Validation> {
+pub fn validate(
+    model: &TransUnet,
+    loader: &Loader,
+    device: &Device,
+    progress: Option<(&Console, u64, u64)>,
+) -> Result<Validation> {
     let mut tr = MeanTracker::new();
     let mut dices = Vec::new();
     let n = loader.num_batches() as u64;
@@ -398,7 +472,11 @@ pub fn validate(model: &TransUnet, loader: &Loader, device: &Device, progress: O
             accuracy: m("accuracy"),
             specificity: m("specificity"),
         },
-        dice_img: if dices.is_empty() { f64::NAN } else { dices.iter().sum::<f64>() / dices.len() as f64 },
+        dice_img: if dices.is_empty() {
+            f64::NAN
+        } else {
+            dices.iter().sum::<f64>() / dices.len() as f64
+        },
     })
 }
 
@@ -416,7 +494,10 @@ struct Resolved {
 
 fn resolve(o: &Phase1Options) -> Result<Resolved> {
     if o.vit_name != "R50-ViT-B_16" {
-        return Err(Error::Arg(format!("--vit-name `{}` is not supported (only R50-ViT-B_16)", o.vit_name)));
+        return Err(Error::Arg(format!(
+            "--vit-name `{}` is not supported (only R50-ViT-B_16)",
+            o.vit_name
+        )));
     }
     let mut cfg = Config::load(&o.config)?;
     {
@@ -438,7 +519,8 @@ fn resolve(o: &Phase1Options) -> Result<Resolved> {
         cfg.phase1.batch_size = v;
     }
     cfg.data.n_splits = o.n_splits as usize;
-    cfg.validate().map_err(|e| Error::Config(format!("{}: {e}", o.config)))?;
+    cfg.validate()
+        .map_err(|e| Error::Config(format!("{}: {e}", o.config)))?;
     crate::models::transunet::validate_config(&cfg.model.transunet)?;
     if cfg.model.transunet.n_classes != 2 {
         return Err(Error::Arg(format!(
@@ -450,20 +532,31 @@ fn resolve(o: &Phase1Options) -> Result<Resolved> {
         return Err(Error::Arg("--batch-size must be at least 1".into()));
     }
     if o.n_splits < 2 || o.fold >= o.n_splits {
-        return Err(Error::Arg(format!("--fold {} must be below --n-splits {} (≥ 2)", o.fold, o.n_splits)));
+        return Err(Error::Arg(format!(
+            "--fold {} must be below --n-splits {} (≥ 2)",
+            o.fold, o.n_splits
+        )));
     }
     if o.val_every == 0 {
         return Err(Error::Arg("--val-every must be at least 1".into()));
     }
     let (datasets, combined): (Vec<String>, bool) = match (&o.dataset, o.datasets.is_empty()) {
-        (Some(d), _) => (vec![crate::data::DatasetKind::parse(d)?.name().to_string()], false),
+        (Some(d), _) => (
+            vec![crate::data::DatasetKind::parse(d)?.name().to_string()],
+            false,
+        ),
         (None, false) => {
-            let v: Vec<String> =
-                crate::data::parse_dataset_list(&o.datasets)?.into_iter().map(|k| k.name().to_string()).collect();
+            let v: Vec<String> = crate::data::parse_dataset_list(&o.datasets)?
+                .into_iter()
+                .map(|k| k.name().to_string())
+                .collect();
             let c = v.len() > 1;
             (v, c)
         }
-        (None, true) => (DEFAULT_DATASETS.iter().map(|s| s.to_string()).collect(), true),
+        (None, true) => (
+            DEFAULT_DATASETS.iter().map(|s| s.to_string()).collect(),
+            true,
+        ),
     };
     let exp_name = match &o.exp_name {
         Some(e) => e.clone(),
@@ -490,7 +583,9 @@ fn pretrained_path(o: &Phase1Options, cfg: &TransUnetConfig) -> Option<PathBuf> 
                 tracing::warn!("no pretrained encoder ({DEFAULT_VIT_PRETRAINED} not found): the encoder starts random");
                 None
             } else if cfg.hidden_size != 768 || cfg.num_layers != 12 {
-                tracing::warn!("{DEFAULT_VIT_PRETRAINED} is paper-sized; this preset's encoder starts random");
+                tracing::warn!(
+                    "{DEFAULT_VIT_PRETRAINED} is paper-sized; this preset's encoder starts random"
+                );
                 None
             } else {
                 Some(p)
@@ -519,18 +614,26 @@ fn splits_identity(root: &Path, datasets: &[String]) -> Result<String> {
     for d in datasets {
         parts.push(sha256_file(&root.join(d).join("splits.json"))?);
     }
-    Ok(if parts.len() == 1 { parts.remove(0) } else { crate::data::sha256_hex(parts.join(",").as_bytes()) })
+    Ok(if parts.len() == 1 {
+        parts.remove(0)
+    } else {
+        crate::data::sha256_hex(parts.join(",").as_bytes())
+    })
 }
 
 fn resolved_toml(r: &Resolved, o: &Phase1Options, training: &serde_json::Value) -> Result<String> {
-    let mut s = String::from("# Resolved configuration of this phase1 run (preset < explicit flags).\n");
+    let mut s =
+        String::from("# Resolved configuration of this phase1 run (preset < explicit flags).\n");
     s += "# Training hyper-parameters (CLI):\n";
     if let serde_json::Value::Object(m) = training {
         for (k, v) in m {
             s += &format!("#   {k} = {v}\n");
         }
     }
-    s += &format!("#   datasets = {:?}\n#   fold = {}\n#   n_splits = {}\n\n", r.datasets, o.fold, o.n_splits);
+    s += &format!(
+        "#   datasets = {:?}\n#   fold = {}\n#   n_splits = {}\n\n",
+        r.datasets, o.fold, o.n_splits
+    );
     s += &r.cfg.to_toml_string()?;
     Ok(s)
 }
@@ -543,8 +646,13 @@ pub fn run(o: &Phase1Options) -> Result<Phase1Outcome> {
     let style = Style::detect(o.plain, o.ascii);
     if decision == ResumeDecision::AlreadyComplete {
         let c = Console::new(style);
-        c.print(&format!("{}: already complete (use --force-retrain to train again)", run.root().display()));
-        return Ok(Phase1Outcome::AlreadyComplete { run_dir: run.root().to_path_buf() });
+        c.print(&format!(
+            "{}: already complete (use --force-retrain to train again)",
+            run.root().display()
+        ));
+        return Ok(Phase1Outcome::AlreadyComplete {
+            run_dir: run.root().to_path_buf(),
+        });
     }
     run.create()?;
     let started = Instant::now();
@@ -556,7 +664,10 @@ pub fn run(o: &Phase1Options) -> Result<Phase1Outcome> {
             status: RunStatus::Failed,
             kind: Phase::Phase1,
             experiment: r.exp_name.clone(),
-            best: prev.as_ref().map(|p| p.best.clone()).unwrap_or_else(|| Best::new(o.best_metric.name())),
+            best: prev
+                .as_ref()
+                .map(|p| p.best.clone())
+                .unwrap_or_else(|| Best::new(o.best_metric.name())),
             final_metrics: prev.as_ref().and_then(|p| p.final_metrics.clone()),
             epochs: prev.as_ref().map(|p| p.epochs).unwrap_or(0),
             max_epochs: r.max_epochs,
@@ -619,11 +730,21 @@ fn train(
     let s = tcfg.img_size;
 
     // Data (the test split is never read).
-    let mut train_ds = SegDataset::open(&o.data_root, &r.datasets, Split::FoldTrain(o.fold as usize), s)?;
+    let mut train_ds = SegDataset::open(
+        &o.data_root,
+        &r.datasets,
+        Split::FoldTrain(o.fold as usize),
+        s,
+    )?;
     if !o.no_augment {
         train_ds = train_ds.with_augmentation(o.seed);
     }
-    let val_ds = SegDataset::open(&o.data_root, &r.datasets, Split::FoldVal(o.fold as usize), s)?;
+    let val_ds = SegDataset::open(
+        &o.data_root,
+        &r.datasets,
+        Split::FoldVal(o.fold as usize),
+        s,
+    )?;
     for d in &r.datasets {
         let sp = crate::data::splits::SplitsFile::read(&o.data_root.join(d).join("splits.json"))?;
         if sp.n_splits != o.n_splits as usize {
@@ -641,12 +762,20 @@ fn train(
         )));
     }
     if n_val == 0 {
-        return Err(Error::Arg(format!("fold {} has no validation samples", o.fold)));
+        return Err(Error::Arg(format!(
+            "fold {} has no validation samples",
+            o.fold
+        )));
     }
     let workers = o.num_workers.max(1);
-    let train_loader =
-        Loader::new(Arc::new(train_ds), LoaderOptions::train(r.batch_size, o.seed).with_workers(workers))?;
-    let val_loader = Loader::new(Arc::new(val_ds), LoaderOptions::eval(r.batch_size).with_workers(workers))?;
+    let train_loader = Loader::new(
+        Arc::new(train_ds),
+        LoaderOptions::train(r.batch_size, o.seed).with_workers(workers),
+    )?;
+    let val_loader = Loader::new(
+        Arc::new(val_ds),
+        LoaderOptions::eval(r.batch_size).with_workers(workers),
+    )?;
     let steps = train_loader.num_batches() as u64;
 
     // Model, optimiser, schedule.
@@ -695,10 +824,16 @@ fn train(
         let ck = load_checkpoint(path, &device)?;
         let sc = &ck.sidecar;
         if sc.kind != Phase::Phase1 {
-            return Err(Error::file(path, format!("is a {} checkpoint, not phase1", sc.kind.as_str())));
+            return Err(Error::file(
+                path,
+                format!("is a {} checkpoint, not phase1", sc.kind.as_str()),
+            ));
         }
         if json_norm(&sc.config["model"]) != json_norm(&model_json) {
-            return Err(Error::file(path, "its model configuration differs from this run's (--config / --img-size …)"));
+            return Err(Error::file(
+                path,
+                "its model configuration differs from this run's (--config / --img-size …)",
+            ));
         }
         if sc.data != data_id {
             return Err(Error::file(
@@ -716,13 +851,28 @@ fn train(
                     ),
                 ));
             }
-            pending_note = Some(format!("config changed on resume: {} -> {}", sc.config["training"], training));
+            pending_note = Some(format!(
+                "config changed on resume: {} -> {}",
+                sc.config["training"], training
+            ));
         }
-        load_into_varmap(&model, &varmap, &ck.model, LoadMode::Strict).map_err(|e| Error::file(path, e.to_string()))?;
+        load_into_varmap(&model, &varmap, &ck.model, LoadMode::Strict)
+            .map_err(|e| Error::file(path, e.to_string()))?;
         check_groups_match(&opt, &sc.optimizer)?;
         opt.load_state(&ck.optim)?;
-match (&sc.scheduler, &mut schedule) {
-            (Schedule::Poly { position, total_steps, .. }, Schedule::Poly { position: p, total_steps: t, .. }) => {
+        match (&sc.scheduler, &mut schedule) {
+            (
+                Schedule::Poly {
+                    position,
+                    total_steps,
+                    ..
+                },
+                Schedule::Poly {
+                    position: p,
+                    total_steps: t,
+                    ..
+                },
+            ) => {
                 if total_steps != t && !o.allow_config_change {
                     return Err(Error::file(
                         path,
@@ -731,19 +881,36 @@ match (&sc.scheduler, &mut schedule) {
                 }
                 *p = *position;
             }
-            _ => return Err(Error::file(path, "its scheduler is not the Phase 1 poly schedule")),
+            _ => {
+                return Err(Error::file(
+                    path,
+                    "its scheduler is not the Phase 1 poly schedule",
+                ))
+            }
         }
         start_epoch = sc.epoch + 1;
         global_step = sc.global_step;
         best = sc.best.clone();
         history = sc.history.clone();
         init_weights = sc.init_weights.clone();
-        console.log_only(&format!("resumed from {} after epoch {}", path.display(), sc.epoch + 1));
+        console.log_only(&format!(
+            "resumed from {} after epoch {}",
+            path.display(),
+            sc.epoch + 1
+        ));
     }
     run.write_config(&resolved_toml(r, o, &training)?)?;
 
-    let ds_label = if r.combined { crate::data::combined_name(&r.datasets) } else { r.datasets[0].clone() };
-    let exp_label = if r.combined { format!("combined_fold{}", o.fold) } else { format!("{}_fold{}", r.datasets[0], o.fold) };
+    let ds_label = if r.combined {
+        crate::data::combined_name(&r.datasets)
+    } else {
+        r.datasets[0].clone()
+    };
+    let exp_label = if r.combined {
+        format!("combined_fold{}", o.fold)
+    } else {
+        format!("{}_fold{}", r.datasets[0], o.fold)
+    };
     console.print(&run_header(
         &RunHeader {
             experiment: exp_label.clone(),
@@ -755,39 +922,73 @@ match (&sc.scheduler, &mut schedule) {
         },
         &style,
     ));
-    run.write_summary(&summary(RunStatus::Running, r, &best, &history, started, device_spec, None))?;
+    run.write_summary(&summary(
+        RunStatus::Running,
+        r,
+        &best,
+        &history,
+        started,
+        device_spec,
+        None,
+    ))?;
 
-    let make_sidecar = |epoch: u64, gs: u64, best: &Best, opt: &Sgd, sched: &Schedule, hist: &[HistoryRow]| {
-        let mut sc = Sidecar::new(
-            Phase::Phase1,
-            epoch,
-            gs,
-            best.clone(),
-            config_json.clone(),
-            data_id.clone(),
-            opt.info(),
-            sched.clone(),
-            RngState { seed: o.seed, next_epoch: epoch + 1 },
-            hist.to_vec(),
-        );
-        sc.init_weights = init_weights.clone();
-        sc
-    };
+    let make_sidecar =
+        |epoch: u64, gs: u64, best: &Best, opt: &Sgd, sched: &Schedule, hist: &[HistoryRow]| {
+            let mut sc = Sidecar::new(
+                Phase::Phase1,
+                epoch,
+                gs,
+                best.clone(),
+                config_json.clone(),
+                data_id.clone(),
+                opt.info(),
+                sched.clone(),
+                RngState {
+                    seed: o.seed,
+                    next_epoch: epoch + 1,
+                },
+                hist.to_vec(),
+            );
+            sc.init_weights = init_weights.clone();
+            sc
+        };
     let save = |stem: &str, sc: &Sidecar, opt: &Sgd| -> Result<()> {
         let model_t: HashMap<String, Tensor> = state_dict(&model, &varmap)?.into_iter().collect();
         save_checkpoint(run.root(), stem, &model_t, &opt.state_tensors()?, sc)?;
         Ok(())
     };
-    let interrupted = |epochs_done: u64, best: &Best, history: &[HistoryRow], why: &str| -> Result<Phase1Outcome> {
-        console.print(&format!("stopped ({why}); latest holds epoch {epochs_done}: resume with --resume auto"));
-        run.write_summary(&summary(RunStatus::Interrupted, r, best, history, started, device_spec, Some(why.into())))?;
-        Ok(Phase1Outcome::Interrupted { run_dir: run.root().to_path_buf(), epochs_done })
+    let interrupted = |epochs_done: u64,
+                       best: &Best,
+                       history: &[HistoryRow],
+                       why: &str|
+     -> Result<Phase1Outcome> {
+        console.print(&format!(
+            "stopped ({why}); latest holds epoch {epochs_done}: resume with --resume auto"
+        ));
+        run.write_summary(&summary(
+            RunStatus::Interrupted,
+            r,
+            best,
+            history,
+            started,
+            device_spec,
+            Some(why.into()),
+        ))?;
+        Ok(Phase1Outcome::Interrupted {
+            run_dir: run.root().to_path_buf(),
+            epochs_done,
+        })
     };
     let stop_requested = || o.stop.as_ref().is_some_and(|s| s.is_set());
 
     for epoch in start_epoch..r.max_epochs {
         if o.stop_after_epochs.is_some_and(|n| epoch >= n) {
-            return interrupted(epoch, &best, &history, "stop requested after a completed epoch");
+            return interrupted(
+                epoch,
+                &best,
+                &history,
+                "stop requested after a completed epoch",
+            );
         }
         let t0 = Instant::now();
         let e1 = epoch + 1;
@@ -801,11 +1002,22 @@ match (&sc.scheduler, &mut schedule) {
             }
             let batch = batch?.to_device(&device)?;
             let seed = crate::rng::mix(o.seed, "dropout", &[epoch, step as u64]);
-            let out = train_step(&model, &mut opt, &mut schedule, &batch.images, &batch.masks, Some(seed))?;
+            let out = train_step(
+                &model,
+                &mut opt,
+                &mut schedule,
+                &batch.images,
+                &batch.masks,
+                Some(seed),
+            )?;
             global_step += 1;
             last_lr = opt.lrs()[0].1;
             if !out.loss.is_finite() {
-                return Err(Error::msg(format!("training loss is {} at epoch {e1} step {}", out.loss, step + 1)));
+                return Err(Error::msg(format!(
+                    "training loss is {} at epoch {e1} step {}",
+                    out.loss,
+                    step + 1
+                )));
             }
             tr.add("loss", out.loss);
             tr.add("ce", out.ce);
@@ -819,7 +1031,12 @@ match (&sc.scheduler, &mut schedule) {
         }
         let do_val = e1 % o.val_every == 0 || e1 == r.max_epochs;
         let val = if do_val {
-            Some(validate(&model, &val_loader, &device, Some((&console, e1, r.max_epochs)))?)
+            Some(validate(
+                &model,
+                &val_loader,
+                &device,
+                Some((&console, e1, r.max_epochs)),
+            )?)
         } else {
             None
         };
@@ -870,7 +1087,15 @@ match (&sc.scheduler, &mut schedule) {
         if let Err(e) = run.write_progress_png(&history, &exp_label) {
             tracing::warn!("progress.png not written: {e}");
         }
-        run.write_summary(&summary(RunStatus::Running, r, &best, &history, started, device_spec, None))?;
+        run.write_summary(&summary(
+            RunStatus::Running,
+            r,
+            &best,
+            &history,
+            started,
+            device_spec,
+            None,
+        ))?;
         console.print(&epoch_report(
             &EpochReport {
                 epoch: e1,
@@ -882,7 +1107,9 @@ match (&sc.scheduler, &mut schedule) {
                     iou: m("iou"),
                     lrs: vec![("transunet".into(), last_lr)],
                 },
-                validation: val.map(|v| ValidationTable::Single(single_rows(&v.metrics, Some(v.dice_img), v.loss))),
+                validation: val.map(|v| {
+                    ValidationTable::Single(single_rows(&v.metrics, Some(v.dice_img), v.loss))
+                }),
                 is_best,
                 comparison: None,
             },
@@ -895,11 +1122,29 @@ match (&sc.scheduler, &mut schedule) {
     let sc = make_sidecar(last, global_step, &best, &opt, &schedule, &history);
     save(FINAL, &sc, &opt)?;
     run.write_metrics_csv(&history)?;
-    run.write_summary(&summary(RunStatus::Complete, r, &best, &history, started, device_spec, None))?;
+    run.write_summary(&summary(
+        RunStatus::Complete,
+        r,
+        &best,
+        &history,
+        started,
+        device_spec,
+        None,
+    ))?;
     let label = match o.best_metric {
         BestMetric::Dice => "Best Dice Score",
         BestMetric::DiceImg => "Best Dice (per-img)",
     };
-    console.print(&end_of_run(label, best.value, best.epoch.map(|e| e + 1), &run.checkpoint(BEST).0, &style));
-    Ok(Phase1Outcome::Complete { run_dir: run.root().to_path_buf(), best, epochs: history.len() as u64 })
+    console.print(&end_of_run(
+        label,
+        best.value,
+        best.epoch.map(|e| e + 1),
+        &run.checkpoint(BEST).0,
+        &style,
+    ));
+    Ok(Phase1Outcome::Complete {
+        run_dir: run.root().to_path_buf(),
+        best,
+        epochs: history.len() as u64,
+    })
 }
