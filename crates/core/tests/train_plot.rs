@@ -12,8 +12,18 @@ fn history(n: u64) -> Vec<HistoryRow> {
                 epoch: e,
                 time_s: 10.0,
                 lr: Named(vec![
-                    ("transunet".into(), 1e-6 + (1e-4 - 1e-6) * (1.0 + (std::f64::consts::PI * (x - 1.0) / n as f64).cos()) / 2.0),
-                    ("sam".into(), 1e-6 + (1e-5 - 1e-6) * (1.0 + (std::f64::consts::PI * (x - 1.0) / n as f64).cos()) / 2.0),
+                    (
+                        "transunet".into(),
+                        1e-6 + (1e-4 - 1e-6)
+                            * (1.0 + (std::f64::consts::PI * (x - 1.0) / n as f64).cos())
+                            / 2.0,
+                    ),
+                    (
+                        "sam".into(),
+                        1e-6 + (1e-5 - 1e-6)
+                            * (1.0 + (std::f64::consts::PI * (x - 1.0) / n as f64).cos())
+                            / 2.0,
+                    ),
                 ]),
                 train_loss: Some(0.9 * (-x / 8.0).exp() + 0.1),
                 components: Named(vec![
@@ -22,7 +32,11 @@ fn history(n: u64) -> Vec<HistoryRow> {
                 ]),
                 train_dice: Some(0.85 - 0.55 * (-x / 5.0).exp()),
                 train_iou: Some(0.7 - 0.5 * (-x / 5.0).exp()),
-                val_loss: if e % 5 == 0 { None } else { Some(0.95 * (-x / 9.0).exp() + 0.15) },
+                val_loss: if e % 5 == 0 {
+                    None
+                } else {
+                    Some(0.95 * (-x / 9.0).exp() + 0.15)
+                },
                 val_dice: Some(vd),
                 val_iou: Some(vd - 0.15),
                 val_precision: Some(0.8),
@@ -60,14 +74,23 @@ fn progress_png_has_size_and_content() {
                 if p.iter().all(|&c| c < 100) {
                     dark += 1;
                 }
-                let (mx, mn) = (*p.iter().max().unwrap() as i32, *p.iter().min().unwrap() as i32);
+                let (mx, mn) = (
+                    *p.iter().max().unwrap() as i32,
+                    *p.iter().min().unwrap() as i32,
+                );
                 if mx - mn > 80 {
                     colour += 1;
                 }
             }
         }
-        assert!(dark > 1000, "panel {panel}: only {dark} dark pixels (axes/text missing?)");
-        assert!(colour > 300, "panel {panel}: only {colour} coloured pixels (series missing?)");
+        assert!(
+            dark > 1000,
+            "panel {panel}: only {dark} dark pixels (axes/text missing?)"
+        );
+        assert!(
+            colour > 300,
+            "panel {panel}: only {colour} coloured pixels (series missing?)"
+        );
     }
     if let Ok(keep) = std::env::var("ULTRAREFINER_KEEP_PNG") {
         std::fs::copy(run.progress_png_path(), keep).unwrap();

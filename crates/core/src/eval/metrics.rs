@@ -51,7 +51,12 @@ impl Confusion {
     }
     /// Sum of two count sets (pooling).
     pub fn add(&self, o: &Confusion) -> Confusion {
-        Confusion { tp: self.tp + o.tp, fp: self.fp + o.fp, fn_: self.fn_ + o.fn_, tn: self.tn + o.tn }
+        Confusion {
+            tp: self.tp + o.tp,
+            fp: self.fp + o.fp,
+            fn_: self.fn_ + o.fn_,
+            tn: self.tn + o.tn,
+        }
     }
 }
 
@@ -93,7 +98,14 @@ impl RatioMetrics {
                 ratio_or_one(c.tp, c.tp + c.fn_),
             ),
         };
-        RatioMetrics { dice, iou, precision, recall, accuracy, specificity }
+        RatioMetrics {
+            dice,
+            iou,
+            precision,
+            recall,
+            accuracy,
+            specificity,
+        }
     }
 }
 
@@ -139,11 +151,15 @@ pub fn binarize_tensor(t: &Tensor, threshold: f32) -> Result<(Vec<Vec<bool>>, us
         [b, h, w] => (*b, *h, *w),
         [b, 1, h, w] => (*b, *h, *w),
         _ => {
-            return Err(Error::Arg(format!("binarize_tensor: expected (B,H,W) or (B,1,H,W), got {dims:?}")));
+            return Err(Error::Arg(format!(
+                "binarize_tensor: expected (B,H,W) or (B,1,H,W), got {dims:?}"
+            )));
         }
     };
     let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let masks = (0..b).map(|i| binarize(&v[i * h * w..(i + 1) * h * w], threshold)).collect();
+    let masks = (0..b)
+        .map(|i| binarize(&v[i * h * w..(i + 1) * h * w], threshold))
+        .collect();
     Ok((masks, h, w))
 }
 
@@ -179,7 +195,13 @@ pub fn edt_sq(feature: &[bool], h: usize, w: usize, spacing: (f64, f64)) -> Vec<
 }
 
 /// The multiset `D = {dt_P(x) : x ∈ ∂G} ∪ {dt_G(x) : x ∈ ∂P}` of §10.3 (both masks must be non-empty).
-pub fn surface_distances(pred: &[bool], gt: &[bool], h: usize, w: usize, spacing: (f64, f64)) -> Vec<f64> {
+pub fn surface_distances(
+    pred: &[bool],
+    gt: &[bool],
+    h: usize,
+    w: usize,
+    spacing: (f64, f64),
+) -> Vec<f64> {
     let bp = boundary(pred, h, w);
     let bg = boundary(gt, h, w);
     let dp = edt_sq(&bp, h, w, spacing);
@@ -214,7 +236,13 @@ pub fn percentile_linear(values: &mut [f64], q: f64) -> f64 {
 
 /// `(HD95, ASSD)` with the empty-mask policy: both empty → `(0, 0)`; exactly one empty → the diagonal
 /// `sqrt((H·s_y)² + (W·s_x)²)` for both.
-pub fn hd95_assd(pred: &[bool], gt: &[bool], h: usize, w: usize, spacing: (f64, f64)) -> (f64, f64) {
+pub fn hd95_assd(
+    pred: &[bool],
+    gt: &[bool],
+    h: usize,
+    w: usize,
+    spacing: (f64, f64),
+) -> (f64, f64) {
     let pe = !pred.iter().any(|&b| b);
     let ge = !gt.iter().any(|&b| b);
     match (pe, ge) {
@@ -288,17 +316,34 @@ impl MeanStd {
     pub fn of(values: &[f64]) -> Self {
         let n = values.len();
         if n == 0 {
-            return MeanStd { mean: f64::NAN, std: f64::NAN, n };
+            return MeanStd {
+                mean: f64::NAN,
+                std: f64::NAN,
+                n,
+            };
         }
         let mean = values.iter().sum::<f64>() / n as f64;
         let var = values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n as f64;
-        MeanStd { mean, std: var.sqrt(), n }
+        MeanStd {
+            mean,
+            std: var.sqrt(),
+            n,
+        }
     }
 }
 
 /// Names of the aggregated metric columns, in report order. `hd95_excl`/`assd_excl` are the means over images where
 /// not exactly one mask is empty; `*_mm` columns exist only when every image has a spacing.
-pub const METRIC_NAMES: [&str; 8] = ["dice", "iou", "precision", "recall", "accuracy", "specificity", "hd95", "assd"];
+pub const METRIC_NAMES: [&str; 8] = [
+    "dice",
+    "iou",
+    "precision",
+    "recall",
+    "accuracy",
+    "specificity",
+    "hd95",
+    "assd",
+];
 
 /// One aggregated row (a dataset, `AVERAGE` or `ALL`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -343,8 +388,14 @@ fn metric_columns(imgs: &[&ImageMetrics]) -> Vec<(String, Vec<f64>)> {
     cols.push(("hd95_excl".into(), excl.iter().map(|m| m.hd95).collect()));
     cols.push(("assd_excl".into(), excl.iter().map(|m| m.assd).collect()));
     if !imgs.is_empty() && imgs.iter().all(|m| m.hd95_mm.is_some()) {
-        cols.push(("hd95_mm".into(), imgs.iter().map(|m| m.hd95_mm.unwrap_or(f64::NAN)).collect()));
-        cols.push(("assd_mm".into(), imgs.iter().map(|m| m.assd_mm.unwrap_or(f64::NAN)).collect()));
+        cols.push((
+            "hd95_mm".into(),
+            imgs.iter().map(|m| m.hd95_mm.unwrap_or(f64::NAN)).collect(),
+        ));
+        cols.push((
+            "assd_mm".into(),
+            imgs.iter().map(|m| m.assd_mm.unwrap_or(f64::NAN)).collect(),
+        ));
         cols.push((
             "hd95_mm_excl".into(),
             excl.iter().map(|m| m.hd95_mm.unwrap_or(f64::NAN)).collect(),
@@ -359,14 +410,19 @@ fn row_of(name: &str, imgs: &[&ImageMetrics]) -> AggregateRow {
         n_images: imgs.len(),
         n_pred_empty: imgs.iter().filter(|m| m.pred_empty).count(),
         n_gt_empty: imgs.iter().filter(|m| m.gt_empty).count(),
-        metrics: metric_columns(imgs).into_iter().map(|(n, v)| (n, MeanStd::of(&v))).collect(),
+        metrics: metric_columns(imgs)
+            .into_iter()
+            .map(|(n, v)| (n, MeanStd::of(&v)))
+            .collect(),
     }
 }
 
 /// §10.4 aggregation. `groups` are `(dataset name, its per-image metrics)`.
 pub fn aggregate(groups: &[(String, Vec<ImageMetrics>)]) -> AggregateReport {
-    let datasets: Vec<AggregateRow> =
-        groups.iter().map(|(n, v)| row_of(n, &v.iter().collect::<Vec<_>>())).collect();
+    let datasets: Vec<AggregateRow> = groups
+        .iter()
+        .map(|(n, v)| row_of(n, &v.iter().collect::<Vec<_>>()))
+        .collect();
     let all_imgs: Vec<&ImageMetrics> = groups.iter().flat_map(|(_, v)| v.iter()).collect();
     let all = row_of("ALL", &all_imgs);
     // AVERAGE: unweighted mean over datasets of the per-dataset means (datasets whose mean is NaN — e.g. no image
@@ -387,7 +443,11 @@ pub fn aggregate(groups: &[(String, Vec<ImageMetrics>)]) -> AggregateReport {
         n_gt_empty: all.n_gt_empty,
         metrics: avg_metrics,
     };
-    AggregateReport { datasets, average, all }
+    AggregateReport {
+        datasets,
+        average,
+        all,
+    }
 }
 
 #[cfg(test)]
@@ -419,13 +479,21 @@ mod tests {
     fn edt_matches_brute_force() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        for &(h, w, s) in &[(13usize, 17usize, (1.0, 1.0)), (9, 5, (0.7, 1.3)), (1, 8, (1.0, 2.0)), (6, 1, (0.5, 1.0))] {
+        for &(h, w, s) in &[
+            (13usize, 17usize, (1.0, 1.0)),
+            (9, 5, (0.7, 1.3)),
+            (1, 8, (1.0, 2.0)),
+            (6, 1, (0.5, 1.0)),
+        ] {
             for density in [0.02, 0.2, 0.7] {
                 let f: Vec<bool> = (0..h * w).map(|_| rng.gen::<f64>() < density).collect();
                 let a = edt_sq(&f, h, w, s);
                 let b = brute_edt(&f, h, w, s);
                 for (x, y) in a.iter().zip(&b) {
-                    assert!((x.is_infinite() && y.is_infinite()) || (x - y).abs() <= 1e-9, "{x} vs {y}");
+                    assert!(
+                        (x.is_infinite() && y.is_infinite()) || (x - y).abs() <= 1e-9,
+                        "{x} vs {y}"
+                    );
                 }
             }
         }
@@ -451,15 +519,27 @@ mod tests {
         let mut some = vec![false; 12];
         some[4] = true;
         let both = image_metrics(&empty, &empty, h, w, None).unwrap();
-        assert_eq!((both.dice, both.iou, both.precision, both.recall), (1.0, 1.0, 1.0, 1.0));
-        assert_eq!((both.hd95, both.assd, both.accuracy, both.specificity), (0.0, 0.0, 1.0, 1.0));
+        assert_eq!(
+            (both.dice, both.iou, both.precision, both.recall),
+            (1.0, 1.0, 1.0, 1.0)
+        );
+        assert_eq!(
+            (both.hd95, both.assd, both.accuracy, both.specificity),
+            (0.0, 0.0, 1.0, 1.0)
+        );
         let miss = image_metrics(&empty, &some, h, w, Some((2.0, 1.0))).unwrap();
-        assert_eq!((miss.dice, miss.iou, miss.precision, miss.recall), (0.0, 0.0, 0.0, 0.0));
+        assert_eq!(
+            (miss.dice, miss.iou, miss.precision, miss.recall),
+            (0.0, 0.0, 0.0, 0.0)
+        );
         assert_eq!(miss.hd95, 5.0);
         assert_eq!(miss.hd95_mm, Some((64.0f64 + 9.0).sqrt()));
         assert!(miss.pred_empty && !miss.gt_empty && miss.one_empty());
         let fa = image_metrics(&some, &empty, h, w, None).unwrap();
-        assert_eq!((fa.dice, fa.iou, fa.precision, fa.recall), (0.0, 0.0, 0.0, 0.0));
+        assert_eq!(
+            (fa.dice, fa.iou, fa.precision, fa.recall),
+            (0.0, 0.0, 0.0, 0.0)
+        );
         assert_eq!(fa.specificity, 11.0 / 12.0);
         // all-foreground GT and prediction: TN + FP = 0 → specificity 1
         let full = vec![true; 12];
@@ -516,7 +596,10 @@ mod tests {
             counts: Confusion::default(),
         };
         let groups = vec![
-            ("A".to_string(), vec![mk(1.0, false, false, 2.0), mk(0.0, true, false, 100.0)]),
+            (
+                "A".to_string(),
+                vec![mk(1.0, false, false, 2.0), mk(0.0, true, false, 100.0)],
+            ),
             ("B".to_string(), vec![mk(0.5, false, false, 4.0)]),
         ];
         let r = aggregate(&groups);

@@ -45,7 +45,11 @@ pub struct Best {
 
 impl Best {
     pub fn new(metric: impl Into<String>) -> Self {
-        Best { metric: metric.into(), value: None, epoch: None }
+        Best {
+            metric: metric.into(),
+            value: None,
+            epoch: None,
+        }
     }
     /// Strict improvement rule (§11.2–11.4): `value > best`. Updates and returns true on improvement; NaN never
     /// improves. Values are compared and stored after [`round15`](super::history::round15), so a resumed run
@@ -186,7 +190,10 @@ impl Sidecar {
 
 /// Current UTC time as RFC 3339 (`2026-11-27T23:08:36Z`).
 pub fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     format_rfc3339(secs)
 }
 
@@ -204,17 +211,29 @@ pub fn format_rfc3339(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem / 60) % 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
 fn fsync_dir(path: &Path) {
     if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
         if let Ok(f) = std::fs::File::open(dir) {
             let _ = f.sync_all();
         }
@@ -230,7 +249,11 @@ where
     let tmp = tmp_path(path);
     let res = (|| {
         write(&tmp)?;
-        let f = std::fs::OpenOptions::new().read(true).write(true).open(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&tmp)
+            .map_err(|e| Error::io(&tmp, e))?;
         f.sync_all().map_err(|e| Error::io(&tmp, e))?;
         drop(f);
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
@@ -255,7 +278,8 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Atomic write of pretty JSON.
 pub fn atomic_write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let mut s = serde_json::to_string_pretty(value).map_err(|e| Error::file(path, format!("JSON encoding: {e}")))?;
+    let mut s = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::file(path, format!("JSON encoding: {e}")))?;
     s.push('\n');
     atomic_write(path, s.as_bytes())
 }
@@ -263,7 +287,8 @@ pub fn atomic_write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 /// Atomic write of a safetensors file.
 pub fn atomic_write_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
     atomic_write_with(path, |tmp| {
-        candle_core::safetensors::save(tensors, tmp).map_err(|e| Error::file(tmp, format!("safetensors write: {e}")))
+        candle_core::safetensors::save(tensors, tmp)
+            .map_err(|e| Error::file(tmp, format!("safetensors write: {e}")))
     })
 }
 
@@ -303,7 +328,10 @@ fn hex(b: &[u8]) -> String {
 
 /// `<dir>/<stem>.safetensors` and `<dir>/<stem>.json`.
 pub fn checkpoint_paths(dir: &Path, stem: &str) -> (PathBuf, PathBuf) {
-    (dir.join(format!("{stem}.safetensors")), dir.join(format!("{stem}.json")))
+    (
+        dir.join(format!("{stem}.safetensors")),
+        dir.join(format!("{stem}.json")),
+    )
 }
 
 /// Writes `<dir>/<stem>.safetensors` (model tensors + buffers + optimiser state) and `<dir>/<stem>.json`, each
@@ -321,13 +349,17 @@ pub fn save_checkpoint(
     let mut all: HashMap<String, Tensor> = HashMap::with_capacity(model.len() + optim.len());
     for (k, v) in model {
         if k.starts_with(OPTIM_PREFIX) {
-            return Err(Error::Arg(format!("model tensor key `{k}` uses the reserved `{OPTIM_PREFIX}` prefix")));
+            return Err(Error::Arg(format!(
+                "model tensor key `{k}` uses the reserved `{OPTIM_PREFIX}` prefix"
+            )));
         }
         all.insert(k.clone(), v.clone());
     }
     for (k, v) in optim {
         if !k.starts_with(OPTIM_PREFIX) {
-            return Err(Error::Arg(format!("optimiser tensor key `{k}` lacks the `{OPTIM_PREFIX}` prefix")));
+            return Err(Error::Arg(format!(
+                "optimiser tensor key `{k}` lacks the `{OPTIM_PREFIX}` prefix"
+            )));
         }
         if all.insert(k.clone(), v.clone()).is_some() {
             return Err(Error::Arg(format!("duplicate checkpoint tensor key `{k}`")));
@@ -354,18 +386,29 @@ pub struct Checkpoint {
 /// Resolves a checkpoint argument (`X.safetensors`, `X.json` or the stem `X`) to its two files.
 pub fn resolve_checkpoint(path: &Path) -> (PathBuf, PathBuf) {
     let s = path.to_string_lossy();
-    let stem = s.strip_suffix(".safetensors").or_else(|| s.strip_suffix(".json")).unwrap_or(&s).to_string();
-    (PathBuf::from(format!("{stem}.safetensors")), PathBuf::from(format!("{stem}.json")))
+    let stem = s
+        .strip_suffix(".safetensors")
+        .or_else(|| s.strip_suffix(".json"))
+        .unwrap_or(&s)
+        .to_string();
+    (
+        PathBuf::from(format!("{stem}.safetensors")),
+        PathBuf::from(format!("{stem}.json")),
+    )
 }
 
 /// Reads a sidecar.
 pub fn read_sidecar(path: &Path) -> Result<Sidecar> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let sc: Sidecar = serde_json::from_str(&text).map_err(|e| Error::file(path, format!("invalid sidecar: {e}")))?;
+    let sc: Sidecar = serde_json::from_str(&text)
+        .map_err(|e| Error::file(path, format!("invalid sidecar: {e}")))?;
     if sc.format_version > FORMAT_VERSION {
         return Err(Error::file(
             path,
-            format!("sidecar format_version {} is newer than this tool's {FORMAT_VERSION}", sc.format_version),
+            format!(
+                "sidecar format_version {} is newer than this tool's {FORMAT_VERSION}",
+                sc.format_version
+            ),
         ));
     }
     Ok(sc)
@@ -379,7 +422,10 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
         return Err(Error::file(&st_path, "checkpoint tensors file not found"));
     }
     if !js_path.is_file() {
-        return Err(Error::file(&js_path, "checkpoint sidecar not found (needed to resume)"));
+        return Err(Error::file(
+            &js_path,
+            "checkpoint sidecar not found (needed to resume)",
+        ));
     }
     let sidecar = read_sidecar(&js_path)?;
     if let Some(want) = &sidecar.tensors_blake3 {
@@ -391,22 +437,42 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
             ));
         }
     }
-    let all = candle_core::safetensors::load(&st_path, device).map_err(|e| Error::file(&st_path, e.to_string()))?;
+    let all = candle_core::safetensors::load(&st_path, device)
+        .map_err(|e| Error::file(&st_path, e.to_string()))?;
     let (model, optim) = split_optim_state(all);
-    Ok(Checkpoint { model, optim, sidecar, safetensors_path: st_path })
+    Ok(Checkpoint {
+        model,
+        optim,
+        sidecar,
+        safetensors_path: st_path,
+    })
 }
 
 /// Keys of `a` and `b` (JSON objects) whose values differ, as `key: old → new` strings (sorted by key).
-fn diff_keys(prefix: &str, old: &serde_json::Value, new: &serde_json::Value, out: &mut Vec<String>) {
+fn diff_keys(
+    prefix: &str,
+    old: &serde_json::Value,
+    new: &serde_json::Value,
+    out: &mut Vec<String>,
+) {
     match (old, new) {
         (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
             let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
             keys.sort();
             keys.dedup();
             for k in keys {
-                let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 let null = serde_json::Value::Null;
-                diff_keys(&p, a.get(k).unwrap_or(&null), b.get(k).unwrap_or(&null), out);
+                diff_keys(
+                    &p,
+                    a.get(k).unwrap_or(&null),
+                    b.get(k).unwrap_or(&null),
+                    out,
+                );
             }
         }
         (a, b) if a != b => out.push(format!("{prefix}: {a} → {b}")),
@@ -441,7 +507,12 @@ pub fn check_resume(
     let null = serde_json::Value::Null;
     for section in ["model", "refiner"] {
         let mut d = Vec::new();
-        diff_keys(section, sc.config.get(section).unwrap_or(&null), config.get(section).unwrap_or(&null), &mut d);
+        diff_keys(
+            section,
+            sc.config.get(section).unwrap_or(&null),
+            config.get(section).unwrap_or(&null),
+            &mut d,
+        );
         if !d.is_empty() {
             return Err(Error::Config(format!(
                 "cannot resume: the {section} configuration differs from the checkpoint: {}",
@@ -496,7 +567,12 @@ mod tests {
     fn resume_compatibility() {
         use crate::train::optim::OptimizerInfo;
         let cfg = serde_json::json!({"model": {"img_size": 224}, "training": {"lr": 0.01, "batch_size": 24}});
-        let data = DataIdentity { datasets: vec!["BUSI".into()], fold: Some(0), n_splits: Some(5), ..Default::default() };
+        let data = DataIdentity {
+            datasets: vec!["BUSI".into()],
+            fold: Some(0),
+            n_splits: Some(5),
+            ..Default::default()
+        };
         let sc = Sidecar::new(
             Phase::Phase1,
             3,
@@ -504,29 +580,42 @@ mod tests {
             Best::new("dice"),
             cfg.clone(),
             data.clone(),
-            OptimizerInfo { kind: "sgd".into(), groups: vec![] },
+            OptimizerInfo {
+                kind: "sgd".into(),
+                groups: vec![],
+            },
             Schedule::poly(10, 1),
             RngState::default(),
             vec![],
         );
-        assert_eq!(check_resume(&sc, Phase::Phase1, &data, &cfg, false).unwrap(), None);
+        assert_eq!(
+            check_resume(&sc, Phase::Phase1, &data, &cfg, false).unwrap(),
+            None
+        );
         assert!(check_resume(&sc, Phase::Phase2, &data, &cfg, true).is_err());
         let mut d2 = data.clone();
         d2.fold = Some(1);
         assert!(check_resume(&sc, Phase::Phase1, &d2, &cfg, true).is_err());
         let m2 = serde_json::json!({"model": {"img_size": 96}, "training": {"lr": 0.01, "batch_size": 24}});
-        let e = check_resume(&sc, Phase::Phase1, &data, &m2, true).unwrap_err().to_string();
+        let e = check_resume(&sc, Phase::Phase1, &data, &m2, true)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("model.img_size: 224 → 96"), "{e}");
         let t2 = serde_json::json!({"model": {"img_size": 224}, "training": {"lr": 0.02, "batch_size": 24}});
         assert!(check_resume(&sc, Phase::Phase1, &data, &t2, false).is_err());
-        let note = check_resume(&sc, Phase::Phase1, &data, &t2, true).unwrap().unwrap();
+        let note = check_resume(&sc, Phase::Phase1, &data, &t2, true)
+            .unwrap()
+            .unwrap();
         assert_eq!(note, "config changed on resume: training.lr: 0.01 → 0.02");
     }
 
     #[test]
     fn resolve_checkpoint_forms() {
         let (a, b) = resolve_checkpoint(Path::new("x/best.safetensors"));
-        assert_eq!((a.to_str().unwrap(), b.to_str().unwrap()), ("x/best.safetensors", "x/best.json"));
+        assert_eq!(
+            (a.to_str().unwrap(), b.to_str().unwrap()),
+            ("x/best.safetensors", "x/best.json")
+        );
         let (a, _) = resolve_checkpoint(Path::new("x/best.json"));
         assert_eq!(a.to_str().unwrap(), "x/best.safetensors");
         let (_, b) = resolve_checkpoint(Path::new("x/latest"));

@@ -20,7 +20,11 @@ pub struct Style {
 
 impl Style {
     /// Plain, Unicode, no colour (the `train.log` style and the golden-test style).
-    pub const PLAIN: Style = Style { color: false, ascii: false, plain: true };
+    pub const PLAIN: Style = Style {
+        color: false,
+        ascii: false,
+        plain: true,
+    };
 
     /// Detects the style for stdout: plain when stdout is not a TTY or `force_plain`; colours when not plain and
     /// `NO_COLOR` is unset.
@@ -28,7 +32,11 @@ impl Style {
         let tty = std::io::stdout().is_terminal();
         let plain = force_plain || !tty;
         let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
-        Style { color: !plain && !no_color, ascii, plain }
+        Style {
+            color: !plain && !no_color,
+            ascii,
+            plain,
+        }
     }
 }
 
@@ -111,7 +119,11 @@ pub fn fmt_sci(x: f64) -> String {
 
 /// `HH:MM:SS` (hours unbounded).
 pub fn fmt_hms(secs: f64) -> String {
-    let s = if secs.is_finite() && secs > 0.0 { secs.round() as u64 } else { 0 };
+    let s = if secs.is_finite() && secs > 0.0 {
+        secs.round() as u64
+    } else {
+        0
+    };
     format!("{:02}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
 }
 
@@ -163,7 +175,10 @@ pub fn run_header(h: &RunHeader, st: &Style) -> String {
         ("Experiment", h.experiment.clone()),
         ("Dataset", h.dataset.clone()),
         ("Fold", fold),
-        ("Samples", format!("Train: {} | Val: {}", h.n_train, h.n_val)),
+        (
+            "Samples",
+            format!("Train: {} | Val: {}", h.n_train, h.n_val),
+        ),
     ] {
         s += &label_line(l, &v, 12);
         s += "\n";
@@ -200,7 +215,11 @@ pub enum ValidationTable {
 }
 
 /// Phase 1 validation rows in the order of §12.2 (`Dice (per-img)` after `Dice` when given).
-pub fn single_rows(m: &super::metrics::PooledMetrics, dice_img: Option<f64>, loss: f64) -> Vec<(String, f64)> {
+pub fn single_rows(
+    m: &super::metrics::PooledMetrics,
+    dice_img: Option<f64>,
+    loss: f64,
+) -> Vec<(String, f64)> {
     let mut v = vec![("Dice".to_string(), m.dice)];
     if let Some(d) = dice_img {
         v.push(("Dice (per-img)".into(), d));
@@ -315,12 +334,18 @@ pub fn epoch_report(r: &EpochReport, st: &Style) -> String {
             ValidationTable::Compare(rows) => {
                 let line = rule('─', 56);
                 s += &format!("  ┌{line}\n");
-                s += &format!("  │  {:<16}{:>10}{:>10}{:>10}\n", "Metric", "Coarse", "Refined", "Delta");
+                s += &format!(
+                    "  │  {:<16}{:>10}{:>10}{:>10}\n",
+                    "Metric", "Coarse", "Refined", "Delta"
+                );
                 s += &format!("  ├{line}\n");
                 for (name, c, rf) in rows {
                     let d = rf - c;
                     let dt = format!("{d:>+10.4} {}", arrow(d));
-                    s += &format!("  │  {name:<15} {c:>10.4}{rf:>10.4}{}\n", delta_colored(st, d, &dt));
+                    s += &format!(
+                        "  │  {name:<15} {c:>10.4}{rf:>10.4}{}\n",
+                        delta_colored(st, d, &dt)
+                    );
                 }
                 s += &format!("  └{line}\n");
             }
@@ -332,9 +357,17 @@ pub fn epoch_report(r: &EpochReport, st: &Style) -> String {
         let dr = c.refined - c.coarse;
         s += &tree_line(false, "Baseline", &format!("{:.4}", c.baseline));
         let t = format!("{dc:+.4} vs baseline {}", arrow(dc));
-        s += &tree_line(false, "Coarse", &format!("{:.4}  ({})", c.coarse, delta_colored(st, dc, &t)));
+        s += &tree_line(
+            false,
+            "Coarse",
+            &format!("{:.4}  ({})", c.coarse, delta_colored(st, dc, &t)),
+        );
         let t = format!("{dr:+.4} vs coarse {}", arrow(dr));
-        s += &tree_line(true, "Refined", &format!("{:.4}  ({})", c.refined, delta_colored(st, dr, &t)));
+        s += &tree_line(
+            true,
+            "Refined",
+            &format!("{:.4}  ({})", c.refined, delta_colored(st, dr, &t)),
+        );
         if c.baseline - c.coarse > DEGRADATION_WARNING {
             let w = format!(
                 "  WARNING: coarse Dice {:.4} is {:.4} below the baseline {:.4}",
@@ -350,11 +383,25 @@ pub fn epoch_report(r: &EpochReport, st: &Style) -> String {
 }
 
 /// §12.3 end-of-run block. `best_label` e.g. `"Best Dice Score"`; `best_epoch` is printed as given (1-based).
-pub fn end_of_run(best_label: &str, best_value: Option<f64>, best_epoch: Option<u64>, checkpoint: &Path, st: &Style) -> String {
+pub fn end_of_run(
+    best_label: &str,
+    best_value: Option<f64>,
+    best_epoch: Option<u64>,
+    checkpoint: &Path,
+    st: &Style,
+) -> String {
     let eq = rule('=', RULE_EQ);
-    let mut s = format!("{eq}\n{}{}\n{eq}\n", " ".repeat(20), paint(st, BOLD_CYAN, "TRAINING COMPLETE"));
-    let v = best_value.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
-    let e = best_epoch.map(|e| e.to_string()).unwrap_or_else(|| "-".into());
+    let mut s = format!(
+        "{eq}\n{}{}\n{eq}\n",
+        " ".repeat(20),
+        paint(st, BOLD_CYAN, "TRAINING COMPLETE")
+    );
+    let v = best_value
+        .map(|v| format!("{v:.4}"))
+        .unwrap_or_else(|| "-".into());
+    let e = best_epoch
+        .map(|e| e.to_string())
+        .unwrap_or_else(|| "-".into());
     s += &label_line(best_label, &v, 17);
     s += "\n";
     s += &label_line("Best Epoch", &e, 17);
@@ -398,11 +445,18 @@ pub struct Console {
 
 impl Console {
     pub fn new(style: Style) -> Self {
-        Console { style, log: Mutex::new(None) }
+        Console {
+            style,
+            log: Mutex::new(None),
+        }
     }
     /// Opens (appends to) the plain-text log.
     pub fn open_log(&self, path: &Path) -> Result<()> {
-        let f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
         *self.log.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
         Ok(())
     }
@@ -435,7 +489,12 @@ impl Console {
         }
     }
     /// A progress reporter for a loop of `total` steps (bar on a TTY, plain lines otherwise).
-    pub fn progress(&self, tag: &str, epoch: Option<(u64, u64)>, total: u64) -> super::progress::Progress<'_> {
+    pub fn progress(
+        &self,
+        tag: &str,
+        epoch: Option<(u64, u64)>,
+        total: u64,
+    ) -> super::progress::Progress<'_> {
         super::progress::Progress::new(self, tag, epoch, total)
     }
 }
@@ -481,7 +540,14 @@ Samples:    Train: 409 | Val: 103
         h2.extra = vec![("Device".into(), "cpu".into())];
         let s = run_header(&h2, &Style::PLAIN);
         assert!(s.contains("Fold:       -\n") && s.contains("Device:     cpu\n"));
-        let c = run_header(&h, &Style { color: true, ascii: false, plain: false });
+        let c = run_header(
+            &h,
+            &Style {
+                color: true,
+                ascii: false,
+                plain: false,
+            },
+        );
         assert!(c.contains("\x1b[1;36mULTRAREFINER TRAINING\x1b[0m"));
         assert_eq!(strip_ansi(&c), want);
     }
@@ -536,12 +602,26 @@ Samples:    Train: 409 | Val: 103
   └────────────────────────────────────────
 ";
         assert_eq!(epoch_report(&spec_epoch(), &Style::PLAIN), want);
-        let a = epoch_report(&spec_epoch(), &Style { color: false, ascii: true, plain: true });
+        let a = epoch_report(
+            &spec_epoch(),
+            &Style {
+                color: false,
+                ascii: true,
+                plain: true,
+            },
+        );
         assert!(a.contains("  +-- Loss:      0.4523\n"));
         assert!(a.contains("  [VALIDATION] * BEST\n"));
         assert!(a.contains("  |  Dice                0.7512\n"));
         assert!(a.is_ascii());
-        let c = epoch_report(&spec_epoch(), &Style { color: true, ascii: false, plain: false });
+        let c = epoch_report(
+            &spec_epoch(),
+            &Style {
+                color: true,
+                ascii: false,
+                plain: false,
+            },
+        );
         assert!(c.contains("\x1b[33m★ BEST\x1b[0m"));
         assert!(c.contains("\x1b[34m──"));
         assert_eq!(strip_ansi(&c), want);
@@ -565,7 +645,11 @@ Samples:    Train: 409 | Val: 103
                 ("Loss".into(), 0.4, 0.402),
             ])),
             is_best: false,
-            comparison: Some(PerformanceComparison { baseline: 0.75, coarse: 0.7012, refined: 0.7312 }),
+            comparison: Some(PerformanceComparison {
+                baseline: 0.75,
+                coarse: 0.7012,
+                refined: 0.7312,
+            }),
         };
         let want = "
 ──────────────────────────────────────────────────────────────────────
@@ -609,9 +693,20 @@ Checkpoint:      checkpoints/transunet/BUSI/fold_0/best.safetensors
 ======================================================================
 ";
         let p = PathBuf::from("checkpoints/transunet/BUSI/fold_0/best.safetensors");
-        assert_eq!(end_of_run("Best Dice Score", Some(0.7512), Some(37), &p, &Style::PLAIN), want);
         assert_eq!(
-            progress_line("train", Some((3, 150)), 120, 409, Some(0.45123), 12.34, 33.2),
+            end_of_run("Best Dice Score", Some(0.7512), Some(37), &p, &Style::PLAIN),
+            want
+        );
+        assert_eq!(
+            progress_line(
+                "train",
+                Some((3, 150)),
+                120,
+                409,
+                Some(0.45123),
+                12.34,
+                33.2
+            ),
             "[train] epoch 3/150 step 120/409 loss 0.4512 12.3 it/s eta 00:00:33"
         );
     }
@@ -620,7 +715,11 @@ Checkpoint:      checkpoints/transunet/BUSI/fold_0/best.safetensors
     fn console_log_is_plain() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("train.log");
-        let c = Console::new(Style { color: true, ascii: false, plain: false });
+        let c = Console::new(Style {
+            color: true,
+            ascii: false,
+            plain: false,
+        });
         c.open_log(&p).unwrap();
         c.log_only("\x1b[33m★ BEST\x1b[0m");
         c.log_only("x\n");

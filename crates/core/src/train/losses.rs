@@ -23,7 +23,11 @@ pub struct LossOutput {
 impl LossOutput {
     /// A component or diagnostic by name.
     pub fn get(&self, name: &str) -> Option<&Tensor> {
-        self.components.iter().chain(self.aux.iter()).find(|(n, _)| n == name).map(|(_, t)| t)
+        self.components
+            .iter()
+            .chain(self.aux.iter())
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t)
     }
     /// The total as an `f64`.
     pub fn total_f64(&self) -> Result<f64> {
@@ -31,7 +35,10 @@ impl LossOutput {
     }
     /// Component values as `f64`, in logging order (for the history row and the console tree).
     pub fn component_values(&self) -> Result<Vec<(String, f64)>> {
-        self.components.iter().map(|(n, t)| Ok((n.clone(), scalar_f64(t)?))).collect()
+        self.components
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), scalar_f64(t)?)))
+            .collect()
     }
 }
 
@@ -47,7 +54,11 @@ pub fn scalar_f64(t: &Tensor) -> Result<f64> {
 
 fn check_dims(name: &str, t: &Tensor, want: &[usize]) -> Result<()> {
     if t.dims() != want {
-        return Err(Error::Arg(format!("{name}: shape {:?}, expected {:?}", t.dims(), want)));
+        return Err(Error::Arg(format!(
+            "{name}: shape {:?}, expected {:?}",
+            t.dims(),
+            want
+        )));
     }
     Ok(())
 }
@@ -85,7 +96,11 @@ pub fn phase1_loss(logits: &Tensor, target: &Tensor) -> Result<LossOutput> {
     }
     let dice = (Tensor::stack(&dice_terms, 0)?.sum_all()? / c as f64)?;
     let total = (ce.affine(0.5, 0.0)? + dice.affine(0.5, 0.0)?)?;
-    Ok(LossOutput { total, components: vec![("ce".into(), ce), ("dice".into(), dice)], aux: vec![] })
+    Ok(LossOutput {
+        total,
+        components: vec![("ce".into(), ce), ("dice".into(), dice)],
+        aux: vec![],
+    })
 }
 
 /// Settings of the Phase 2 loss (§9.2).
@@ -99,7 +114,10 @@ pub struct Phase2LossConfig {
 
 impl Default for Phase2LossConfig {
     fn default() -> Self {
-        Phase2LossConfig { iou_loss_weight: 1.0, change_penalty_weight: 0.1 }
+        Phase2LossConfig {
+            iou_loss_weight: 1.0,
+            change_penalty_weight: 0.1,
+        }
     }
 }
 
@@ -118,9 +136,16 @@ pub fn dice_loss_per_sample(z: &Tensor, g: &Tensor) -> Result<Tensor> {
 pub fn change_penalty_weights(coarse: &Tensor, gt: &Tensor) -> Result<(Tensor, Tensor)> {
     let dt = coarse.dtype();
     let cb = coarse.detach().gt(0.5)?.to_dtype(dt)?.flatten_from(1)?;
-    let gb = gt.detach().to_dtype(dt)?.gt(0.5)?.to_dtype(dt)?.flatten_from(1)?;
+    let gb = gt
+        .detach()
+        .to_dtype(dt)?
+        .gt(0.5)?
+        .to_dtype(dt)?
+        .flatten_from(1)?;
     let inter = cb.mul(&gb)?.sum(1)?;
-    let q = inter.affine(2.0, 1.0)?.div(&(cb.sum(1)? + gb.sum(1)?)?.affine(1.0, 1.0)?)?;
+    let q = inter
+        .affine(2.0, 1.0)?
+        .div(&(cb.sum(1)? + gb.sum(1)?)?.affine(1.0, 1.0)?)?;
     let w = q.affine(1.0 / 0.4, -0.6 / 0.4)?.clamp(0.0, 1.0)?;
     Ok((q, w))
 }
@@ -174,7 +199,10 @@ pub fn phase2_loss(
             }
             check_dims("phase2_loss iou predictions", pred, &[b, k])?;
             let target = iou_targets(cand, &g)?;
-            pred.to_dtype(refined.dtype())?.sub(&target)?.sqr()?.mean_all()?
+            pred.to_dtype(refined.dtype())?
+                .sub(&target)?
+                .sqr()?
+                .mean_all()?
         }
         None => Tensor::zeros((), refined.dtype(), refined.device())?,
     };
@@ -183,7 +211,12 @@ pub fn phase2_loss(
     let total = (((&bce + &dice)? + iou.affine(cfg.iou_loss_weight, 0.0)?)? + &change)?;
     Ok(LossOutput {
         total,
-        components: vec![("bce".into(), bce), ("dice".into(), dice), ("iou".into(), iou), ("change".into(), change)],
+        components: vec![
+            ("bce".into(), bce),
+            ("dice".into(), dice),
+            ("iou".into(), iou),
+            ("change".into(), change),
+        ],
         aux: vec![("input_quality".into(), q), ("penalty_weight".into(), wb)],
     })
 }
@@ -192,14 +225,21 @@ pub fn phase2_loss(
 /// (§9.3). `z` and `y` are `(B,M,M)` at the same size (see [`nearest_target`]).
 pub fn refined_loss(z: &Tensor, y: &Tensor) -> Result<Tensor> {
     if z.dims() != y.dims() {
-        return Err(Error::Arg(format!("refined_loss: logits {:?} vs target {:?}", z.dims(), y.dims())));
+        return Err(Error::Arg(format!(
+            "refined_loss: logits {:?} vs target {:?}",
+            z.dims(),
+            y.dims()
+        )));
     }
     let y = y.to_dtype(z.dtype())?;
     let bce = bce_with_logits(z, &y)?.mean_all()?;
     let s = sigmoid(z)?;
     let inter = s.mul(&y)?.sum_all()?;
     let den = (s.sum_all()? + y.sum_all()?)?;
-    let dice = inter.affine(2.0, 1e-5)?.div(&den.affine(1.0, 1e-5)?)?.affine(-1.0, 1.0)?;
+    let dice = inter
+        .affine(2.0, 1e-5)?
+        .div(&den.affine(1.0, 1e-5)?)?
+        .affine(-1.0, 1.0)?;
     Ok((bce.affine(0.5, 0.0)? + dice.affine(0.5, 0.0)?)?)
 }
 
@@ -219,7 +259,9 @@ impl RefinedLossSize {
         } else if value == s {
             Ok(RefinedLossSize::Coarse)
         } else {
-            Err(Error::Arg(format!("--refined-loss-size {value}: must be {n} (SAM grid) or {s} (TransUNet grid)")))
+            Err(Error::Arg(format!(
+                "--refined-loss-size {value}: must be {n} (SAM grid) or {s} (TransUNet grid)"
+            )))
         }
     }
 }
@@ -235,7 +277,10 @@ pub struct Phase3LossConfig {
 
 impl Default for Phase3LossConfig {
     fn default() -> Self {
-        Phase3LossConfig { coarse_weight: 0.3, refined_weight: 0.7 }
+        Phase3LossConfig {
+            coarse_weight: 0.3,
+            refined_weight: 0.7,
+        }
     }
 }
 
@@ -255,8 +300,12 @@ pub fn phase3_loss(
 ) -> Result<LossOutput> {
     let l1 = phase1_loss(coarse_logits, target_s)?;
     let lr = refined_loss(refined, target_refined)?;
-    let mut total = (l1.total.affine(cfg.coarse_weight, 0.0)? + lr.affine(cfg.refined_weight, 0.0)?)?;
-    let mut components = vec![("coarse".to_string(), l1.total.clone()), ("refined".to_string(), lr)];
+    let mut total =
+        (l1.total.affine(cfg.coarse_weight, 0.0)? + lr.affine(cfg.refined_weight, 0.0)?)?;
+    let mut components = vec![
+        ("coarse".to_string(), l1.total.clone()),
+        ("refined".to_string(), lr),
+    ];
     if let Some(a) = anchor {
         total = (total + a.to_dtype(coarse_logits.dtype())?)?;
         components.push(("anchor".to_string(), a.clone()));
@@ -265,12 +314,21 @@ pub fn phase3_loss(
     for (n, t) in l1.components {
         aux.push((format!("coarse_{n}"), t.detach()));
     }
-    Ok(LossOutput { total, components, aux })
+    Ok(LossOutput {
+        total,
+        components,
+        aux,
+    })
 }
 
 /// Weight anchoring `β·Σ_θ (θ − θ₁)²` over `(current, snapshot)` pairs (the snapshots are plain tensors). Returns a
 /// scalar; `β = 0` or no pairs gives a zero scalar on `device`.
-pub fn weight_anchor(pairs: &[(&Tensor, &Tensor)], beta: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+pub fn weight_anchor(
+    pairs: &[(&Tensor, &Tensor)],
+    beta: f64,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     let mut acc = Tensor::zeros((), dtype, device)?;
     if beta == 0.0 {
         return Ok(acc);
@@ -300,7 +358,10 @@ pub fn nearest_target(y: &Tensor, n: usize) -> Result<Tensor> {
     let dev = y.device();
     let iy = Tensor::from_vec(nearest_indices(h, n), n, dev)?;
     let ix = Tensor::from_vec(nearest_indices(w, n), n, dev)?;
-    Ok(y.detach().index_select(&iy, 1)?.index_select(&ix, 2)?.contiguous()?)
+    Ok(y.detach()
+        .index_select(&iy, 1)?
+        .index_select(&ix, 2)?
+        .contiguous()?)
 }
 
 /// Mean over the last two dimensions, kept for callers that need per-sample pixel means.
@@ -320,7 +381,13 @@ mod tests {
         let v = Var::from_tensor(x0).unwrap();
         let out = f(v.as_tensor()).unwrap();
         let g = out.backward().unwrap();
-        let grad: Vec<f64> = g.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let grad: Vec<f64> = g
+            .get(v.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let base: Vec<f64> = x0.flatten_all().unwrap().to_vec1().unwrap();
         let eps = 1e-6;
         let step = (base.len() / n_probe).max(1);
@@ -334,7 +401,11 @@ mod tests {
             let fp = scalar_f64(&f(&tp).unwrap()).unwrap();
             let fm = scalar_f64(&f(&tm).unwrap()).unwrap();
             let num = (fp - fm) / (2.0 * eps);
-            assert!((num - grad[i]).abs() <= 1e-6 + 1e-5 * num.abs(), "index {i}: fd {num} vs autograd {}", grad[i]);
+            assert!(
+                (num - grad[i]).abs() <= 1e-6 + 1e-5 * num.abs(),
+                "index {i}: fd {num} vs autograd {}",
+                grad[i]
+            );
         }
     }
 
@@ -342,12 +413,18 @@ mod tests {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| (rng.gen::<f64>() * 2.0 - 1.0) * scale).collect();
+        let v: Vec<f64> = (0..n)
+            .map(|_| (rng.gen::<f64>() * 2.0 - 1.0) * scale)
+            .collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
     fn binary(shape: &[usize], seed: u64) -> Tensor {
-        randn(shape, 1.0, seed).gt(0.0).unwrap().to_dtype(DType::F64).unwrap()
+        randn(shape, 1.0, seed)
+            .gt(0.0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
     }
 
     #[test]
@@ -361,7 +438,12 @@ mod tests {
         assert!((l[4] - 200.0).abs() < 1e-3);
         let v = Var::new(&[-200.0f32, 200.0], &Device::Cpu).unwrap();
         let tt = Tensor::new(&[1.0f32, 0.0], &Device::Cpu).unwrap();
-        let g = bce_with_logits(v.as_tensor(), &tt).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = bce_with_logits(v.as_tensor(), &tt)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let gv: Vec<f32> = g.get(v.as_tensor()).unwrap().to_vec1().unwrap();
         assert_eq!(gv, vec![-1.0, 1.0]);
     }
@@ -369,13 +451,21 @@ mod tests {
     #[test]
     fn fd_stable_bce() {
         let t = binary(&[2, 5, 5], 2);
-        fd_check(&randn(&[2, 5, 5], 4.0, 1), |z| Ok(bce_with_logits(z, &t)?.mean_all()?), 50);
+        fd_check(
+            &randn(&[2, 5, 5], 4.0, 1),
+            |z| Ok(bce_with_logits(z, &t)?.mean_all()?),
+            50,
+        );
     }
 
     #[test]
     fn fd_phase1_loss() {
         let t = binary(&[2, 6, 6], 3);
-        fd_check(&randn(&[2, 2, 6, 6], 3.0, 4), |z| phase1_loss(z, &t).map(|o| o.total), 40);
+        fd_check(
+            &randn(&[2, 2, 6, 6], 3.0, 4),
+            |z| phase1_loss(z, &t).map(|o| o.total),
+            40,
+        );
     }
 
     #[test]
@@ -383,16 +473,32 @@ mod tests {
         let g = binary(&[3, 6, 6], 5);
         let c = randn(&[3, 6, 6], 0.5, 6).affine(1.0, 0.5).unwrap();
         let (_, w) = change_penalty_weights(&c, &g).unwrap();
-        fd_check(&randn(&[3, 6, 6], 3.0, 7), |z| dice_loss_per_sample(z, &g), 40);
+        fd_check(
+            &randn(&[3, 6, 6], 3.0, 7),
+            |z| dice_loss_per_sample(z, &g),
+            40,
+        );
         fd_check(&randn(&[3, 6, 6], 3.0, 8), |z| refined_loss(z, &g), 40);
         let w1 = Tensor::new(&[1.0f64, 0.5, 0.25], &Device::Cpu).unwrap();
-        fd_check(&randn(&[3, 6, 6], 3.0, 9), |z| change_penalty(z, &c, &w1), 40);
+        fd_check(
+            &randn(&[3, 6, 6], 3.0, 9),
+            |z| change_penalty(z, &c, &w1),
+            40,
+        );
         let _ = w;
         let cand = randn(&[3, 3, 6, 6], 2.0, 10);
-        fd_check(&randn(&[3, 6, 6], 3.0, 11), |z| {
-            let iou = Tensor::new(&[[0.1f64, 0.5, 0.9], [0.2, 0.3, 0.4], [0.9, 0.8, 0.7]], &Device::Cpu)?;
-            phase2_loss(z, &g, &c, Some((&cand, &iou)), &Phase2LossConfig::default()).map(|o| o.total)
-        }, 40);
+        fd_check(
+            &randn(&[3, 6, 6], 3.0, 11),
+            |z| {
+                let iou = Tensor::new(
+                    &[[0.1f64, 0.5, 0.9], [0.2, 0.3, 0.4], [0.9, 0.8, 0.7]],
+                    &Device::Cpu,
+                )?;
+                phase2_loss(z, &g, &c, Some((&cand, &iou)), &Phase2LossConfig::default())
+                    .map(|o| o.total)
+            },
+            40,
+        );
     }
 
     #[test]
@@ -400,14 +506,29 @@ mod tests {
         let g = binary(&[2, 4, 4], 12);
         let c = randn(&[2, 4, 4], 0.5, 13).affine(1.0, 0.5).unwrap();
         let cand = Var::from_tensor(&randn(&[2, 3, 4, 4], 2.0, 14)).unwrap();
-        let pred = Var::from_tensor(&Tensor::new(&[[0.1f64, 0.5, 0.9], [0.2, 0.3, 0.4]], &Device::Cpu).unwrap()).unwrap();
+        let pred = Var::from_tensor(
+            &Tensor::new(&[[0.1f64, 0.5, 0.9], [0.2, 0.3, 0.4]], &Device::Cpu).unwrap(),
+        )
+        .unwrap();
         let z = randn(&[2, 4, 4], 1.0, 15);
-        let out =
-            phase2_loss(&z, &g, &c, Some((cand.as_tensor(), pred.as_tensor())), &Phase2LossConfig::default()).unwrap();
+        let out = phase2_loss(
+            &z,
+            &g,
+            &c,
+            Some((cand.as_tensor(), pred.as_tensor())),
+            &Phase2LossConfig::default(),
+        )
+        .unwrap();
         let gs = out.total.backward().unwrap();
-        assert!(gs.get(cand.as_tensor()).is_none(), "IoU target must be a constant");
+        assert!(
+            gs.get(cand.as_tensor()).is_none(),
+            "IoU target must be a constant"
+        );
         let gp: Vec<Vec<f64>> = gs.get(pred.as_tensor()).unwrap().to_vec2().unwrap();
-        let tgt: Vec<Vec<f64>> = iou_targets(cand.as_tensor(), &g).unwrap().to_vec2().unwrap();
+        let tgt: Vec<Vec<f64>> = iou_targets(cand.as_tensor(), &g)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
         let p: Vec<Vec<f64>> = pred.as_tensor().to_vec2().unwrap();
         for b in 0..2 {
             for k in 0..3 {

@@ -20,7 +20,14 @@ pub struct PooledMetrics {
 
 impl PooledMetrics {
     /// Names in report order (equal to the field names).
-    pub const NAMES: [&'static str; 6] = ["dice", "iou", "precision", "recall", "accuracy", "specificity"];
+    pub const NAMES: [&'static str; 6] = [
+        "dice",
+        "iou",
+        "precision",
+        "recall",
+        "accuracy",
+        "specificity",
+    ];
 
     /// From pooled counts: `dice = (2TP+ε)/(|P|+|T|+ε)`, `iou = (TP+ε)/(|P|+|T|−TP+ε)`,
     /// `precision = (TP+ε)/(|P|+ε)`, `recall = (TP+ε)/(|T|+ε)`, `accuracy = (TP+TN)/#pixels`,
@@ -54,17 +61,28 @@ impl PooledMetrics {
         }
         // counts are summed in f64, exact for any realistic batch
         let p = pred.detach().gt(thr)?.to_dtype(DType::F64)?;
-        let t = target.detach().to_dtype(DType::F32)?.gt(thr)?.to_dtype(DType::F64)?;
+        let t = target
+            .detach()
+            .to_dtype(DType::F32)?
+            .gt(thr)?
+            .to_dtype(DType::F64)?;
         let tp = p.mul(&t)?.sum_all()?.to_scalar::<f64>()? as u64;
         let np = p.sum_all()?.to_scalar::<f64>()? as u64;
         let nt = t.sum_all()?.to_scalar::<f64>()? as u64;
         let n = pred.elem_count() as u64;
-        Ok(Confusion { tp, fp: np - tp, fn_: nt - tp, tn: n - np - nt + tp })
+        Ok(Confusion {
+            tp,
+            fp: np - tp,
+            fn_: nt - tp,
+            tn: n - np - nt + tp,
+        })
     }
 
     /// §10.1 metrics of one batch of probabilities against its target.
     pub fn from_batch(pred: &Tensor, target: &Tensor) -> Result<Self> {
-        Ok(Self::from_confusion(&Self::batch_confusion(pred, target, 0.5)?))
+        Ok(Self::from_confusion(&Self::batch_confusion(
+            pred, target, 0.5,
+        )?))
     }
 
     /// `(name, value)` pairs in [`Self::NAMES`] order.
@@ -109,15 +127,25 @@ impl MeanTracker {
     }
     /// Mean of `name` (None if never observed).
     pub fn mean(&self, name: &str) -> Option<f64> {
-        self.entries.iter().find(|(n, _, _)| n == name).map(|(_, s, c)| s / *c as f64)
+        self.entries
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, s, c)| s / *c as f64)
     }
     /// Number of observations of `name`.
     pub fn count(&self, name: &str) -> u64 {
-        self.entries.iter().find(|(n, _, _)| n == name).map(|e| e.2).unwrap_or(0)
+        self.entries
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|e| e.2)
+            .unwrap_or(0)
     }
     /// All means in first-use order.
     pub fn means(&self) -> Vec<(String, f64)> {
-        self.entries.iter().map(|(n, s, c)| (n.clone(), s / *c as f64)).collect()
+        self.entries
+            .iter()
+            .map(|(n, s, c)| (n.clone(), s / *c as f64))
+            .collect()
     }
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
@@ -172,7 +200,13 @@ impl Phase2Validation {
     }
     /// Adds one batch: refined probabilities `σ(refined_N)`, coarse `coarse_n`, target `g`, all `(B,N,N)`, and the
     /// batch loss.
-    pub fn add_batch(&mut self, refined_prob: &Tensor, coarse: &Tensor, gt: &Tensor, batch_loss: f64) -> Result<()> {
+    pub fn add_batch(
+        &mut self,
+        refined_prob: &Tensor,
+        coarse: &Tensor,
+        gt: &Tensor,
+        batch_loss: f64,
+    ) -> Result<()> {
         use crate::eval::metrics::binarize_tensor;
         let (r, _, _) = binarize_tensor(refined_prob, 0.5)?;
         let (c, _, _) = binarize_tensor(coarse, 0.5)?;
@@ -181,8 +215,14 @@ impl Phase2Validation {
             return Err(Error::Arg("phase 2 validation: batch sizes differ".into()));
         }
         for ((ri, ci), gi) in r.iter().zip(&c).zip(&g) {
-            self.refined.push(RatioMetrics::from_confusion(&Confusion::from_masks(ri, gi)?));
-            self.coarse.push(RatioMetrics::from_confusion(&Confusion::from_masks(ci, gi)?));
+            self.refined
+                .push(RatioMetrics::from_confusion(&Confusion::from_masks(
+                    ri, gi,
+                )?));
+            self.coarse
+                .push(RatioMetrics::from_confusion(&Confusion::from_masks(
+                    ci, gi,
+                )?));
         }
         self.losses.push(batch_loss);
         Ok(())
@@ -195,7 +235,13 @@ impl Phase2Validation {
         } else {
             self.losses.iter().sum::<f64>() / self.losses.len() as f64
         };
-        Phase2ValidationSummary { n_samples: self.refined.len(), loss, refined, coarse, improvement: refined.dice - coarse.dice }
+        Phase2ValidationSummary {
+            n_samples: self.refined.len(),
+            loss,
+            refined,
+            coarse,
+            improvement: refined.dice - coarse.dice,
+        }
     }
 }
 
@@ -209,14 +255,25 @@ mod tests {
         let p = Tensor::new(&[[0.9f32, 0.5, 0.2], [0.7, 0.6, 0.0]], &Device::Cpu).unwrap();
         let t = Tensor::new(&[[1.0f32, 1.0, 0.0], [0.0, 1.0, 0.0]], &Device::Cpu).unwrap();
         let c = PooledMetrics::batch_confusion(&p, &t, 0.5).unwrap();
-        assert_eq!(c, Confusion { tp: 2, fp: 1, fn_: 1, tn: 2 });
+        assert_eq!(
+            c,
+            Confusion {
+                tp: 2,
+                fp: 1,
+                fn_: 1,
+                tn: 2
+            }
+        );
         let m = PooledMetrics::from_confusion(&c);
         assert!((m.dice - (4.0 + 1e-5) / (6.0 + 1e-5)).abs() < 1e-15);
         assert!((m.accuracy - 4.0 / 6.0).abs() < 1e-15);
         // empty prediction and target: every smoothed ratio is 1
         let z = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
         let e = PooledMetrics::from_batch(&z, &z).unwrap();
-        assert_eq!((e.dice, e.iou, e.precision, e.recall, e.specificity), (1.0, 1.0, 1.0, 1.0, 1.0));
+        assert_eq!(
+            (e.dice, e.iou, e.precision, e.recall, e.specificity),
+            (1.0, 1.0, 1.0, 1.0, 1.0)
+        );
     }
 
     #[test]
@@ -225,7 +282,10 @@ mod tests {
         t.add("loss", 1.0);
         t.add("dice", 0.5);
         t.add("loss", 3.0);
-        assert_eq!(t.means(), vec![("loss".to_string(), 2.0), ("dice".to_string(), 0.5)]);
+        assert_eq!(
+            t.means(),
+            vec![("loss".to_string(), 2.0), ("dice".to_string(), 0.5)]
+        );
         assert_eq!(t.count("loss"), 2);
     }
 

@@ -33,8 +33,19 @@ pub struct ParamGroup {
 
 impl ParamGroup {
     /// A group whose current LR starts at `base_lr`.
-    pub fn new(name: impl Into<String>, base_lr: f64, weight_decay: f64, params: Vec<(String, Var)>) -> Self {
-        ParamGroup { name: name.into(), lr: base_lr, base_lr, weight_decay, params }
+    pub fn new(
+        name: impl Into<String>,
+        base_lr: f64,
+        weight_decay: f64,
+        params: Vec<(String, Var)>,
+    ) -> Self {
+        ParamGroup {
+            name: name.into(),
+            lr: base_lr,
+            base_lr,
+            weight_decay,
+            params,
+        }
     }
 }
 
@@ -115,7 +126,11 @@ impl Grads {
         keys.sort();
         let mut s = 0.0f64;
         for k in keys {
-            s += self.map[k].to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            s += self.map[k]
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
         }
         Ok(s.sqrt())
     }
@@ -170,7 +185,10 @@ pub trait Optimizer {
     }
     /// `(group name, lr)` for every group, in group order.
     fn lrs(&self) -> Vec<(String, f64)> {
-        self.groups().iter().map(|g| (g.name.clone(), g.lr)).collect()
+        self.groups()
+            .iter()
+            .map(|g| (g.name.clone(), g.lr))
+            .collect()
     }
 }
 
@@ -178,11 +196,16 @@ fn check_unique(groups: &[ParamGroup]) -> Result<()> {
     let mut seen = std::collections::HashSet::new();
     for g in groups {
         if g.name.is_empty() || g.name.contains('.') {
-            return Err(Error::Arg(format!("parameter group name `{}` must be non-empty and contain no `.`", g.name)));
+            return Err(Error::Arg(format!(
+                "parameter group name `{}` must be non-empty and contain no `.`",
+                g.name
+            )));
         }
         for (k, _) in &g.params {
             if !seen.insert(k.clone()) {
-                return Err(Error::Arg(format!("parameter `{k}` appears in more than one optimiser group")));
+                return Err(Error::Arg(format!(
+                    "parameter `{k}` appears in more than one optimiser group"
+                )));
             }
         }
     }
@@ -220,7 +243,11 @@ pub struct Sgd {
 impl Sgd {
     pub fn new(groups: Vec<ParamGroup>, momentum: f64) -> Result<Self> {
         check_unique(&groups)?;
-        Ok(Sgd { groups, momentum, bufs: HashMap::new() })
+        Ok(Sgd {
+            groups,
+            momentum,
+            bufs: HashMap::new(),
+        })
     }
     pub fn momentum(&self) -> f64 {
         self.momentum
@@ -238,7 +265,11 @@ impl Optimizer for Sgd {
                 let Some(g) = grads.get(key) else { continue };
                 let theta = var.as_tensor().detach();
                 let g = g.to_dtype(theta.dtype())?;
-                let d = if grp.weight_decay != 0.0 { (g + theta.affine(grp.weight_decay, 0.0)?)? } else { g };
+                let d = if grp.weight_decay != 0.0 {
+                    (g + theta.affine(grp.weight_decay, 0.0)?)?
+                } else {
+                    g
+                };
                 let buf = match (self.momentum != 0.0, self.bufs.get(key)) {
                     (false, _) => d,
                     (true, None) => d,
@@ -327,7 +358,13 @@ impl AdamW {
     }
     pub fn with_params(groups: Vec<ParamGroup>, beta1: f64, beta2: f64, eps: f64) -> Result<Self> {
         check_unique(&groups)?;
-        Ok(AdamW { groups, beta1, beta2, eps, state: HashMap::new() })
+        Ok(AdamW {
+            groups,
+            beta1,
+            beta2,
+            eps,
+            state: HashMap::new(),
+        })
     }
     /// Step count of one parameter (0 before its first update).
     pub fn param_step(&self, key: &str) -> u64 {
@@ -348,7 +385,11 @@ impl Optimizer for AdamW {
                 let g = g.to_dtype(theta.dtype())?;
                 let st = match self.state.remove(key) {
                     Some(s) => s,
-                    None => AdamState { step: 0, exp_avg: theta.zeros_like()?, exp_avg_sq: theta.zeros_like()? },
+                    None => AdamState {
+                        step: 0,
+                        exp_avg: theta.zeros_like()?,
+                        exp_avg_sq: theta.zeros_like()?,
+                    },
                 };
                 let step = st.step + 1;
                 let theta = if grp.weight_decay != 0.0 {
@@ -357,15 +398,24 @@ impl Optimizer for AdamW {
                     theta
                 };
                 // m.lerp_(g, 1 − β₁) = m + (g − m)(1 − β₁)
-                let exp_avg = (&st.exp_avg + (g.sub(&st.exp_avg)?.affine(1.0 - self.beta1, 0.0)?))?;
-                let exp_avg_sq = (st.exp_avg_sq.affine(self.beta2, 0.0)? + g.sqr()?.affine(1.0 - self.beta2, 0.0)?)?;
+                let exp_avg =
+                    (&st.exp_avg + (g.sub(&st.exp_avg)?.affine(1.0 - self.beta1, 0.0)?))?;
+                let exp_avg_sq = (st.exp_avg_sq.affine(self.beta2, 0.0)?
+                    + g.sqr()?.affine(1.0 - self.beta2, 0.0)?)?;
                 let bc1 = 1.0 - self.beta1.powi(step as i32);
                 let bc2 = 1.0 - self.beta2.powi(step as i32);
                 let step_size = grp.lr / bc1;
                 let denom = exp_avg_sq.sqrt()?.affine(1.0 / bc2.sqrt(), self.eps)?;
                 let upd = exp_avg.div(&denom)?.affine(step_size, 0.0)?;
                 var.set(&(theta - upd)?)?;
-                self.state.insert(key.clone(), AdamState { step, exp_avg, exp_avg_sq });
+                self.state.insert(
+                    key.clone(),
+                    AdamState {
+                        step,
+                        exp_avg,
+                        exp_avg_sq,
+                    },
+                );
             }
         }
         Ok(())
@@ -382,7 +432,10 @@ impl Optimizer for AdamW {
             for (key, var) in &grp.params {
                 if let Some(s) = self.state.get(key) {
                     out.push((state_key(&grp.name, "exp_avg", key), s.exp_avg.clone()));
-                    out.push((state_key(&grp.name, "exp_avg_sq", key), s.exp_avg_sq.clone()));
+                    out.push((
+                        state_key(&grp.name, "exp_avg_sq", key),
+                        s.exp_avg_sq.clone(),
+                    ));
                     let st = Tensor::new(s.step as i64, var.device())?;
                     out.push((state_key(&grp.name, "step", key), st));
                 }
@@ -440,7 +493,9 @@ impl Optimizer for AdamW {
 }
 
 /// Splits a checkpoint's tensors into model tensors and optimiser tensors (`__optim__.*`).
-pub fn split_optim_state(tensors: HashMap<String, Tensor>) -> (HashMap<String, Tensor>, HashMap<String, Tensor>) {
+pub fn split_optim_state(
+    tensors: HashMap<String, Tensor>,
+) -> (HashMap<String, Tensor>, HashMap<String, Tensor>) {
     let mut model = HashMap::new();
     let mut optim = HashMap::new();
     for (k, v) in tensors {
@@ -458,12 +513,17 @@ pub fn split_optim_state(tensors: HashMap<String, Tensor>) -> (HashMap<String, T
 pub fn check_groups_match(opt: &dyn Optimizer, info: &OptimizerInfo) -> Result<()> {
     let mine = opt.info();
     if mine.kind != info.kind {
-        return Err(Error::Config(format!("checkpoint optimiser is `{}`, this run uses `{}`", info.kind, mine.kind)));
+        return Err(Error::Config(format!(
+            "checkpoint optimiser is `{}`, this run uses `{}`",
+            info.kind, mine.kind
+        )));
     }
     let a: Vec<&str> = mine.groups.iter().map(|g| g.name.as_str()).collect();
     let b: Vec<&str> = info.groups.iter().map(|g| g.name.as_str()).collect();
     if a != b {
-        return Err(Error::Config(format!("checkpoint optimiser groups {b:?} differ from this run's {a:?}")));
+        return Err(Error::Config(format!(
+            "checkpoint optimiser groups {b:?} differ from this run's {a:?}"
+        )));
     }
     Ok(())
 }
@@ -490,7 +550,16 @@ mod tests {
     #[test]
     fn sgd_momentum_hand_computed() {
         let w = var(&[1.0, -2.0]);
-        let mut opt = Sgd::new(vec![ParamGroup::new("g", 0.1, 0.01, vec![("w".into(), w.clone())])], 0.9).unwrap();
+        let mut opt = Sgd::new(
+            vec![ParamGroup::new(
+                "g",
+                0.1,
+                0.01,
+                vec![("w".into(), w.clone())],
+            )],
+            0.9,
+        )
+        .unwrap();
         // step 1: d = g + wd·θ = [0.5 + 0.01, 1.0 − 0.02] = [0.51, 0.98]; buf = d; θ = θ − 0.1·buf
         opt.step(&grads(&[("w", &[0.5, 1.0])])).unwrap();
         let t1 = [1.0 - 0.1 * 0.51, -2.0 - 0.1 * 0.98];
@@ -509,7 +578,13 @@ mod tests {
     fn adamw_hand_computed_two_steps() {
         let w = var(&[1.0, -2.0]);
         let (lr, wd, b1, b2, eps) = (0.01, 0.1, 0.9, 0.999, 1e-8);
-        let mut opt = AdamW::new(vec![ParamGroup::new("g", lr, wd, vec![("w".into(), w.clone())])]).unwrap();
+        let mut opt = AdamW::new(vec![ParamGroup::new(
+            "g",
+            lr,
+            wd,
+            vec![("w".into(), w.clone())],
+        )])
+        .unwrap();
         let gs = [[0.5, -1.0], [0.25, 2.0]];
         let mut th = [1.0f64, -2.0];
         let mut m = [0.0f64; 2];
@@ -527,7 +602,12 @@ mod tests {
             }
             let got = vals(&w);
             for i in 0..2 {
-                assert!((got[i] - th[i]).abs() < 1e-12, "step {t} elem {i}: {} vs {}", got[i], th[i]);
+                assert!(
+                    (got[i] - th[i]).abs() < 1e-12,
+                    "step {t} elem {i}: {} vs {}",
+                    got[i],
+                    th[i]
+                );
             }
         }
         assert_eq!(opt.param_step("w"), 2);
@@ -570,12 +650,21 @@ mod tests {
     fn state_round_trip_continues_identically() {
         let run = |split: bool| -> Vec<f64> {
             let w = var(&[0.3, -0.7, 1.1]);
-            let mk = |w: &Var| AdamW::new(vec![ParamGroup::new("sam", 1e-2, 0.01, vec![("w".into(), w.clone())])]).unwrap();
+            let mk = |w: &Var| {
+                AdamW::new(vec![ParamGroup::new(
+                    "sam",
+                    1e-2,
+                    0.01,
+                    vec![("w".into(), w.clone())],
+                )])
+                .unwrap()
+            };
             let mut opt = mk(&w);
             let g = [[0.1, 0.2, -0.3], [0.4, -0.1, 0.0], [-0.2, 0.3, 0.5]];
             opt.step(&grads(&[("w", &g[0])])).unwrap();
             if split {
-                let st: HashMap<String, Tensor> = opt.state_tensors().unwrap().into_iter().collect();
+                let st: HashMap<String, Tensor> =
+                    opt.state_tensors().unwrap().into_iter().collect();
                 let w2 = var(&vals(&w));
                 let mut o2 = mk(&w2);
                 o2.load_state(&st).unwrap();
@@ -594,16 +683,40 @@ mod tests {
     #[test]
     fn sgd_state_round_trip() {
         let w = var(&[0.3, -0.7]);
-        let mut opt = Sgd::new(vec![ParamGroup::new("transunet", 0.1, 1e-4, vec![("w".into(), w.clone())])], 0.9).unwrap();
+        let mut opt = Sgd::new(
+            vec![ParamGroup::new(
+                "transunet",
+                0.1,
+                1e-4,
+                vec![("w".into(), w.clone())],
+            )],
+            0.9,
+        )
+        .unwrap();
         opt.step(&grads(&[("w", &[0.1, 0.2])])).unwrap();
         let st: HashMap<String, Tensor> = opt.state_tensors().unwrap().into_iter().collect();
         assert!(st.contains_key("__optim__.transunet.momentum.w"));
-        let mut o2 = Sgd::new(vec![ParamGroup::new("transunet", 0.1, 1e-4, vec![("w".into(), w.clone())])], 0.9).unwrap();
+        let mut o2 = Sgd::new(
+            vec![ParamGroup::new(
+                "transunet",
+                0.1,
+                1e-4,
+                vec![("w".into(), w.clone())],
+            )],
+            0.9,
+        )
+        .unwrap();
         o2.load_state(&st).unwrap();
         let b: Vec<f64> = o2.momentum_buffer("w").unwrap().to_vec1().unwrap();
-        assert_eq!(b, opt.momentum_buffer("w").unwrap().to_vec1::<f64>().unwrap());
-        let bad: HashMap<String, Tensor> =
-            [("__optim__.transunet.momentum.w".to_string(), Tensor::new(&[1.0f64], &Device::Cpu).unwrap())].into();
+        assert_eq!(
+            b,
+            opt.momentum_buffer("w").unwrap().to_vec1::<f64>().unwrap()
+        );
+        let bad: HashMap<String, Tensor> = [(
+            "__optim__.transunet.momentum.w".to_string(),
+            Tensor::new(&[1.0f64], &Device::Cpu).unwrap(),
+        )]
+        .into();
         assert!(o2.load_state(&bad).is_err());
     }
 
@@ -624,10 +737,18 @@ mod tests {
         assert_eq!(g3.get("a").unwrap().to_vec1::<f64>().unwrap(), vec![30.0]);
         // accumulation over GradStores
         let w = var(&[2.0]);
-        let grp = vec![ParamGroup::new("g", 0.1, 0.0, vec![("w".into(), w.clone())])];
+        let grp = vec![ParamGroup::new(
+            "g",
+            0.1,
+            0.0,
+            vec![("w".into(), w.clone())],
+        )];
         let mut acc = Grads::new();
         for k in 1..=2 {
-            let loss = (w.as_tensor().sqr().unwrap() * (k as f64 / 2.0)).unwrap().sum_all().unwrap();
+            let loss = (w.as_tensor().sqr().unwrap() * (k as f64 / 2.0))
+                .unwrap()
+                .sum_all()
+                .unwrap();
             acc.accumulate(&loss.backward().unwrap(), &grp).unwrap();
         }
         // d/dw (0.5 w² + 1.0 w²) = 3w = 6

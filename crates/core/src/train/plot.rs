@@ -1,8 +1,8 @@
 //! `progress.png` (SPEC §11.1.5): 1200×900, three panels — (1) train/val loss and train loss components,
 //! (2) train Dice, val Dice (pooled), val per-image Dice, EMA(0.9) of val Dice with the best epoch marked,
 //! (3) learning rate per group on a log scale. Text uses the embedded DejaVu Sans Mono (no system fonts).
-use super::history::HistoryRow;
 use super::checkpoint::atomic_write;
+use super::history::HistoryRow;
 use crate::{Error, Result};
 use plotters::coord::combinators::IntoLogRange;
 use plotters::prelude::*;
@@ -25,7 +25,12 @@ static REGISTER: Once = Once::new();
 /// Registers the embedded font with plotters (idempotent). Every plot/overlay in the crate calls this first.
 pub fn register_embedded_font() {
     REGISTER.call_once(|| {
-        for st in [FontStyle::Normal, FontStyle::Bold, FontStyle::Italic, FontStyle::Oblique] {
+        for st in [
+            FontStyle::Normal,
+            FontStyle::Bold,
+            FontStyle::Italic,
+            FontStyle::Oblique,
+        ] {
             let _ = plotters::style::register_font(FONT, st, FONT_TTF);
         }
     });
@@ -48,7 +53,9 @@ pub fn ema(points: &[(f64, f64)], alpha: f64) -> Vec<(f64, f64)> {
 }
 
 fn series<F: Fn(&HistoryRow) -> Option<f64>>(h: &[HistoryRow], f: F) -> Vec<(f64, f64)> {
-    h.iter().filter_map(|r| f(r).filter(|v| v.is_finite()).map(|v| (r.epoch as f64, v))).collect()
+    h.iter()
+        .filter_map(|r| f(r).filter(|v| v.is_finite()).map(|v| (r.epoch as f64, v)))
+        .collect()
 }
 
 fn y_range(all: &[&Vec<(f64, f64)>], floor0: bool) -> (f64, f64) {
@@ -135,16 +142,25 @@ fn line_panel(
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         }
         if pts.len() == 1 {
-            chart.draw_series(std::iter::once(Circle::new(pts[0], 3, color.filled()))).map_err(perr)?;
+            chart
+                .draw_series(std::iter::once(Circle::new(pts[0], 3, color.filled())))
+                .map_err(perr)?;
         }
     }
     if let Some((bx, by)) = best {
         let gold = RGBColor(200, 150, 0);
         chart
-            .draw_series(std::iter::once(PathElement::new(vec![(bx, y0), (bx, y1)], gold.stroke_width(1))))
+            .draw_series(std::iter::once(PathElement::new(
+                vec![(bx, y0), (bx, y1)],
+                gold.stroke_width(1),
+            )))
             .map_err(perr)?;
         chart
-            .draw_series(std::iter::once(TriangleMarker::new((bx, by), 8, gold.filled())))
+            .draw_series(std::iter::once(TriangleMarker::new(
+                (bx, by),
+                8,
+                gold.filled(),
+            )))
             .map_err(perr)?
             .label(format!("best (epoch {bx:.0})"))
             .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 6, gold.filled()));
@@ -161,7 +177,11 @@ fn line_panel(
 }
 
 fn lr_panel(area: &Panel<'_>, x_max: f64, lines: &[(String, Vec<(f64, f64)>)]) -> Result<()> {
-    let vals: Vec<f64> = lines.iter().flat_map(|l| l.1.iter().map(|p| p.1)).filter(|v| *v > 0.0).collect();
+    let vals: Vec<f64> = lines
+        .iter()
+        .flat_map(|l| l.1.iter().map(|p| p.1))
+        .filter(|v| *v > 0.0)
+        .collect();
     let (lo, hi) = if vals.is_empty() {
         (1e-6, 1e-2)
     } else {
@@ -197,12 +217,17 @@ fn lr_panel(area: &Panel<'_>, x_max: f64, lines: &[(String, Vec<(f64, f64)>)]) -
         }
         let color = PALETTE[i % PALETTE.len()];
         chart
-            .draw_series(LineSeries::new(pts.iter().cloned(), ShapeStyle::from(&color).stroke_width(2)))
+            .draw_series(LineSeries::new(
+                pts.iter().cloned(),
+                ShapeStyle::from(&color).stroke_width(2),
+            ))
             .map_err(perr)?
             .label(format!("lr {name}"))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         if pts.len() == 1 {
-            chart.draw_series(std::iter::once(Circle::new(pts[0], 3, color.filled()))).map_err(perr)?;
+            chart
+                .draw_series(std::iter::once(Circle::new(pts[0], 3, color.filled())))
+                .map_err(perr)?;
         }
     }
     chart
@@ -223,13 +248,21 @@ pub fn render_progress(history: &[HistoryRow], title: &str) -> Result<Vec<u8>> {
     {
         let root = BitMapBackend::with_buffer(&mut buf, (WIDTH, HEIGHT)).into_drawing_area();
         root.fill(&WHITE).map_err(perr)?;
-        let root = if title.is_empty() { root } else { root.titled(title, (FONT, 22)).map_err(perr)? };
+        let root = if title.is_empty() {
+            root
+        } else {
+            root.titled(title, (FONT, 22)).map_err(perr)?
+        };
         let panels = root.split_evenly((3, 1));
         let x_max = history.iter().map(|r| r.epoch).max().unwrap_or(1).max(1) as f64;
 
         // (1) losses
         let mut loss_lines: Vec<Line> = vec![
-            ("train loss".into(), series(history, |r| r.train_loss), false),
+            (
+                "train loss".into(),
+                series(history, |r| r.train_loss),
+                false,
+            ),
             ("val loss".into(), series(history, |r| r.val_loss), false),
         ];
         let mut comps: Vec<String> = Vec::new();
@@ -241,20 +274,52 @@ pub fn render_progress(history: &[HistoryRow], title: &str) -> Result<Vec<u8>> {
             }
         }
         for c in &comps {
-            loss_lines.push((format!("train {c}"), series(history, |r| r.components.get(c)), true));
+            loss_lines.push((
+                format!("train {c}"),
+                series(history, |r| r.components.get(c)),
+                true,
+            ));
         }
-        line_panel(&panels[0], "loss", x_max, &loss_lines, true, None, SeriesLabelPosition::UpperRight)?;
+        line_panel(
+            &panels[0],
+            "loss",
+            x_max,
+            &loss_lines,
+            true,
+            None,
+            SeriesLabelPosition::UpperRight,
+        )?;
 
         // (2) Dice
         let val_dice = series(history, |r| r.val_dice);
-        let best = history.iter().rev().find(|r| r.is_best).and_then(|r| r.val_dice.map(|v| (r.epoch as f64, v)));
+        let best = history
+            .iter()
+            .rev()
+            .find(|r| r.is_best)
+            .and_then(|r| r.val_dice.map(|v| (r.epoch as f64, v)));
         let dice_lines: Vec<Line> = vec![
-            ("train Dice".into(), series(history, |r| r.train_dice), false),
+            (
+                "train Dice".into(),
+                series(history, |r| r.train_dice),
+                false,
+            ),
             ("val Dice (pooled)".into(), val_dice.clone(), false),
-            ("val Dice (per-image)".into(), series(history, |r| r.val_dice_img), false),
+            (
+                "val Dice (per-image)".into(),
+                series(history, |r| r.val_dice_img),
+                false,
+            ),
             ("val Dice EMA(0.9)".into(), ema(&val_dice, 0.9), true),
         ];
-        line_panel(&panels[1], "Dice", x_max, &dice_lines, false, best, SeriesLabelPosition::LowerRight)?;
+        line_panel(
+            &panels[1],
+            "Dice",
+            x_max,
+            &dice_lines,
+            false,
+            best,
+            SeriesLabelPosition::LowerRight,
+        )?;
 
         // (3) LR per group
         let mut groups: Vec<String> = Vec::new();
@@ -265,8 +330,10 @@ pub fn render_progress(history: &[HistoryRow], title: &str) -> Result<Vec<u8>> {
                 }
             }
         }
-        let lr_lines: Vec<(String, Vec<(f64, f64)>)> =
-            groups.iter().map(|g| (g.clone(), series(history, |r| r.lr.get(g)))).collect();
+        let lr_lines: Vec<(String, Vec<(f64, f64)>)> = groups
+            .iter()
+            .map(|g| (g.clone(), series(history, |r| r.lr.get(g))))
+            .collect();
         lr_panel(&panels[2], x_max, &lr_lines)?;
         root.present().map_err(perr)?;
     }
@@ -279,7 +346,8 @@ pub fn progress_png(path: &Path, history: &[HistoryRow], title: &str) -> Result<
     let img = image::RgbImage::from_raw(WIDTH, HEIGHT, buf)
         .ok_or_else(|| Error::msg("progress.png: buffer size mismatch"))?;
     let mut bytes = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut bytes, image::ImageFormat::Png).map_err(|e| Error::file(path, format!("PNG encoding: {e}")))?;
+    img.write_to(&mut bytes, image::ImageFormat::Png)
+        .map_err(|e| Error::file(path, format!("PNG encoding: {e}")))?;
     atomic_write(path, bytes.get_ref())
 }
 

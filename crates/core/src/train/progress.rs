@@ -23,14 +23,26 @@ pub struct Progress<'a> {
 }
 
 impl<'a> Progress<'a> {
-    pub(crate) fn new(console: &'a Console, tag: &str, epoch: Option<(u64, u64)>, total: u64) -> Self {
+    pub(crate) fn new(
+        console: &'a Console,
+        tag: &str,
+        epoch: Option<(u64, u64)>,
+        total: u64,
+    ) -> Self {
         let bar = if console.style().plain {
             None
         } else {
-            let b = indicatif::ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::stdout());
+            let b = indicatif::ProgressBar::with_draw_target(
+                Some(total),
+                indicatif::ProgressDrawTarget::stdout(),
+            );
             let tpl = "{prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}";
             if let Ok(s) = indicatif::ProgressStyle::with_template(tpl) {
-                let chars = if console.style().ascii { "=> " } else { "█▉ " };
+                let chars = if console.style().ascii {
+                    "=> "
+                } else {
+                    "█▉ "
+                };
                 b.set_style(s.progress_chars(chars));
             }
             let mut prefix = format!("[{tag}]");
@@ -64,14 +76,26 @@ impl<'a> Progress<'a> {
     fn rate_eta(&self) -> (f64, f64) {
         let el = self.start.elapsed().as_secs_f64();
         let rate = if el > 0.0 { self.pos as f64 / el } else { 0.0 };
-        let eta = if rate > 0.0 { (self.total.saturating_sub(self.pos)) as f64 / rate } else { 0.0 };
+        let eta = if rate > 0.0 {
+            (self.total.saturating_sub(self.pos)) as f64 / rate
+        } else {
+            0.0
+        };
         (rate, eta)
     }
 
     /// The current plain line.
     pub fn line(&self) -> String {
         let (rate, eta) = self.rate_eta();
-        progress_line(&self.tag, self.epoch, self.pos, self.total, self.mean_loss(), rate, eta)
+        progress_line(
+            &self.tag,
+            self.epoch,
+            self.pos,
+            self.total,
+            self.mean_loss(),
+            rate,
+            eta,
+        )
     }
 
     /// Advances by one step, optionally recording that step's loss.
@@ -90,7 +114,10 @@ impl<'a> Progress<'a> {
             }
             None => {
                 let mut due = false;
-                while self.total > 0 && self.next_decile <= 10 && self.pos * 10 >= self.next_decile * self.total {
+                while self.total > 0
+                    && self.next_decile <= 10
+                    && self.pos * 10 >= self.next_decile * self.total
+                {
                     self.next_decile += 1;
                     due = true;
                 }
@@ -160,7 +187,11 @@ mod tests {
         pr.finish();
         let log = std::fs::read_to_string(&p).unwrap();
         assert_eq!(log.lines().count(), 10);
-        assert!(log.lines().last().unwrap().starts_with("[val] epoch 1/2 step 20/20 loss 9.5000 "));
+        assert!(log
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("[val] epoch 1/2 step 20/20 loss 9.5000 "));
         assert!(!log.contains('\r'));
     }
 }

@@ -25,7 +25,9 @@ pub struct RunDir {
 impl RunDir {
     /// The run directory `<output_dir>/<exp_name>` (not created; `exp_name` may contain `/`, e.g. `BUSI/fold_0`).
     pub fn new(output_dir: impl AsRef<Path>, exp_name: &str) -> Self {
-        RunDir { root: output_dir.as_ref().join(exp_name) }
+        RunDir {
+            root: output_dir.as_ref().join(exp_name),
+        }
     }
     /// A run directory at an explicit path.
     pub fn at(root: impl Into<PathBuf>) -> Self {
@@ -81,7 +83,9 @@ impl RunDir {
             return Ok(None);
         }
         let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-        serde_json::from_str(&text).map(Some).map_err(|e| Error::file(&p, format!("invalid summary: {e}")))
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::file(&p, format!("invalid summary: {e}")))
     }
     /// Writes `progress.png` from the history.
     pub fn write_progress_png(&self, history: &[HistoryRow], title: &str) -> Result<()> {
@@ -129,12 +133,18 @@ pub fn metrics_csv(history: &[HistoryRow]) -> Result<String> {
     if let Some(r) = history.first() {
         header.extend(r.val_columns().iter().map(|(n, _)| n.to_string()));
     } else {
-        header.extend(HistoryRow::default().val_columns().iter().map(|(n, _)| n.to_string()));
+        header.extend(
+            HistoryRow::default()
+                .val_columns()
+                .iter()
+                .map(|(n, _)| n.to_string()),
+        );
     }
     header.extend(extras.iter().cloned());
     header.push("is_best".into());
     let mut w = csv::Writer::from_writer(Vec::new());
-    w.write_record(&header).map_err(|e| Error::msg(format!("metrics.csv: {e}")))?;
+    w.write_record(&header)
+        .map_err(|e| Error::msg(format!("metrics.csv: {e}")))?;
     for r in history {
         let mut rec: Vec<String> = vec![r.epoch.to_string(), cell(Some(r.time_s))];
         rec.extend(groups.iter().map(|g| cell(r.lr.get(g))));
@@ -145,9 +155,12 @@ pub fn metrics_csv(history: &[HistoryRow]) -> Result<String> {
         rec.extend(r.val_columns().iter().map(|(_, v)| cell(*v)));
         rec.extend(extras.iter().map(|e| cell(r.extra.get(e))));
         rec.push(if r.is_best { "1".into() } else { "0".into() });
-        w.write_record(&rec).map_err(|e| Error::msg(format!("metrics.csv: {e}")))?;
+        w.write_record(&rec)
+            .map_err(|e| Error::msg(format!("metrics.csv: {e}")))?;
     }
-    let bytes = w.into_inner().map_err(|e| Error::msg(format!("metrics.csv: {e}")))?;
+    let bytes = w
+        .into_inner()
+        .map_err(|e| Error::msg(format!("metrics.csv: {e}")))?;
     String::from_utf8(bytes).map_err(|e| Error::msg(format!("metrics.csv: {e}")))
 }
 
@@ -175,8 +188,16 @@ pub struct Durations {
 impl Durations {
     pub fn from_history(history: &[HistoryRow], this_session_s: f64) -> Self {
         let total: f64 = history.iter().map(|r| r.time_s).sum();
-        let mean = if history.is_empty() { 0.0 } else { total / history.len() as f64 };
-        Durations { total_s: total, mean_epoch_s: mean, this_session_s }
+        let mean = if history.is_empty() {
+            0.0
+        } else {
+            total / history.len() as f64
+        };
+        Durations {
+            total_s: total,
+            mean_epoch_s: mean,
+            this_session_s,
+        }
     }
 }
 
@@ -189,7 +210,10 @@ pub struct Versions {
 
 impl Default for Versions {
     fn default() -> Self {
-        Versions { ultrarefiner: env!("CARGO_PKG_VERSION").to_string(), candle: "0.11.1".to_string() }
+        Versions {
+            ultrarefiner: env!("CARGO_PKG_VERSION").to_string(),
+            candle: "0.11.1".to_string(),
+        }
     }
 }
 
@@ -232,7 +256,11 @@ pub enum ResumeDecision {
 ///
 /// [`AlreadyComplete`]: ResumeDecision::AlreadyComplete
 /// [`Fresh`]: ResumeDecision::Fresh
-pub fn resolve_resume(run: &RunDir, resume: Option<&str>, force_retrain: bool) -> Result<ResumeDecision> {
+pub fn resolve_resume(
+    run: &RunDir,
+    resume: Option<&str>,
+    force_retrain: bool,
+) -> Result<ResumeDecision> {
     match resume {
         None => Ok(ResumeDecision::Fresh),
         Some("auto") => {
@@ -254,10 +282,16 @@ pub fn resolve_resume(run: &RunDir, resume: Option<&str>, force_retrain: bool) -
         Some(p) => {
             let (st, js) = super::checkpoint::resolve_checkpoint(Path::new(p));
             if !st.is_file() {
-                return Err(Error::Arg(format!("--resume {p}: checkpoint {} not found", st.display())));
+                return Err(Error::Arg(format!(
+                    "--resume {p}: checkpoint {} not found",
+                    st.display()
+                )));
             }
             if !js.is_file() {
-                return Err(Error::Arg(format!("--resume {p}: sidecar {} not found", js.display())));
+                return Err(Error::Arg(format!(
+                    "--resume {p}: sidecar {} not found",
+                    js.display()
+                )));
             }
             Ok(ResumeDecision::Resume(st))
         }
@@ -310,7 +344,10 @@ mod tests {
         r.components.set("nan_one", f64::NAN);
         let j = serde_json::to_string(&r).unwrap();
         let back: HistoryRow = serde_json::from_str(&j).unwrap();
-        assert_eq!(back.lr.names().collect::<Vec<_>>(), vec!["transunet", "sam"]);
+        assert_eq!(
+            back.lr.names().collect::<Vec<_>>(),
+            vec!["transunet", "sam"]
+        );
         assert!(back.components.get("nan_one").unwrap().is_nan());
         assert_eq!(back.epoch, 1);
     }

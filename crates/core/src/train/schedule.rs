@@ -21,7 +21,9 @@ pub fn cosine_lr(base: f64, min_lr: f64, epoch: u64, epochs: u64) -> f64 {
     if epochs == 0 {
         return base;
     }
-    min_lr + (base - min_lr) * (1.0 + (std::f64::consts::PI * epoch as f64 / epochs as f64).cos()) / 2.0
+    min_lr
+        + (base - min_lr) * (1.0 + (std::f64::consts::PI * epoch as f64 / epochs as f64).cos())
+            / 2.0
 }
 
 /// Schedule description and position, stored in the sidecar (`scheduler`).
@@ -29,25 +31,49 @@ pub fn cosine_lr(base: f64, min_lr: f64, epoch: u64, epochs: u64) -> f64 {
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Schedule {
     /// Per-step poly decay. `position` = optimiser steps taken so far (the next step's `t`).
-    Poly { power: f64, total_steps: u64, position: u64 },
+    Poly {
+        power: f64,
+        total_steps: u64,
+        position: u64,
+    },
     /// Per-epoch cosine. `position` = the epoch whose rate is in force (0-based).
-    Cosine { min_lr: f64, epochs: u64, position: u64 },
+    Cosine {
+        min_lr: f64,
+        epochs: u64,
+        position: u64,
+    },
 }
 
 impl Schedule {
     /// Phase 1: poly(0.9) over `max_epochs·steps_per_epoch` steps.
     pub fn poly(max_epochs: u64, steps_per_epoch: u64) -> Self {
-        Schedule::Poly { power: 0.9, total_steps: max_epochs * steps_per_epoch, position: 0 }
+        Schedule::Poly {
+            power: 0.9,
+            total_steps: max_epochs * steps_per_epoch,
+            position: 0,
+        }
     }
     /// Phases 2/3: cosine over `epochs` with floor `min_lr`.
     pub fn cosine(min_lr: f64, epochs: u64) -> Self {
-        Schedule::Cosine { min_lr, epochs, position: 0 }
+        Schedule::Cosine {
+            min_lr,
+            epochs,
+            position: 0,
+        }
     }
     /// The rate of a group with base rate `base` at the current position.
     pub fn lr_for(&self, base: f64) -> f64 {
         match *self {
-            Schedule::Poly { power, total_steps, position } => poly_lr(base, position, total_steps, power),
-            Schedule::Cosine { min_lr, epochs, position } => cosine_lr(base, min_lr, position, epochs),
+            Schedule::Poly {
+                power,
+                total_steps,
+                position,
+            } => poly_lr(base, position, total_steps, power),
+            Schedule::Cosine {
+                min_lr,
+                epochs,
+                position,
+            } => cosine_lr(base, min_lr, position, epochs),
         }
     }
     /// Sets every group's LR from its base rate at the current position.
@@ -96,13 +122,19 @@ mod tests {
     fn cosine_values() {
         assert_eq!(cosine_lr(1e-4, 1e-6, 0, 50), 1e-4);
         assert!((cosine_lr(1e-4, 1e-6, 25, 50) - (1e-6 + (1e-4 - 1e-6) * 0.5)).abs() < 1e-18);
-        assert!((cosine_lr(1.0, 0.0, 1, 4) - (1.0 + (std::f64::consts::PI / 4.0).cos()) / 2.0).abs() < 1e-15);
+        assert!(
+            (cosine_lr(1.0, 0.0, 1, 4) - (1.0 + (std::f64::consts::PI / 4.0).cos()) / 2.0).abs()
+                < 1e-15
+        );
     }
 
     #[test]
     fn poly_without_lag_and_all_groups_follow_cosine() {
         let mut opt = Sgd::new(
-            vec![ParamGroup::new("a", 0.01, 0.0, vec![]), ParamGroup::new("b", 0.001, 0.0, vec![])],
+            vec![
+                ParamGroup::new("a", 0.01, 0.0, vec![]),
+                ParamGroup::new("b", 0.001, 0.0, vec![]),
+            ],
             0.9,
         )
         .unwrap();
@@ -119,7 +151,10 @@ mod tests {
         assert!((opt.lrs()[1].1 - cosine_lr(0.001, 1e-6, 3, 10)).abs() < 1e-18);
         assert!((opt.lrs()[0].1 - cosine_lr(0.01, 1e-6, 3, 10)).abs() < 1e-18);
         let j = serde_json::to_string(&c).unwrap();
-        assert_eq!(j, r#"{"type":"cosine","min_lr":1e-6,"epochs":10,"position":3}"#);
+        assert_eq!(
+            j,
+            r#"{"type":"cosine","min_lr":1e-6,"epochs":10,"position":3}"#
+        );
         assert_eq!(serde_json::from_str::<Schedule>(&j).unwrap(), c);
     }
 }

@@ -26,8 +26,9 @@ impl StopFlag {
         {
             use signal_hook::consts::{SIGTERM, SIGUSR1};
             for sig in [SIGTERM, SIGUSR1] {
-                signal_hook::flag::register(sig, Arc::clone(&f.flag))
-                    .map_err(|e| Error::msg(format!("cannot install the handler for signal {sig}: {e}")))?;
+                signal_hook::flag::register(sig, Arc::clone(&f.flag)).map_err(|e| {
+                    Error::msg(format!("cannot install the handler for signal {sig}: {e}"))
+                })?;
             }
         }
         Ok(f)
