@@ -5,9 +5,7 @@
 //! [`binarize_tensor`] to threshold probabilities with the strict `> threshold` rule (a value exactly at the threshold
 //! is background).
 //!
-//! The exact Euclidean distance transform used for HD95/ASSD is a local Felzenszwalb–Huttenlocher implementation
-//! ([`edt_sq`]); `crate::augment` has its own EDT for the SDF tools (§8.1). Both are exact, so they agree; unifying
-//! them is a later clean-up.
+//! HD95/ASSD use the project's exact Euclidean distance transform (§8.1, [`crate::augment::edt`]).
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
@@ -189,83 +187,11 @@ pub fn boundary(mask: &[bool], h: usize, w: usize) -> Vec<bool> {
     out
 }
 
-/// One-dimensional squared distance transform of sampled function `f` (values may be `+∞`) at sample spacing `s`
-/// (Felzenszwalb & Huttenlocher): `d[p] = min_q ((p − q)·s)² + f[q]`.
-fn edt_1d(f: &[f64], s: f64, d: &mut [f64], v: &mut [usize], z: &mut [f64]) {
-    let n = f.len();
-    let mut k: isize = -1;
-    for q in 0..n {
-        if !f[q].is_finite() {
-            continue;
-        }
-        let xq = q as f64 * s;
-        loop {
-            if k < 0 {
-                k = 0;
-                v[0] = q;
-                z[0] = f64::NEG_INFINITY;
-                z[1] = f64::INFINITY;
-                break;
-            }
-            let vk = v[k as usize];
-            let xv = vk as f64 * s;
-            let inter = ((f[q] + xq * xq) - (f[vk] + xv * xv)) / (2.0 * (xq - xv));
-            if inter <= z[k as usize] {
-                k -= 1;
-                continue;
-            }
-            k += 1;
-            v[k as usize] = q;
-            z[k as usize] = inter;
-            z[k as usize + 1] = f64::INFINITY;
-            break;
-        }
-    }
-    if k < 0 {
-        d.iter_mut().for_each(|x| *x = f64::INFINITY);
-        return;
-    }
-    let mut k = 0usize;
-    for (p, dp) in d.iter_mut().enumerate() {
-        let xp = p as f64 * s;
-        while z[k + 1] < xp {
-            k += 1;
-        }
-        let xv = v[k] as f64 * s;
-        *dp = (xp - xv) * (xp - xv) + f[v[k]];
-    }
-}
-
 /// Exact squared Euclidean distance from every pixel to the nearest `true` pixel of `feature` (row-major `H×W`),
-/// with pixel spacing `(s_y, s_x)`. All `+∞` when `feature` has no `true` pixel.
+/// with pixel spacing `(s_y, s_x)`; all `+∞` when `feature` has no `true` pixel. This is the shared §8.1 EDT of
+/// [`crate::augment::edt`].
 pub fn edt_sq(feature: &[bool], h: usize, w: usize, spacing: (f64, f64)) -> Vec<f64> {
-    let (sy, sx) = spacing;
-    let n = h.max(w);
-    let mut f = vec![0.0f64; n];
-    let mut d = vec![0.0f64; n];
-    let mut v = vec![0usize; n];
-    let mut z = vec![0.0f64; n + 1];
-    let mut grid: Vec<f64> = feature
-        .iter()
-        .map(|&b| if b { 0.0 } else { f64::INFINITY })
-        .collect();
-    // columns (along y)
-    for j in 0..w {
-        for i in 0..h {
-            f[i] = grid[i * w + j];
-        }
-        edt_1d(&f[..h], sy, &mut d[..h], &mut v, &mut z);
-        for i in 0..h {
-            grid[i * w + j] = d[i];
-        }
-    }
-    // rows (along x)
-    for i in 0..h {
-        f[..w].copy_from_slice(&grid[i * w..(i + 1) * w]);
-        edt_1d(&f[..w], sx, &mut d[..w], &mut v, &mut z);
-        grid[i * w..(i + 1) * w].copy_from_slice(&d[..w]);
-    }
-    grid
+    crate::augment::edt::squared_distance_to_sites(feature, h, w, spacing)
 }
 
 /// The multiset `D = {dt_P(x) : x ∈ ∂G} ∪ {dt_G(x) : x ∈ ∂P}` of §10.3 (both masks must be non-empty).
@@ -281,12 +207,12 @@ pub fn surface_distances(
     let dp = edt_sq(&bp, h, w, spacing);
     let dg = edt_sq(&bg, h, w, spacing);
     let mut out = Vec::new();
-    for k in 0..h * w {
-        if bg[k] {
-            out.push(dp[k].sqrt());
+    for (((&is_bg, &is_bp), &d_to_p), &d_to_g) in bg.iter().zip(&bp).zip(&dp).zip(&dg) {
+        if is_bg {
+            out.push(d_to_p.sqrt());
         }
-        if bp[k] {
-            out.push(dg[k].sqrt());
+        if is_bp {
+            out.push(d_to_g.sqrt());
         }
     }
     out

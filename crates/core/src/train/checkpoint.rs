@@ -448,6 +448,100 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
     })
 }
 
+/// Keys of `a` and `b` (JSON objects) whose values differ, as `key: old → new` strings (sorted by key).
+fn diff_keys(
+    prefix: &str,
+    old: &serde_json::Value,
+    new: &serde_json::Value,
+    out: &mut Vec<String>,
+) {
+    match (old, new) {
+        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                let null = serde_json::Value::Null;
+                diff_keys(
+                    &p,
+                    a.get(k).unwrap_or(&null),
+                    b.get(k).unwrap_or(&null),
+                    out,
+                );
+            }
+        }
+        (a, b) if a != b => out.push(format!("{prefix}: {a} → {b}")),
+        _ => {}
+    }
+}
+
+/// Resume compatibility (§11.1.6). The checkpoint must be of `kind`, its data identity must equal `data`, and the
+/// `model` and `refiner` sections of its configuration must equal this run's. Differences in any other section
+/// (training hyper-parameters, CLI) are an error unless `allow_config_change`, in which case a note listing them is
+/// returned for the history (`HistoryRow::note`).
+pub fn check_resume(
+    sc: &Sidecar,
+    kind: Phase,
+    data: &DataIdentity,
+    config: &serde_json::Value,
+    allow_config_change: bool,
+) -> Result<Option<String>> {
+    if sc.kind != kind {
+        return Err(Error::Config(format!(
+            "cannot resume: the checkpoint was written by {}, this is {}",
+            sc.kind.as_str(),
+            kind.as_str()
+        )));
+    }
+    if &sc.data != data {
+        return Err(Error::Config(format!(
+            "cannot resume: data identity differs (checkpoint {:?}, this run {:?})",
+            sc.data, data
+        )));
+    }
+    let null = serde_json::Value::Null;
+    for section in ["model", "refiner"] {
+        let mut d = Vec::new();
+        diff_keys(
+            section,
+            sc.config.get(section).unwrap_or(&null),
+            config.get(section).unwrap_or(&null),
+            &mut d,
+        );
+        if !d.is_empty() {
+            return Err(Error::Config(format!(
+                "cannot resume: the {section} configuration differs from the checkpoint: {}",
+                d.join("; ")
+            )));
+        }
+    }
+    let strip = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        if let Some(o) = v.as_object_mut() {
+            o.remove("model");
+            o.remove("refiner");
+        }
+        v
+    };
+    let mut d = Vec::new();
+    diff_keys("", &strip(&sc.config), &strip(config), &mut d);
+    if d.is_empty() {
+        return Ok(None);
+    }
+    if !allow_config_change {
+        return Err(Error::Config(format!(
+            "resuming with changed settings needs --allow-config-change: {}",
+            d.join("; ")
+        )));
+    }
+    Ok(Some(format!("config changed on resume: {}", d.join("; "))))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -467,6 +561,52 @@ mod tests {
         assert!(!b.update(0.5, 1));
         assert!(b.update(0.6, 2));
         assert_eq!((b.value, b.epoch), (Some(0.6), Some(2)));
+    }
+
+    #[test]
+    fn resume_compatibility() {
+        use crate::train::optim::OptimizerInfo;
+        let cfg = serde_json::json!({"model": {"img_size": 224}, "training": {"lr": 0.01, "batch_size": 24}});
+        let data = DataIdentity {
+            datasets: vec!["BUSI".into()],
+            fold: Some(0),
+            n_splits: Some(5),
+            ..Default::default()
+        };
+        let sc = Sidecar::new(
+            Phase::Phase1,
+            3,
+            10,
+            Best::new("dice"),
+            cfg.clone(),
+            data.clone(),
+            OptimizerInfo {
+                kind: "sgd".into(),
+                groups: vec![],
+            },
+            Schedule::poly(10, 1),
+            RngState::default(),
+            vec![],
+        );
+        assert_eq!(
+            check_resume(&sc, Phase::Phase1, &data, &cfg, false).unwrap(),
+            None
+        );
+        assert!(check_resume(&sc, Phase::Phase2, &data, &cfg, true).is_err());
+        let mut d2 = data.clone();
+        d2.fold = Some(1);
+        assert!(check_resume(&sc, Phase::Phase1, &d2, &cfg, true).is_err());
+        let m2 = serde_json::json!({"model": {"img_size": 96}, "training": {"lr": 0.01, "batch_size": 24}});
+        let e = check_resume(&sc, Phase::Phase1, &data, &m2, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.img_size: 224 → 96"), "{e}");
+        let t2 = serde_json::json!({"model": {"img_size": 224}, "training": {"lr": 0.02, "batch_size": 24}});
+        assert!(check_resume(&sc, Phase::Phase1, &data, &t2, false).is_err());
+        let note = check_resume(&sc, Phase::Phase1, &data, &t2, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(note, "config changed on resume: training.lr: 0.01 → 0.02");
     }
 
     #[test]

@@ -130,7 +130,7 @@ pub fn fmt_hms(secs: f64) -> String {
 const RULE_EQ: usize = 70;
 
 fn rule(c: char, n: usize) -> String {
-    std::iter::repeat(c).take(n).collect()
+    c.to_string().repeat(n)
 }
 
 /// Run header data (§12.1).

@@ -44,12 +44,12 @@ impl LossOutput {
 
 /// A scalar tensor (any float dtype, any rank with one element) as `f64`.
 pub fn scalar_f64(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(DType::F64)?
+    t.to_dtype(DType::F64)?
         .flatten_all()?
         .to_vec1::<f64>()?
         .first()
         .copied()
-        .ok_or_else(|| Error::msg("scalar_f64: empty tensor"))?)
+        .ok_or_else(|| Error::msg("scalar_f64: empty tensor"))
 }
 
 fn check_dims(name: &str, t: &Tensor, want: &[usize]) -> Result<()> {
@@ -63,34 +63,9 @@ fn check_dims(name: &str, t: &Tensor, want: &[usize]) -> Result<()> {
     Ok(())
 }
 
-/// Numerically stable `log_softmax` along `dim` (the maximum is detached: it cancels analytically).
-pub fn log_softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
-    let m = x.max_keepdim(dim)?.detach();
-    let d = x.broadcast_sub(&m)?;
-    let lse = d.exp()?.sum_keepdim(dim)?.log()?;
-    Ok(d.broadcast_sub(&lse)?)
-}
-
-/// Generic differentiable softmax along `dim` (exp / sum with a detached maximum).
-pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
-    let m = x.max_keepdim(dim)?.detach();
-    let e = x.broadcast_sub(&m)?.exp()?;
-    let s = e.sum_keepdim(dim)?;
-    Ok(e.broadcast_div(&s)?)
-}
-
-/// Element-wise stable BCE with logits `ℓ(z, t) = max(z, 0) − z·t + log(1 + exp(−|z|))` (§9).
-// TODO(nn): switch to `crate::nn::bce_with_logits` once the nn module lands (same formula).
-pub fn bce_with_logits(z: &Tensor, t: &Tensor) -> Result<Tensor> {
-    let t = t.to_dtype(z.dtype())?;
-    let soft = z.abs()?.neg()?.exp()?.affine(1.0, 1.0)?.log()?;
-    Ok(((z.relu()? - (z * &t)?)? + soft)?)
-}
-
-/// Logistic sigmoid with a backward rule (candle-nn's custom op; `σ` is stable for large `|z|`).
-pub fn sigmoid(z: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::sigmoid(z)?)
-}
+/// Differentiable softmax / log-softmax / sigmoid and the stable element-wise BCE with logits
+/// `ℓ(z, t) = max(z, 0) − z·t + log(1 + exp(−|z|))` (§9), from the project's `nn` module.
+pub use crate::nn::{bce_with_logits, log_softmax, sigmoid, softmax};
 
 /// One-hot `(B,C,H,W)` of a class-index target `(B,H,W)` (any dtype holding integral values).
 fn one_hot(target: &Tensor, n_classes: usize, dtype: DType) -> Result<Tensor> {
@@ -268,6 +243,29 @@ pub fn refined_loss(z: &Tensor, y: &Tensor) -> Result<Tensor> {
     Ok((bce.affine(0.5, 0.0)? + dice.affine(0.5, 0.0)?)?)
 }
 
+/// `--refined-loss-size` (§9.3): compute `L_refined` on `refined_N` against `nearest(y_S → N)` (`Full`, the default
+/// 1024) or on `refined_S` against `y_S` (`Coarse`, 224 = S).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefinedLossSize {
+    Full,
+    Coarse,
+}
+
+impl RefinedLossSize {
+    /// From the flag value: `n` (SAM grid) → `Full`, `s` (TransUNet grid) → `Coarse`, anything else is an error.
+    pub fn from_flag(value: usize, s: usize, n: usize) -> Result<Self> {
+        if value == n {
+            Ok(RefinedLossSize::Full)
+        } else if value == s {
+            Ok(RefinedLossSize::Coarse)
+        } else {
+            Err(Error::Arg(format!(
+                "--refined-loss-size {value}: must be {n} (SAM grid) or {s} (TransUNet grid)"
+            )))
+        }
+    }
+}
+
 /// Phase 3 loss weights (§9.3).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Phase3LossConfig {
@@ -352,11 +350,7 @@ pub fn scale_refined_grad(p: &Tensor, alpha: f64) -> Result<Tensor> {
 }
 
 /// §0 nearest indices for one axis: `min(⌊o·n_in/n_out⌋, n_in − 1)` (exact integer arithmetic).
-pub fn nearest_indices(n_in: usize, n_out: usize) -> Vec<u32> {
-    (0..n_out)
-        .map(|o| ((o * n_in) / n_out).min(n_in - 1) as u32)
-        .collect()
-}
+pub use crate::nn::nearest_indices;
 
 /// Nearest resize of a target `(B,H,W)` to `(B,n,n)` with the §0 kernel (no gradient needed; targets only).
 pub fn nearest_target(y: &Tensor, n: usize) -> Result<Tensor> {

@@ -214,14 +214,14 @@ impl Phase2Validation {
         if r.len() != g.len() || c.len() != g.len() {
             return Err(Error::Arg("phase 2 validation: batch sizes differ".into()));
         }
-        for i in 0..g.len() {
+        for ((ri, ci), gi) in r.iter().zip(&c).zip(&g) {
             self.refined
                 .push(RatioMetrics::from_confusion(&Confusion::from_masks(
-                    &r[i], &g[i],
+                    ri, gi,
                 )?));
             self.coarse
                 .push(RatioMetrics::from_confusion(&Confusion::from_masks(
-                    &c[i], &g[i],
+                    ci, gi,
                 )?));
         }
         self.losses.push(batch_loss);

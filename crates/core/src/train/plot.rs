@@ -92,11 +92,14 @@ fn perr<E: std::fmt::Display>(e: E) -> Error {
 
 type Panel<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 
+/// One plotted series: label, points, dashed.
+type Line = (String, Vec<(f64, f64)>, bool);
+
 fn line_panel(
     area: &Panel<'_>,
     caption: &str,
     x_max: f64,
-    lines: &[(String, Vec<(f64, f64)>, bool)],
+    lines: &[Line],
     floor0: bool,
     best: Option<(f64, f64)>,
     legend: SeriesLabelPosition,
@@ -254,7 +257,7 @@ pub fn render_progress(history: &[HistoryRow], title: &str) -> Result<Vec<u8>> {
         let x_max = history.iter().map(|r| r.epoch).max().unwrap_or(1).max(1) as f64;
 
         // (1) losses
-        let mut loss_lines: Vec<(String, Vec<(f64, f64)>, bool)> = vec![
+        let mut loss_lines: Vec<Line> = vec![
             (
                 "train loss".into(),
                 series(history, |r| r.train_loss),
@@ -294,7 +297,7 @@ pub fn render_progress(history: &[HistoryRow], title: &str) -> Result<Vec<u8>> {
             .rev()
             .find(|r| r.is_best)
             .and_then(|r| r.val_dice.map(|v| (r.epoch as f64, v)));
-        let dice_lines: Vec<(String, Vec<(f64, f64)>, bool)> = vec![
+        let dice_lines: Vec<Line> = vec![
             (
                 "train Dice".into(),
                 series(history, |r| r.train_dice),
