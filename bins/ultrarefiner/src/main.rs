@@ -7,7 +7,9 @@ mod augment;
 mod bench;
 mod common;
 mod convert;
+mod evaluate;
 mod fetch;
+mod infer;
 mod prepare;
 
 #[derive(Parser)]
@@ -33,6 +35,10 @@ enum Command {
     Convert(convert::Args),
     /// Download (or take from the local cache / a file) and convert pretrained weights (SPEC §13.6).
     Fetch(fetch::Args),
+    /// Coarse vs refined per-image metrics on a processed split, result files, plots, overlays (SPEC §13.1).
+    Evaluate(evaluate::Args),
+    /// Segment images without ground truth: masks at the original size, overlays, predictions.csv (SPEC §13.2).
+    Infer(infer::Args),
     /// Time a named workload and print one JSON line (SPEC §13.7).
     Bench(bench::Args),
 }
@@ -45,6 +51,8 @@ fn main() {
         Command::Augment(a) => augment::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Fetch(a) => fetch::run(a),
+        Command::Evaluate(a) => evaluate::run(a),
+        Command::Infer(a) => infer::run(a),
         Command::Bench(a) => bench::run(a),
     };
     if let Err(e) = result {
