@@ -22,4 +22,12 @@ step "failure simulation for Phase 2 (480 samples)"
 step "Phase 1: TransUNet, fold 0"
 "$BIN/phase1" --config "$CONFIG" --data-root "$DEMO_DIR/processed" --dataset PHANTOM --fold 0 \
   --output-dir "$DEMO_DIR/checkpoints/transunet" --resume auto --device cpu
+step "evaluate on the phantom test split"
+# Until the Phase 2/3 trainers land the demo evaluates the coarse (Phase 1) path alone; the last line reads
+# `demo: coarse Dice 0.xxxx, refined Dice n/a`.
+"$UR" evaluate --config "$CONFIG" --data-root "$DEMO_DIR/processed" --datasets PHANTOM --split test \
+  --transunet-checkpoint "$DEMO_DIR/checkpoints/transunet/PHANTOM/fold_0/best.safetensors" --transunet-only \
+  --output-dir "$DEMO_DIR/results" --visualize --device cpu | tee "$DEMO_DIR/evaluate.log"
+echo "pictures: $DEMO_DIR/results/summary.png, $DEMO_DIR/results/PHANTOM/visualizations/, $DEMO_DIR/checkpoints/transunet/PHANTOM/fold_0/progress.png"
 echo "demo finished in $(( $(date +%s) - start )) s"
+tail -n 1 "$DEMO_DIR/evaluate.log" | grep '^demo:' || true
