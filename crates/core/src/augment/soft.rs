@@ -6,7 +6,7 @@
 //!   the bounding box of `m` grown by the radius);
 //! * `none`: `m` itself.
 //! The stored mask is `bilinear(ac=false)(soft → S×S)`, computed bit-identically to resizing the full plane.
-use super::edt::sdf;
+use super::edt::{squared_distance_to_sites, SDF_CLAMP};
 use super::sim::{bounding_box, Rect, SourceContext};
 
 /// `--soft` (SPEC §8.7).
@@ -104,12 +104,30 @@ pub fn soft_mask(ctx: &SourceContext, m: &[bool], kind: SoftKind, temperature: f
             let margin = (SIGMOID_CUTOFF_T * t).ceil() as usize + 1;
             let reg = bb.expand(margin, ctx.h, ctx.w);
             let mr: Vec<bool> = (0..reg.len()).map(|p| m_at(reg.y0 + p / reg.w, reg.x0 + p % reg.w)).collect();
-            let phi = sdf(&mr, reg.h, reg.w, (1.0, 1.0));
+            // SDF of m (SPEC §8.1): distances to the nearest foreground pixel over the region, and to the nearest
+            // background pixel over bbox(m) grown by 1 (exact: the ring around the box is background).
+            let d_out = squared_distance_to_sites(&mr, reg.h, reg.w, (1.0, 1.0));
+            let ib = bb.expand(1, ctx.h, ctx.w);
+            let not_m: Vec<bool> = (0..ib.len()).map(|p| !m_at(ib.y0 + p / ib.w, ib.x0 + p % ib.w)).collect();
+            let any_bg = not_m.iter().any(|&b| b);
+            let d_in = squared_distance_to_sites(&not_m, ib.h, ib.w, (1.0, 1.0));
             let cut = SIGMOID_CUTOFF_T * t;
-            let vals = phi
-                .iter()
-                .map(|&f| if f > cut { 0.0 } else { (1.0 / (1.0 + (f / t).exp())) as f32 })
-                .collect();
+            let mut vals = vec![0f32; reg.len()];
+            for (p, v) in vals.iter_mut().enumerate() {
+                let (i, j) = (reg.y0 + p / reg.w, reg.x0 + p % reg.w);
+                let f = if mr[p] {
+                    if any_bg {
+                        -(d_in[(i - ib.y0) * ib.w + (j - ib.x0)].sqrt() - 0.5)
+                    } else {
+                        -SDF_CLAMP
+                    }
+                } else {
+                    d_out[p].sqrt() - 0.5
+                };
+                if f <= cut {
+                    *v = (1.0 / (1.0 + (f / t).exp())) as f32;
+                }
+            }
             (reg, vals)
         }
         SoftKind::Blur => {
