@@ -13,7 +13,7 @@ DEVICE       ?= cpu
 CUDA_COMPUTE_CAP ?= 90
 BENCH_OUT    ?= bench-results
 
-.PHONY: build build-cuda test lint fmt bench demo clean
+.PHONY: build build-cuda test lint fmt bench demo clean submit
 
 build:
 	$(CARGO) build --release --workspace --bins
@@ -41,3 +41,8 @@ bench: build
 
 clean:
 	$(CARGO) clean
+
+# Slurm job arrays (SPEC §14): `make submit DRY_RUN=1 SUBMIT_ARGS="--phases 0,1,2,3 --parallel-p2"`.
+# No dependency on `build`: a login node may not be able to build with CUDA.
+submit:
+	slurm/submit.sh $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(SUBMIT_ARGS)

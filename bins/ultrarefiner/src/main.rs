@@ -1,24 +1,53 @@
-//! `ultrarefiner`: the project's tool binary (SPEC §1.1). One module per subcommand; the library does the work.
+//! `ultrarefiner`: the tool binary (prepare, augment, evaluate, infer, convert, fetch, bench).
+//!
+//! Each subcommand lives in its own module with an `Args` struct and a `run` function that calls the library.
 use clap::{Parser, Subcommand};
 
 mod augment;
+mod bench;
+mod common;
+mod convert;
+mod fetch;
+mod prepare;
 
-#[derive(Parser, Debug)]
-#[command(name = "ultrarefiner", version, about = "UltraRefiner tools: data preparation, augmentation, evaluation")]
+#[derive(Parser)]
+#[command(
+    name = "ultrarefiner",
+    version,
+    about = "UltraRefiner tools: data preparation, failure simulation, evaluation, inference, weights and benchmarks",
+    long_about = "UltraRefiner tools.\n\nTypical order: `prepare phantom|datasets` → `prepare verify` → `augment synthetic` → \
+                  phase1 / phase2 / phase3 (separate binaries) → `evaluate` / `infer`.\nEvery subcommand has its own --help."
+)]
 struct Cli {
     #[command(subcommand)]
-    cmd: Cmd,
+    command: Command,
 }
 
-#[derive(Subcommand, Debug)]
-enum Cmd {
+#[derive(Subcommand)]
+enum Command {
+    /// Dataset preparation: `datasets` (raw → processed + splits), `verify`, `phantom` (SPEC §3.11, §4).
+    Prepare(prepare::Args),
     /// Phase 2 training data: simulated coarse-mask failures (`augment synthetic`, SPEC §8).
     Augment(augment::Args),
+    /// Convert pretrained/original weights to canonical safetensors (SPEC §13.5).
+    Convert(convert::Args),
+    /// Download (or take from the local cache / a file) and convert pretrained weights (SPEC §13.6).
+    Fetch(fetch::Args),
+    /// Time a named workload and print one JSON line (SPEC §13.7).
+    Bench(bench::Args),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    common::init_tracing();
     let cli = Cli::parse();
-    match cli.cmd {
-        Cmd::Augment(a) => augment::run(a),
+    let result = match cli.command {
+        Command::Prepare(a) => prepare::run(a),
+        Command::Augment(a) => augment::run(a),
+        Command::Convert(a) => convert::run(a),
+        Command::Fetch(a) => fetch::run(a),
+        Command::Bench(a) => bench::run(a),
+    };
+    if let Err(e) = result {
+        common::exit_with(e);
     }
 }

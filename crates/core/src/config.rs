@@ -281,31 +281,31 @@ impl Config {
     /// Geometry constraints that, if broken, would only surface deep inside a forward pass.
     pub fn validate(&self) -> std::result::Result<(), String> {
         let t = &self.model.transunet;
-        if t.img_size == 0 || t.img_size % 16 != 0 {
+        if t.img_size == 0 || !t.img_size.is_multiple_of(16) {
             return Err(format!(
                 "model.transunet.img_size must be a positive multiple of 16, got {}",
                 t.img_size
             ));
         }
-        if t.num_heads == 0 || t.hidden_size % t.num_heads != 0 {
+        if t.num_heads == 0 || !t.hidden_size.is_multiple_of(t.num_heads) {
             return Err("model.transunet.hidden_size must be divisible by num_heads".into());
         }
-        if t.gn_groups == 0 || t.resnet_width % t.gn_groups != 0 {
+        if t.gn_groups == 0 || !t.resnet_width.is_multiple_of(t.gn_groups) {
             return Err("model.transunet.resnet_width must be divisible by gn_groups".into());
         }
         if t.n_skip > 3 {
             return Err("model.transunet.n_skip must be at most 3".into());
         }
         let s = &self.model.sam;
-        if s.patch_size == 0 || s.img_size % s.patch_size != 0 {
+        if s.patch_size == 0 || !s.img_size.is_multiple_of(s.patch_size) {
             return Err("model.sam.img_size must be a multiple of patch_size".into());
         }
-        if s.encoder_num_heads == 0 || s.encoder_embed_dim % s.encoder_num_heads != 0 {
+        if s.encoder_num_heads == 0 || !s.encoder_embed_dim.is_multiple_of(s.encoder_num_heads) {
             return Err(
                 "model.sam.encoder_embed_dim must be divisible by encoder_num_heads".into(),
             );
         }
-        if s.decoder_num_heads == 0 || s.prompt_embed_dim % s.decoder_num_heads != 0 {
+        if s.decoder_num_heads == 0 || !s.prompt_embed_dim.is_multiple_of(s.decoder_num_heads) {
             return Err("model.sam.prompt_embed_dim must be divisible by decoder_num_heads".into());
         }
         if let Some(&i) = s

@@ -67,7 +67,7 @@ pub fn assert_close(name: &str, got: &Tensor, want: &Tensor, atol: f64, rtol: f6
     let mut worst = (0usize, 0.0f64);
     for (i, (a, b)) in g.iter().zip(&w).enumerate() {
         let d = (a - b).abs();
-        if !(d <= worst.1) || d.is_nan() {
+        if d.is_nan() || d > worst.1 {
             worst = (i, if d.is_nan() { f64::INFINITY } else { d });
         }
     }

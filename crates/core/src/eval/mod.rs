@@ -1,1 +1,3 @@
 //! See SPEC; filled in by its issue.
+
+pub mod metrics;

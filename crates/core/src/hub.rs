@@ -1,1 +1,0 @@
-//! Weight registry and sources (SPEC §13.6).

@@ -1,0 +1,190 @@
+//! LoRA adapters on the image-encoder linears (SPEC §6.8).
+//!
+//! `y = W x + b + (α/r)·B(A(dropout(x)))`, `A (r,in)` kaiming-uniform `U(−1/√in, 1/√in)`, `B (out,r)` zeros; `W`, `b`
+//! frozen plain tensors, `A`, `B` trainable (keys `<linear>.lora_a`, `<linear>.lora_b`).
+use super::ops::{torch_uniform, Linear};
+use crate::{Error, Result};
+use candle_core::Tensor;
+use candle_nn::{Init, VarBuilder};
+use rand::Rng;
+
+/// Which encoder linears get an adapter (`--lora-targets`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LoraTarget {
+    /// `attn.qkv`
+    Qkv,
+    /// `attn.proj`
+    Proj,
+    /// `mlp.lin1` and `mlp.lin2`
+    Mlp,
+}
+
+impl LoraTarget {
+    /// Parses `qkv`, `proj` or `mlp`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim() {
+            "qkv" => Ok(Self::Qkv),
+            "proj" => Ok(Self::Proj),
+            "mlp" => Ok(Self::Mlp),
+            o => Err(Error::Arg(format!(
+                "unknown LoRA target `{o}` (expected qkv, proj or mlp)"
+            ))),
+        }
+    }
+    /// Parses a comma-separated list, e.g. `qkv,proj`.
+    pub fn parse_list(s: &str) -> Result<Vec<Self>> {
+        s.split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(Self::parse)
+            .collect()
+    }
+}
+
+/// LoRA hyper-parameters (defaults r = 4, α = 4, dropout 0, targets `qkv`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub targets: Vec<LoraTarget>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: 4,
+            alpha: 4.0,
+            dropout: 0.0,
+            targets: vec![LoraTarget::Qkv],
+        }
+    }
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+    pub fn has(&self, t: LoraTarget) -> bool {
+        self.targets.contains(&t)
+    }
+    pub fn validate(&self) -> Result<()> {
+        if self.rank == 0 {
+            return Err(Error::Arg("LoRA rank must be >= 1".into()));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::Arg(format!(
+                "LoRA dropout must be in [0,1), got {}",
+                self.dropout
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A low-rank adapter `(A, B, scale, dropout)`.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+    pub dropout: f64,
+}
+
+impl LoraAdapter {
+    /// Creates (or reads, when the builder's backend holds them) `lora_a (r,in)` and `lora_b (out,r)`.
+    pub fn new(in_dim: usize, out_dim: usize, cfg: &LoraConfig, vb: VarBuilder) -> Result<Self> {
+        let a = vb.get_with_hints((cfg.rank, in_dim), "lora_a", torch_uniform(in_dim))?;
+        let b = vb.get_with_hints((out_dim, cfg.rank), "lora_b", Init::Const(0.0))?;
+        Ok(Self {
+            a,
+            b,
+            scale: cfg.scale(),
+            dropout: cfg.dropout,
+        })
+    }
+
+    /// `(α/r)·B(A(dropout(x)))` for `x (..., in)`. `dropout_seed`: `Some(seed)` in training (mask drawn from the
+    /// project RNG stream `"dropout"`), `None` in evaluation.
+    pub fn delta(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        let x = match dropout_seed {
+            Some(seed) if self.dropout > 0.0 => {
+                let n = x.elem_count();
+                let mut rng = crate::rng::stream_rng(seed, "dropout", &[n as u64]);
+                let keep = 1.0 - self.dropout;
+                let mask: Vec<f32> = (0..n)
+                    .map(|_| {
+                        if rng.gen::<f64>() < keep {
+                            (1.0 / keep) as f32
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let m = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+                (x * m)?
+            }
+            _ => x.clone(),
+        };
+        let dims = x.dims().to_vec();
+        let cin = dims[dims.len() - 1];
+        let lead: usize = dims[..dims.len() - 1].iter().product();
+        let h = x.reshape((lead, cin))?.matmul(&self.a.t()?)?;
+        let y = h.matmul(&self.b.t()?)?;
+        let mut out = dims;
+        *out.last_mut().expect("rank>0") = self.b.dim(0)?;
+        Ok((y.reshape(out)? * self.scale)?)
+    }
+
+    /// `(α/r)·B·A` (the merge increment of `W`).
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        Ok((self.b.matmul(&self.a)? * self.scale)?)
+    }
+}
+
+/// A frozen linear with an optional adapter.
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    pub base: Linear,
+    pub lora: Option<LoraAdapter>,
+}
+
+impl LoraLinear {
+    pub fn new(
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        vb_frozen: VarBuilder,
+        lora: Option<(&LoraConfig, VarBuilder)>,
+    ) -> Result<Self> {
+        let base = Linear::new(in_dim, out_dim, bias, vb_frozen)?;
+        let lora = match lora {
+            Some((cfg, vb)) => Some(LoraAdapter::new(in_dim, out_dim, cfg, vb)?),
+            None => None,
+        };
+        Ok(Self { base, lora })
+    }
+
+    pub fn forward(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        let y = self.base.forward(x)?;
+        match &self.lora {
+            Some(l) => {
+                let d = l.delta(x, dropout_seed)?;
+                let d = d.to_dtype(y.dtype())?;
+                Ok((y + d)?)
+            }
+            None => Ok(y),
+        }
+    }
+
+    /// Folds the adapter into the weight: `W' = W + (α/r)·B·A`; the adapter is removed.
+    pub fn merge(&mut self) -> Result<()> {
+        if let Some(l) = self.lora.take() {
+            let dw = l
+                .delta_weight()?
+                .detach()
+                .to_dtype(self.base.weight.dtype())?;
+            self.base.weight = (self.base.weight.detach() + dw)?;
+        }
+        Ok(())
+    }
+}

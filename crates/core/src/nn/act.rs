@@ -1,0 +1,33 @@
+//! Activations with backward rules that are correct in candle 0.11.1 (SPEC §16.1).
+use crate::Result;
+use candle_core::Tensor;
+
+/// Exact (erf) GELU, `x·Φ(x)`. `.gelu()` is the tanh approximation and is never used (SPEC §16.1).
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    Ok(x.gelu_erf()?)
+}
+
+/// Numerically stable softmax along `dim`, built from differentiable primitives.
+///
+/// `softmax_last_dim` has no backward (silently detaches), hence this. The max is detached: softmax is invariant to
+/// the shift, so its gradient contribution is exactly zero and recording it would only cost memory.
+pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    let max = x.max_keepdim(dim)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(dim)?;
+    Ok(e.broadcast_div(&s)?)
+}
+
+/// Numerically stable log-softmax along `dim` (cross-entropy, SPEC §9.1): `x − m − log Σ exp(x − m)` with the
+/// detached max `m`.
+pub fn log_softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    let max = x.max_keepdim(dim)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(dim)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// `σ(x) = 1/(1+e^−x)` via candle's sigmoid op, whose backward (`σ(1−σ)`) is registered and checked in the tests.
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::sigmoid(x)?)
+}

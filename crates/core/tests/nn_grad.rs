@@ -1,0 +1,448 @@
+//! Central finite-difference checks (f64, CPU) of every `ultrarefiner::nn` op on a gradient path (SPEC §16.5),
+//! plus stability checks of the BCE. The loss is `Σ f(inputs) ⊙ R` with a fixed random `R`, so every output element
+//! contributes with a distinct weight.
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarBuilder;
+use rand::Rng;
+use std::collections::HashMap;
+use ultrarefiner::nn;
+use ultrarefiner::rng::stream_rng;
+
+type Res<T> = ultrarefiner::Result<T>;
+
+/// Random f64 tensor in `[lo, hi)` from the project RNG.
+fn rand_t(shape: &[usize], lo: f64, hi: f64, seed: u64) -> Tensor {
+    let mut rng = stream_rng(seed, "test", &[]);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.gen_range(lo..hi)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn to_vec(t: &Tensor) -> Vec<f64> {
+    t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+}
+
+/// Checks d(Σ f(x)·R)/dx for every input against central differences with step `h`: max abs error ≤
+/// `rtol · max|numeric|` (+ a tiny absolute floor for all-zero gradients). At most `max_elems` elements per input
+/// are probed (evenly spaced) to keep the test fast.
+fn fd_check<F>(name: &str, inputs: &[Tensor], f: F, rtol: f64, max_elems: usize)
+where
+    F: Fn(&[Tensor]) -> Res<Tensor>,
+{
+    let h = 1e-6;
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let tracked: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = f(&tracked).unwrap();
+    let r = rand_t(out.dims(), -1.0, 1.0, 977);
+    let loss = (&out * &r).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let eval = |xs: &[Tensor]| -> f64 {
+        let o = f(xs).unwrap();
+        (&o * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    for (k, v) in vars.iter().enumerate() {
+        let analytic = match grads.get(v.as_tensor()) {
+            Some(g) => to_vec(g),
+            None => panic!("{name}: input {k} received no gradient"),
+        };
+        let base = to_vec(&inputs[k]);
+        let n = base.len();
+        let step = n.div_ceil(max_elems).max(1);
+        let mut max_num = 0.0f64;
+        let mut worst = (0usize, 0.0f64, 0.0f64, 0.0f64);
+        for j in (0..n).step_by(step) {
+            let mut plus = base.clone();
+            plus[j] += h;
+            let mut minus = base.clone();
+            minus[j] -= h;
+            let with = |vals: Vec<f64>| -> Vec<Tensor> {
+                let mut xs = inputs.to_vec();
+                xs[k] = Tensor::from_vec(vals, inputs[k].dims(), &Device::Cpu).unwrap();
+                xs
+            };
+            let num = (eval(&with(plus)) - eval(&with(minus))) / (2.0 * h);
+            max_num = max_num.max(num.abs());
+            let d = (num - analytic[j]).abs();
+            if d > worst.1 {
+                worst = (j, d, analytic[j], num);
+            }
+        }
+        let tol = rtol * max_num + 1e-9;
+        assert!(
+            worst.1 <= tol,
+            "{name}: input {k}: |analytic − numeric| {:.3e} > {:.3e} at {} (analytic {}, numeric {})",
+            worst.1,
+            tol,
+            worst.0,
+            worst.2,
+            worst.3
+        );
+        assert!(
+            max_num > 0.0,
+            "{name}: input {k}: numeric gradient is identically zero"
+        );
+    }
+}
+
+const RTOL: f64 = 1e-6;
+
+#[test]
+fn fd_layer_norm() {
+    let x = rand_t(&[2, 3, 6], -2.0, 2.0, 1);
+    let w = rand_t(&[6], 0.5, 1.5, 2);
+    let b = rand_t(&[6], -0.5, 0.5, 3);
+    fd_check(
+        "LayerNorm",
+        &[x, w, b],
+        |t| nn::LayerNorm::from_tensors(t[1].clone(), t[2].clone(), 1e-6).forward(&t[0]),
+        RTOL,
+        200,
+    );
+}
+
+#[test]
+fn fd_layer_norm_2d() {
+    let x = rand_t(&[2, 4, 3, 5], -2.0, 2.0, 4);
+    let w = rand_t(&[4], 0.5, 1.5, 5);
+    let b = rand_t(&[4], -0.5, 0.5, 6);
+    fd_check(
+        "LayerNorm2d",
+        &[x, w, b],
+        |t| nn::LayerNorm2d::from_tensors(t[1].clone(), t[2].clone(), 1e-6).forward(&t[0]),
+        RTOL,
+        200,
+    );
+}
+
+#[test]
+fn layer_norm_fast_matches_differentiable() {
+    let x = rand_t(&[2, 4, 3, 5], -2.0, 2.0, 7)
+        .to_dtype(DType::F32)
+        .unwrap();
+    let w = rand_t(&[4], 0.5, 1.5, 8).to_dtype(DType::F32).unwrap();
+    let b = rand_t(&[4], -0.5, 0.5, 9).to_dtype(DType::F32).unwrap();
+    let ln2 = nn::LayerNorm2d::from_tensors(w.clone(), b.clone(), 1e-6);
+    ultrarefiner::testing::assert_close(
+        "LayerNorm2d fast",
+        &ln2.forward_fast(&x).unwrap(),
+        &ln2.forward(&x).unwrap(),
+        0.0,
+        1e-5,
+    );
+    let xl = x.permute((0, 2, 3, 1)).unwrap();
+    let ln = nn::LayerNorm::from_tensors(w, b, 1e-6);
+    ultrarefiner::testing::assert_close(
+        "LayerNorm fast",
+        &ln.forward_fast(&xl).unwrap(),
+        &ln.forward(&xl).unwrap(),
+        0.0,
+        1e-5,
+    );
+}
+
+#[test]
+fn fd_softmax() {
+    let x = rand_t(&[2, 3, 5], -3.0, 3.0, 10);
+    for dim in 0..3 {
+        fd_check(
+            &format!("softmax dim {dim}"),
+            std::slice::from_ref(&x),
+            |t| nn::softmax(&t[0], dim),
+            RTOL,
+            200,
+        );
+    }
+    // Rows sum to one even for huge logits (max subtraction).
+    let big = (rand_t(&[3, 4], -1.0, 1.0, 11) * 1e3).unwrap();
+    let s = nn::softmax(&big, 1).unwrap().sum(1).unwrap();
+    for v in to_vec(&s) {
+        assert!((v - 1.0).abs() < 1e-12, "softmax row sum {v}");
+    }
+}
+
+#[test]
+fn fd_log_softmax_and_sigmoid() {
+    let x = rand_t(&[2, 3, 5], -3.0, 3.0, 35);
+    for dim in 0..3 {
+        fd_check(
+            &format!("log_softmax dim {dim}"),
+            std::slice::from_ref(&x),
+            |t| nn::log_softmax(&t[0], dim),
+            RTOL,
+            200,
+        );
+    }
+    // exp(log_softmax) == softmax
+    let a = nn::log_softmax(&x, 1).unwrap().exp().unwrap();
+    let b = nn::softmax(&x, 1).unwrap();
+    ultrarefiner::testing::assert_close("exp(log_softmax)", &a, &b, 1e-15, 0.0);
+    fd_check(
+        "sigmoid",
+        std::slice::from_ref(&x),
+        |t| nn::sigmoid(&t[0]),
+        RTOL,
+        200,
+    );
+}
+
+#[test]
+fn fd_resize_bilinear() {
+    let x = rand_t(&[1, 2, 5, 7], -1.0, 1.0, 12);
+    for &ac in &[false, true] {
+        for &(oh, ow) in &[(9, 4), (3, 11), (5, 7), (2, 3), (1, 1)] {
+            fd_check(
+                &format!("bilinear ac={ac} 5x7->{oh}x{ow}"),
+                std::slice::from_ref(&x),
+                |t| nn::resize_bilinear(&t[0], oh, ow, ac),
+                RTOL,
+                100,
+            );
+        }
+    }
+}
+
+#[test]
+fn fd_resize_nearest() {
+    let x = rand_t(&[1, 2, 5, 7], -1.0, 1.0, 13);
+    for &(oh, ow) in &[(9, 4), (3, 11), (10, 14)] {
+        fd_check(
+            &format!("nearest 5x7->{oh}x{ow}"),
+            std::slice::from_ref(&x),
+            |t| nn::resize_nearest(&t[0], oh, ow),
+            RTOL,
+            100,
+        );
+    }
+}
+
+#[test]
+fn fd_max_pool() {
+    // Distinct values (random), odd and even sizes: 9x8 -> 4x3.
+    let x = rand_t(&[2, 2, 9, 8], -1.0, 1.0, 14);
+    fd_check(
+        "max_pool_3x3_s2",
+        &[x],
+        |t| nn::max_pool_3x3_s2(&t[0]),
+        RTOL,
+        300,
+    );
+}
+
+#[test]
+fn max_pool_shape_and_values() {
+    let v: Vec<f64> = (0..7 * 7).map(|i| ((i * 37) % 50) as f64).collect();
+    let x = Tensor::from_vec(v.clone(), (1, 1, 7, 7), &Device::Cpu).unwrap();
+    let y = nn::max_pool_3x3_s2(&x).unwrap();
+    assert_eq!(y.dims(), &[1, 1, 3, 3]);
+    let yv = to_vec(&y);
+    for oi in 0..3 {
+        for oj in 0..3 {
+            let mut m = f64::MIN;
+            for di in 0..3 {
+                for dj in 0..3 {
+                    m = m.max(v[(2 * oi + di) * 7 + 2 * oj + dj]);
+                }
+            }
+            assert_eq!(yv[oi * 3 + oj], m);
+        }
+    }
+    // TransUNet root geometry: 112 -> 55.
+    let z = Tensor::zeros((1, 1, 112, 112), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(nn::max_pool_3x3_s2(&z).unwrap().dims(), &[1, 1, 55, 55]);
+}
+
+#[test]
+fn fd_std_conv2d() {
+    let x = rand_t(&[2, 3, 6, 6], -1.0, 1.0, 15);
+    let w = rand_t(&[4, 3, 3, 3], -1.0, 1.0, 16);
+    let b = rand_t(&[4], -0.5, 0.5, 17);
+    for &(stride, pad) in &[(1, 1), (2, 1)] {
+        fd_check(
+            &format!("StdConv2d s{stride} p{pad}"),
+            &[x.clone(), w.clone(), b.clone()],
+            |t| {
+                nn::StdConv2d::from_tensors(t[1].clone(), Some(t[2].clone()), stride, pad)
+                    .forward(&t[0])
+            },
+            RTOL,
+            120,
+        );
+    }
+}
+
+#[test]
+fn std_conv2d_standardises_per_output_channel() {
+    let w = rand_t(&[4, 3, 3, 3], -1.0, 2.0, 18);
+    let sw = nn::StdConv2d::from_tensors(w, None, 1, 0)
+        .standardised_weight()
+        .unwrap();
+    let flat = sw.reshape((4, 27)).unwrap();
+    for row in flat.to_vec2::<f64>().unwrap() {
+        let m = row.iter().sum::<f64>() / 27.0;
+        let v = row.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / 27.0;
+        assert!(m.abs() < 1e-12, "mean {m}");
+        // var(ŵ) = var/(var + 1e-5) < 1
+        assert!(v < 1.0 && v > 0.999, "var {v}");
+    }
+}
+
+#[test]
+fn fd_group_norm() {
+    let x = rand_t(&[2, 6, 3, 4], -2.0, 2.0, 19);
+    let w = rand_t(&[6], 0.5, 1.5, 20);
+    let b = rand_t(&[6], -0.5, 0.5, 21);
+    for &(groups, eps) in &[(3, 1e-6), (6, 1e-5), (1, 1e-6)] {
+        fd_check(
+            &format!("GroupNorm g{groups}"),
+            &[x.clone(), w.clone(), b.clone()],
+            |t| nn::GroupNorm::from_tensors(groups, t[1].clone(), t[2].clone(), eps).forward(&t[0]),
+            RTOL,
+            150,
+        );
+    }
+}
+
+fn bn_from(w: &Tensor, b: &Tensor) -> nn::BatchNorm2d {
+    let mut m = HashMap::new();
+    m.insert("weight".to_string(), w.clone());
+    m.insert("bias".to_string(), b.clone());
+    let vb = VarBuilder::from_tensors(m, DType::F64, &Device::Cpu);
+    nn::BatchNorm2d::new(w.dim(0).unwrap(), 1e-5, 0.1, vb).unwrap()
+}
+
+#[test]
+fn fd_batch_norm_train() {
+    let x = rand_t(&[3, 4, 3, 2], -2.0, 2.0, 22);
+    let w = rand_t(&[4], 0.5, 1.5, 23);
+    let b = rand_t(&[4], -0.5, 0.5, 24);
+    fd_check(
+        "BatchNorm2d train",
+        &[x, w, b],
+        |t| bn_from(&t[1], &t[2]).forward_t(&t[0], true),
+        RTOL,
+        150,
+    );
+}
+
+#[test]
+fn fd_batch_norm_eval() {
+    let x = rand_t(&[2, 4, 3, 2], -2.0, 2.0, 25);
+    let w = rand_t(&[4], 0.5, 1.5, 26);
+    let b = rand_t(&[4], -0.5, 0.5, 27);
+    fd_check(
+        "BatchNorm2d eval",
+        &[x, w, b],
+        |t| bn_from(&t[1], &t[2]).forward_t(&t[0], false),
+        RTOL,
+        150,
+    );
+}
+
+#[test]
+fn fd_bce_with_logits() {
+    let z = rand_t(&[3, 7], -8.0, 8.0, 28);
+    let y = rand_t(&[3, 7], 0.0, 1.0, 29);
+    fd_check(
+        "bce_with_logits",
+        &[z, y],
+        |t| nn::bce_with_logits(&t[0], &t[1]),
+        RTOL,
+        100,
+    );
+}
+
+#[test]
+fn bce_is_finite_at_extreme_logits() {
+    for dt in [DType::F32, DType::F64] {
+        let z = Var::from_tensor(
+            &Tensor::new(&[-100.0f64, 100.0, -100.0, 100.0, 0.0], &Device::Cpu)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap(),
+        )
+        .unwrap();
+        let y = Tensor::new(&[0.0f64, 1.0, 1.0, 0.0, 1.0], &Device::Cpu)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap();
+        let l = nn::bce_with_logits(z.as_tensor(), &y).unwrap();
+        let lv = to_vec(&l.to_dtype(DType::F64).unwrap());
+        let want = [0.0, 0.0, 100.0, 100.0, std::f64::consts::LN_2];
+        for (a, b) in lv.iter().zip(want) {
+            assert!(
+                a.is_finite() && (a - b).abs() < 1e-5,
+                "{dt:?}: loss {a} vs {b}"
+            );
+        }
+        let g = l.sum_all().unwrap().backward().unwrap();
+        let gv = to_vec(&g.get(z.as_tensor()).unwrap().to_dtype(DType::F64).unwrap());
+        // d/dz = σ(z) − y
+        let want_g = [0.0, 0.0, -1.0, 1.0, -0.5];
+        for (a, b) in gv.iter().zip(want_g) {
+            assert!(
+                a.is_finite() && (a - b).abs() < 1e-6,
+                "{dt:?}: grad {a} vs {b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn fd_gelu() {
+    let x = rand_t(&[11], -4.0, 4.0, 30);
+    fd_check("gelu", &[x], |t| nn::gelu(&t[0]), RTOL, 20);
+}
+
+#[test]
+fn fd_conv2d_strided_and_transpose() {
+    // SAM mask_downscaling (conv k2 s2) and output upscaling (conv-transpose k2 s2) rely on candle's backward.
+    let x = rand_t(&[2, 3, 4, 4], -1.0, 1.0, 31);
+    let w = rand_t(&[5, 3, 2, 2], -1.0, 1.0, 32);
+    fd_check(
+        "conv2d k2 s2",
+        &[x.clone(), w],
+        |t| Ok(t[0].conv2d(&t[1], 0, 2, 1, 1)?),
+        RTOL,
+        100,
+    );
+    // Non-square strided input whose H and W agree modulo the stride (what `check_strided_input` admits).
+    let xr = rand_t(&[1, 2, 6, 8], -1.0, 1.0, 36);
+    let w3 = rand_t(&[3, 2, 3, 3], -1.0, 1.0, 37);
+    fd_check(
+        "StdConv2d s2 6x8",
+        &[xr, w3],
+        |t| nn::StdConv2d::from_tensors(t[1].clone(), None, 2, 1).forward(&t[0]),
+        RTOL,
+        100,
+    );
+    let wt = rand_t(&[3, 5, 2, 2], -1.0, 1.0, 33);
+    fd_check(
+        "conv_transpose2d k2 s2",
+        &[x, wt],
+        |t| Ok(t[0].conv_transpose2d(&t[1], 0, 0, 2, 1)?),
+        RTOL,
+        100,
+    );
+}
+
+/// The harness itself must catch a wrong backward rule: candle's `max_pool2d` backward is wrong (SPEC §16.1).
+#[test]
+#[should_panic(expected = "analytic")]
+fn fd_harness_detects_wrong_backward() {
+    let x = rand_t(&[1, 1, 4, 4], -1.0, 1.0, 34);
+    fd_check(
+        "candle max_pool2d",
+        &[x],
+        |t| Ok(t[0].max_pool2d(2)?),
+        RTOL,
+        16,
+    );
+}
