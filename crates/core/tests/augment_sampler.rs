@@ -339,8 +339,29 @@ fn run_synthetic_writes_the_documented_layout() {
 #[test]
 #[ignore = "measurement, not a check: run with --ignored --nocapture"]
 fn throughput_report() {
+    // Process CPU time (Linux /proc), so the estimate survives a machine shared with other jobs.
+    fn cpu_seconds() -> f64 {
+        let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let f: Vec<&str> = s.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        (t(11) + t(12)) / 100.0
+    }
+    let n = 300;
+    let _ = ultrarefiner::augment::synthetic_sources(16, 480, 560, 7); // setup cost, measured below
     for threads in [1, 2] {
-        let sps = ultrarefiner::augment::bench_throughput(300, threads).unwrap();
-        eprintln!("augment-throughput: {sps:.1} samples/s on {threads} thread(s)");
+        let c0 = cpu_seconds();
+        let t0 = std::time::Instant::now();
+        let _ = ultrarefiner::augment::synthetic_sources(16, 480, 560, 7);
+        let setup_cpu = cpu_seconds() - c0;
+        let setup_wall = t0.elapsed().as_secs_f64();
+        let c1 = cpu_seconds();
+        let sps = ultrarefiner::augment::bench_throughput(n, threads).unwrap();
+        let cpu = cpu_seconds() - c1 - setup_cpu;
+        eprintln!(
+            "augment-throughput: {sps:.1} samples/s wall on {threads} thread(s) (setup {setup_wall:.2} s excluded); \
+             {:.2} CPU-ms/sample => {:.0} samples/s per busy core",
+            1e3 * cpu / n as f64,
+            n as f64 / cpu
+        );
     }
 }

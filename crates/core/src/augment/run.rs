@@ -557,8 +557,12 @@ pub fn run_synthetic(opts: &SyntheticOptions) -> Result<RunReport> {
             })
             .collect()
     });
-    // Chunks of consecutive shards still to generate (bounded memory: about 2048 samples per chunk).
-    let per_chunk = (2048 / opts.shard_size).max(1);
+    // Chunks of consecutive shards still to generate. A chunk should give every source several samples (its GT
+    // context is computed once per chunk) while its stored masks stay within about 2 GiB.
+    let bytes_per_sample = 4 * opts.sim.store_size * opts.sim.store_size;
+    let cap = ((2usize << 30) / bytes_per_sample.max(1)).max(opts.shard_size);
+    let want = (8 * n_src).clamp(2048, cap.max(2048));
+    let per_chunk = (want.min(cap) / opts.shard_size).max(1);
     let mut k = 0;
     while k < todo.len() {
         let mut chunk = vec![todo[k]];

@@ -341,8 +341,9 @@ impl SourceContext {
                 boundary.push(p as u32);
             }
         }
-        fg_sorted.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        bg_sorted.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        // Keys are unique (pixel index tie-break), so an unstable sort is deterministic.
+        fg_sorted.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        bg_sorted.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         let ny = nearest_taps(h, store);
         let nx = nearest_taps(w, store);
         let mut gt_s = vec![0u8; store * store];

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Number of Dice histogram bins over `[0, 1]`.
-pub const HIST_BINS: usize = 50;
+pub const HIST_BINS: usize = 100;
 
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BinCounts {
