@@ -13,6 +13,7 @@ pub mod history;
 pub mod losses;
 pub mod metrics;
 pub mod optim;
+pub mod phase2;
 pub mod plot;
 pub mod progress;
 pub mod rundir;
