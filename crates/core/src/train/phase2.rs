@@ -576,8 +576,8 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
                 tracker.add(&k, v);
             }
             let m = PooledMetrics::from_batch(&st.refined_prob, &st.gt)?;
-            tracker.add("dice", m.dice);
-            tracker.add("iou", m.iou);
+            tracker.add("metric_dice", m.dice);
+            tracker.add("metric_iou", m.iou);
             micro += 1;
             if micro == grad_accum {
                 if opts.grad_clip > 0.0 {
@@ -615,8 +615,8 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
             lr: Named(lr.clone()),
             train_loss: tracker.mean("loss"),
             components: Named(["bce", "dice", "iou", "change"].iter().filter_map(|k| tracker.mean(k).map(|v| (k.to_string(), v))).collect()),
-            train_dice: tracker.mean("dice"),
-            train_iou: tracker.mean("iou"),
+            train_dice: tracker.mean("metric_dice"),
+            train_iou: tracker.mean("metric_iou"),
             val_loss: Some(vs.loss),
             val_dice: Some(vs.refined.dice),
             val_iou: Some(vs.refined.iou),
@@ -641,8 +641,8 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
                     .iter()
                     .filter_map(|(l, k)| tracker.mean(k).map(|v| (l.to_string(), v)))
                     .collect(),
-                dice: tracker.mean("dice"),
-                iou: tracker.mean("iou"),
+                dice: tracker.mean("metric_dice"),
+                iou: tracker.mean("metric_iou"),
                 lrs: lr,
             },
             validation: Some(ValidationTable::Compare(vec![
