@@ -1,1 +1,167 @@
-fn main() {}
+//! `phase2`: fine-tune the SAM refiner (prompt encoder + mask decoder) on simulated TransUNet failures
+//! (SPEC §11.3). Thin wrapper over `ultrarefiner::train::phase2::run`.
+use clap::Parser;
+use std::path::PathBuf;
+use ultrarefiner::train::phase2::{run, Phase2Options, Phase2Status};
+use ultrarefiner::train::{StopFlag, EXIT_TEMPFAIL};
+
+/// Phase 2 — train the SAM refiner on the simulated failures of `ultrarefiner augment synthetic`.
+///
+/// The image encoder is frozen (each distinct source image is encoded once, through the embedding cache); the prompt
+/// encoder and mask decoder are trained with AdamW + per-epoch cosine on the loss BCE + Dice + IoU-prediction MSE +
+/// quality-weighted change penalty (SPEC §9.2). Validation uses held-out SOURCE images (every augmentation of a
+/// validation image is kept out of training) and prints Coarse | Refined | Δ.
+///
+/// Outputs in <output-dir>/<dataset>/: best/latest/final(.safetensors + .json, resumable), best_sam.safetensors
+/// (SAM-native, loads anywhere a SAM checkpoint does) + best_sam.json, metrics.csv, summary.json, progress.png, train.log.
+///
+/// Not available in this version (rejected rather than ignored): LoRA, ROI crop, curriculum, real-data mixing
+/// (Option B), on-disk embedding cache.
+///
+/// Example (CPU demo): phase2 --config tiny --dataset PHANTOM --sam-checkpoint random --transunet-img-size 96
+#[derive(Parser, Debug)]
+#[command(name = "phase2", version, about, long_about)]
+struct Args {
+    /// Root of the augmented data (the `--output-root` of `augment synthetic`).
+    #[arg(long, default_value = "./dataset/augmented")]
+    data_root: PathBuf,
+    /// Augmentation run name (sub-folder of --data-root), e.g. BUS_BUSBRA_BUSI_BUS_UC_BUS_UCLM or PHANTOM.
+    #[arg(long)]
+    dataset: String,
+    /// Processed dataset root (source images and ground truth).
+    #[arg(long, default_value = "./dataset/processed")]
+    processed_root: PathBuf,
+    /// SAM/MedSAM vit_b checkpoint (.pth/.pt/.bin/.safetensors), or `random` for deterministic random weights
+    /// (tests and demos only; the results are meaningless for real data).
+    #[arg(long)]
+    sam_checkpoint: String,
+    /// Preset (paper, narrow, tiny) or TOML file: SAM architecture and refiner defaults. Real SAM weights need `paper`.
+    #[arg(long, default_value = "paper")]
+    config: String,
+    /// Number of epochs [default: preset's phase2.max_epochs, 50 for paper].
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Batch size [default: preset's phase2.batch_size, 4 for paper].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// AdamW base learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// Cosine floor.
+    #[arg(long, default_value_t = 1e-6)]
+    min_lr: f64,
+    /// Mask prompt: direct | gaussian | distance [default: preset's refiner.mask_prompt_style].
+    #[arg(long)]
+    mask_prompt_style: Option<String>,
+    /// λ of the change penalty (good inputs are penalised for changing).
+    #[arg(long, default_value_t = 0.1)]
+    change_penalty_weight: f64,
+    /// Weight of the IoU-prediction MSE.
+    #[arg(long, default_value_t = 1.0)]
+    iou_loss_weight: f64,
+    /// Fraction of SOURCE images (per dataset) held out for validation.
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// TransUNet resolution S; must equal the manifest's store_size.
+    #[arg(long, default_value_t = 224)]
+    transunet_img_size: usize,
+    /// Cap on training samples (deterministic subset).
+    #[arg(long)]
+    max_samples: Option<usize>,
+    #[arg(long)]
+    no_point_prompt: bool,
+    #[arg(long)]
+    no_box_prompt: bool,
+    #[arg(long)]
+    no_mask_prompt: bool,
+    #[arg(long)]
+    no_negative_point: bool,
+    /// Image normalisation: auto (MedSAM weights → unit, else sam) | sam | unit.
+    #[arg(long, default_value = "auto")]
+    sam_normalization: String,
+    /// Gradient clipping by total L2 norm (0 disables).
+    #[arg(long, default_value_t = 0.0)]
+    grad_clip: f64,
+    /// Gradient accumulation (micro-batches per optimiser step).
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    #[arg(long, default_value = "./checkpoints/sam_finetuned")]
+    output_dir: PathBuf,
+    /// Write epoch_<e> checkpoints every N epochs (0 = never).
+    #[arg(long, default_value_t = 5)]
+    save_every: usize,
+    /// cpu | cuda | cuda:N [default: cuda:0 when built with CUDA and present, else cpu].
+    #[arg(long)]
+    device: Option<String>,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// `auto` (continue from latest, or report a complete run) or a checkpoint path.
+    #[arg(long)]
+    resume: Option<String>,
+    /// With --resume auto: retrain a complete run from scratch.
+    #[arg(long)]
+    force_retrain: bool,
+    /// Plain output (no colours, no progress bar).
+    #[arg(long)]
+    plain: bool,
+    /// ASCII-only output.
+    #[arg(long)]
+    ascii: bool,
+}
+
+fn main() {
+    let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).try_init();
+    let a = Args::parse();
+    let opts = Phase2Options {
+        data_root: a.data_root,
+        dataset: a.dataset,
+        processed_root: a.processed_root,
+        sam_checkpoint: a.sam_checkpoint,
+        config: a.config,
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        weight_decay: a.weight_decay,
+        min_lr: a.min_lr,
+        mask_prompt_style: a.mask_prompt_style,
+        change_penalty_weight: a.change_penalty_weight,
+        iou_loss_weight: a.iou_loss_weight,
+        val_fraction: a.val_fraction,
+        transunet_img_size: a.transunet_img_size,
+        max_samples: a.max_samples,
+        no_point_prompt: a.no_point_prompt,
+        no_box_prompt: a.no_box_prompt,
+        no_mask_prompt: a.no_mask_prompt,
+        no_negative_point: a.no_negative_point,
+        sam_normalization: a.sam_normalization,
+        grad_clip: a.grad_clip,
+        grad_accum: a.grad_accum,
+        output_dir: a.output_dir,
+        save_every: a.save_every,
+        device: a.device,
+        seed: a.seed,
+        resume: a.resume,
+        force_retrain: a.force_retrain,
+        plain: a.plain,
+        ascii: a.ascii,
+        quiet: false,
+        stop_after_epochs: None,
+    };
+    let stop = match StopFlag::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    match run(&opts, &stop) {
+        Ok(o) if o.status == Phase2Status::Interrupted => std::process::exit(EXIT_TEMPFAIL),
+        Ok(_) => {}
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -14,6 +14,7 @@ pub mod losses;
 pub mod metrics;
 pub mod optim;
 pub mod phase1;
+pub mod phase2;
 pub mod plot;
 pub mod progress;
 pub mod rundir;

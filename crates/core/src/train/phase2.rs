@@ -1,0 +1,737 @@
+//! Phase 2 trainer (SPEC §11.3): the SAM refiner (prompt encoder + mask decoder) trained on simulated TransUNet
+//! failures produced by `augment synthetic` (§8.9 layout), with the frozen image encoder behind the embedding cache
+//! (one encoder forward per distinct source image), the §9.2 loss, §10.5 validation on held-out *source images*, the
+//! §12 console report and the §11.1 run directory (checkpoints, `best_sam.safetensors`, metrics, exact resume).
+//!
+//! Entry point: [`run`] with [`Phase2Options`]. Not implemented (rejected, never silently ignored by the CLI): LoRA,
+//! ROI crop, curriculum, Option B real-data mixing, disk embedding cache.
+use crate::augment::run::SampleRecord;
+use crate::config::{Config, SamConfig};
+use crate::models::sam::weights::{load_sam_weights, random_weights, SamFormat, SamWeights};
+use crate::models::sam::{EmbeddingCache, Sam};
+use crate::refiner::preprocess::{preprocess, preprocess_phase2_batch};
+use crate::refiner::{MaskPromptStyle, SamRefiner, SamRefinerSettings};
+use crate::train::checkpoint::{atomic_write_json, load_checkpoint, save_checkpoint, Best, DataIdentity, Phase, RngState, Sidecar};
+use crate::train::console::{self, Console, EpochReport, RunHeader, Style, TrainReport, ValidationTable};
+use crate::train::history::{HistoryRow, Named};
+use crate::train::losses::{phase2_loss, Phase2LossConfig};
+use crate::train::metrics::{MeanTracker, Phase2Validation, PooledMetrics};
+use crate::train::optim::{AdamW, Grads, Optimizer, ParamGroup};
+use crate::train::rundir::{resolve_resume, Durations, ResumeDecision, RunDir, RunStatus, Summary, Versions, BEST, FINAL, LATEST};
+use crate::train::schedule::Schedule;
+use crate::train::signals::StopFlag;
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use rand::seq::SliceRandom;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Prefix of the SAM tensors in the full Phase 2 checkpoint (§11.1.4).
+pub const SAM_PREFIX: &str = "sam.";
+
+/// All options of the `phase2` binary (SPEC §11.3). `None` = preset / SPEC default.
+#[derive(Debug, Clone)]
+pub struct Phase2Options {
+    pub data_root: PathBuf,
+    pub dataset: String,
+    pub processed_root: PathBuf,
+    /// A §6.6 checkpoint path, or `random` (deterministic random weights from `--seed`; tests and demos only).
+    pub sam_checkpoint: String,
+    /// Preset name (`paper`, `narrow`, `tiny`) or TOML path; gives the SAM architecture and the refiner defaults.
+    pub config: String,
+    pub epochs: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub min_lr: f64,
+    pub mask_prompt_style: Option<String>,
+    pub change_penalty_weight: f64,
+    pub iou_loss_weight: f64,
+    pub val_fraction: f64,
+    pub transunet_img_size: usize,
+    pub max_samples: Option<usize>,
+    pub no_point_prompt: bool,
+    pub no_box_prompt: bool,
+    pub no_mask_prompt: bool,
+    pub no_negative_point: bool,
+    /// `auto|sam|unit` (§7.1).
+    pub sam_normalization: String,
+    pub grad_clip: f64,
+    pub grad_accum: usize,
+    pub output_dir: PathBuf,
+    pub save_every: usize,
+    pub device: Option<String>,
+    pub seed: u64,
+    pub resume: Option<String>,
+    pub force_retrain: bool,
+    pub plain: bool,
+    pub ascii: bool,
+    /// Do not print to stdout (train.log is still written). For tests.
+    pub quiet: bool,
+    /// Stop cleanly (as on SIGTERM) after this many epochs of this session. For tests of resume.
+    pub stop_after_epochs: Option<usize>,
+}
+
+impl Default for Phase2Options {
+    fn default() -> Self {
+        Phase2Options {
+            data_root: PathBuf::from("./dataset/augmented"),
+            dataset: String::new(),
+            processed_root: PathBuf::from("./dataset/processed"),
+            sam_checkpoint: String::new(),
+            config: "paper".into(),
+            epochs: None,
+            batch_size: None,
+            lr: 1e-4,
+            weight_decay: 0.01,
+            min_lr: 1e-6,
+            mask_prompt_style: None,
+            change_penalty_weight: 0.1,
+            iou_loss_weight: 1.0,
+            val_fraction: 0.1,
+            transunet_img_size: 224,
+            max_samples: None,
+            no_point_prompt: false,
+            no_box_prompt: false,
+            no_mask_prompt: false,
+            no_negative_point: false,
+            sam_normalization: "auto".into(),
+            grad_clip: 0.0,
+            grad_accum: 1,
+            output_dir: PathBuf::from("./checkpoints/sam_finetuned"),
+            save_every: 5,
+            device: None,
+            seed: 42,
+            resume: None,
+            force_retrain: false,
+            plain: false,
+            ascii: false,
+            quiet: false,
+            stop_after_epochs: None,
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase2Status {
+    Complete,
+    /// `--resume auto` found a complete run.
+    AlreadyComplete,
+    /// Stopped by a signal (or `stop_after_epochs`); the binary exits 75.
+    Interrupted,
+}
+
+/// Result of [`run`].
+#[derive(Debug, Clone)]
+pub struct Phase2Outcome {
+    pub status: Phase2Status,
+    pub run_dir: PathBuf,
+    pub history: Vec<HistoryRow>,
+    pub best: Best,
+    /// Image-encoder forwards (images encoded) in this session.
+    pub encoder_forwards: usize,
+    /// Distinct source images used (train + validation).
+    pub n_sources: usize,
+    pub n_train: usize,
+    pub n_val: usize,
+    /// `dataset/name` of training and validation sources.
+    pub train_sources: Vec<String>,
+    pub val_sources: Vec<String>,
+}
+
+/// The augmented data of one run, in memory.
+pub struct Phase2Data {
+    pub records: Vec<SampleRecord>,
+    /// Stored coarse mask per record (`S×S`, f32).
+    pub coarse: Vec<Vec<f32>>,
+    /// Index into `sources` per record.
+    pub source_of: Vec<usize>,
+    /// `(dataset, name)` of each distinct source, sorted.
+    pub sources: Vec<(String, String)>,
+    /// Image at S `(S·S)` and GT at S per source.
+    pub images: Vec<Vec<f32>>,
+    pub gts: Vec<Vec<f32>>,
+    pub store_size: usize,
+    pub manifest_sha256: String,
+}
+
+fn read_shard(path: &Path, s: usize) -> Result<(Vec<u32>, Vec<Vec<f32>>)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::file(path, format!("invalid shard: {e:?}")))?;
+    let idx = st.tensor("index").map_err(|e| Error::file(path, format!("shard has no `index` tensor: {e:?}")))?;
+    let index: Vec<u32> = idx.data().chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let c = st.tensor("coarse").map_err(|e| Error::file(path, format!("shard has no `coarse` tensor: {e:?}")))?;
+    let vals: Vec<f32> = match c.dtype() {
+        safetensors::Dtype::F32 => c.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        safetensors::Dtype::F16 => c.data().chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        d => return Err(Error::file(path, format!("`coarse` has dtype {d:?}, expected F32 or F16"))),
+    };
+    if c.shape().len() != 3 || c.shape()[1] != s || c.shape()[2] != s || c.shape()[0] != index.len() {
+        return Err(Error::file(path, format!("`coarse` shape {:?} does not match ({}, {s}, {s})", c.shape(), index.len())));
+    }
+    Ok((index, vals.chunks_exact(s * s).map(|x| x.to_vec()).collect()))
+}
+
+/// Reads `manifest.json`, `samples.csv` and the shards of `<data_root>/<dataset>`, verifies the sources against the
+/// processed data (SHA-256) and loads each source image and GT at S (§3.7; GT nearest).
+pub fn load_data(data_root: &Path, dataset: &str, processed_root: &Path, transunet_img_size: usize) -> Result<Phase2Data> {
+    let dir = data_root.join(dataset);
+    let mpath = dir.join("manifest.json");
+    let mbytes = std::fs::read(&mpath).map_err(|e| Error::io(&mpath, e))?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&mbytes).map_err(|e| Error::file(&mpath, format!("invalid manifest.json: {e}")))?;
+    let manifest_sha256 = crate::data::sha256_hex(&mbytes);
+    let s = manifest["store_size"].as_u64().ok_or_else(|| Error::file(&mpath, "missing `store_size`"))? as usize;
+    if s != transunet_img_size {
+        return Err(Error::Arg(format!(
+            "--transunet-img-size {transunet_img_size} differs from the manifest's store_size {s} ({})",
+            mpath.display()
+        )));
+    }
+    let n_shards = manifest["n_shards"].as_u64().ok_or_else(|| Error::file(&mpath, "missing `n_shards`"))? as usize;
+    let mut src_sha: HashMap<(String, String), String> = HashMap::new();
+    for v in manifest["sources"].as_array().ok_or_else(|| Error::file(&mpath, "missing `sources`"))? {
+        let d = v["dataset"].as_str().unwrap_or_default().to_string();
+        let n = v["name"].as_str().unwrap_or_default().to_string();
+        src_sha.insert((d, n), v["sha256"].as_str().unwrap_or_default().to_string());
+    }
+    let cpath = dir.join("samples.csv");
+    let mut rdr = csv::Reader::from_path(&cpath).map_err(|e| Error::file(&cpath, e.to_string()))?;
+    let records: Vec<SampleRecord> = rdr
+        .deserialize()
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| Error::file(&cpath, format!("invalid samples.csv: {e}")))?;
+    let mut by_index: HashMap<u32, Vec<f32>> = HashMap::new();
+    for k in 0..n_shards {
+        let p = dir.join("shards").join(format!("coarse-{k:05}.safetensors"));
+        let (idx, masks) = read_shard(&p, s)?;
+        for (i, m) in idx.into_iter().zip(masks) {
+            by_index.insert(i, m);
+        }
+    }
+    let mut keys: Vec<(String, String)> = records.iter().map(|r| (r.dataset.clone(), r.source_name.clone())).collect();
+    keys.sort();
+    keys.dedup();
+    let pos: HashMap<(String, String), usize> = keys.iter().cloned().enumerate().map(|(i, k)| (k, i)).collect();
+    let mut coarse = Vec::with_capacity(records.len());
+    let mut source_of = Vec::with_capacity(records.len());
+    for r in &records {
+        let m = by_index.remove(&(r.index as u32)).ok_or_else(|| {
+            Error::file(&cpath, format!("sample {} (index {}) has no coarse mask in the shards", r.sample_id, r.index))
+        })?;
+        coarse.push(m);
+        source_of.push(pos[&(r.dataset.clone(), r.source_name.clone())]);
+    }
+    let mut images = Vec::with_capacity(keys.len());
+    let mut gts = Vec::with_capacity(keys.len());
+    for (d, n) in &keys {
+        let base = processed_root.join(d).join("train");
+        let ip = base.join("images").join(format!("{n}.png"));
+        let mp = base.join("masks").join(format!("{n}.png"));
+        if let Some(want) = src_sha.get(&(d.clone(), n.clone())).filter(|w| !w.is_empty()) {
+            let got = crate::augment::processed::sha256_file(&ip)?;
+            if &got != want {
+                return Err(Error::file(&ip, format!("SHA-256 {got} differs from {} ({want}): processed data changed since augmentation", mpath.display())));
+            }
+        }
+        let smp = crate::data::dataset::load_sample_s(&ip, Some(&mp), s)?;
+        images.push(smp.image);
+        gts.push(smp.mask);
+    }
+    Ok(Phase2Data { records, coarse, source_of, sources: keys, images, gts, store_size: s, manifest_sha256 })
+}
+
+/// §11.3 step 2: per dataset, sorted source names shuffled with `("phase2-val", dataset index)`;
+/// `max(1, ⌈f·n⌉)` validation sources (at most `n − 1`). Returns a flag per source (true = validation).
+pub fn split_sources(sources: &[(String, String)], val_fraction: f64, seed: u64) -> Result<Vec<bool>> {
+    if !(0.0..1.0).contains(&val_fraction) {
+        return Err(Error::Arg(format!("--val-fraction must be in [0, 1), got {val_fraction}")));
+    }
+    let mut per_ds: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, (d, _)) in sources.iter().enumerate() {
+        per_ds.entry(d.as_str()).or_default().push(i);
+    }
+    let mut is_val = vec![false; sources.len()];
+    for (k, (d, mut idx)) in per_ds.into_iter().enumerate() {
+        idx.sort_by(|a, b| sources[*a].1.cmp(&sources[*b].1));
+        let n = idx.len();
+        if n < 2 {
+            return Err(Error::Arg(format!("dataset {d}: {n} source image(s); a validation split by source needs at least 2")));
+        }
+        let mut rng = crate::rng::stream_rng(seed, "phase2-val", &[k as u64]);
+        idx.shuffle(&mut rng);
+        let nv = ((val_fraction * n as f64).ceil() as usize).max(1).min(n - 1);
+        for &i in &idx[..nv] {
+            is_val[i] = true;
+        }
+    }
+    Ok(is_val)
+}
+
+fn sam_provenance(ckpt: &str) -> &'static str {
+    if ckpt == "random" {
+        "random"
+    } else if ckpt.to_ascii_lowercase().contains("medsam") {
+        "medsam"
+    } else {
+        "sam"
+    }
+}
+
+fn load_initial_weights(opts: &Phase2Options, cfg: &SamConfig, dev: &Device) -> Result<(SamWeights, String)> {
+    if opts.sam_checkpoint == "random" {
+        let t = random_weights(cfg, opts.seed, dev)?;
+        Ok((SamWeights { tensors: t, format: SamFormat::Original }, format!("random-seed{}", opts.seed)))
+    } else if opts.sam_checkpoint.is_empty() {
+        Err(Error::Arg("--sam-checkpoint is required (a SAM/MedSAM checkpoint path, or `random` for a demo)".into()))
+    } else {
+        let p = Path::new(&opts.sam_checkpoint);
+        let w = load_sam_weights(p, Some(cfg), dev)?;
+        Ok((w, crate::train::checkpoint::sha256_file(p)?))
+    }
+}
+
+struct Batch {
+    image_s: Tensor,
+    coarse_s: Tensor,
+    gt_s: Tensor,
+    emb: Tensor,
+}
+
+fn make_batch(data: &Phase2Data, emb: &[Tensor], ids: &[usize], dev: &Device) -> Result<Batch> {
+    let s = data.store_size;
+    let b = ids.len();
+    let mut img = Vec::with_capacity(b * s * s);
+    let mut c = Vec::with_capacity(b * s * s);
+    let mut g = Vec::with_capacity(b * s * s);
+    let mut e = Vec::with_capacity(b);
+    for &i in ids {
+        let src = data.source_of[i];
+        img.extend_from_slice(&data.images[src]);
+        g.extend_from_slice(&data.gts[src]);
+        c.extend_from_slice(&data.coarse[i]);
+        e.push(emb[src].clone());
+    }
+    Ok(Batch {
+        image_s: Tensor::from_vec(img, (b, 1, s, s), dev)?,
+        coarse_s: Tensor::from_vec(c, (b, s, s), dev)?,
+        gt_s: Tensor::from_vec(g, (b, s, s), dev)?,
+        emb: Tensor::stack(&e, 0)?.to_dtype(DType::F32)?,
+    })
+}
+
+struct Step {
+    loss: crate::train::losses::LossOutput,
+    refined_prob: Tensor,
+    coarse_n: Tensor,
+    gt: Tensor,
+}
+
+fn forward(refiner: &SamRefiner, b: &Batch, lcfg: &Phase2LossConfig) -> Result<Step> {
+    let n = refiner.img_size();
+    let p2 = preprocess_phase2_batch(&b.image_s, &b.coarse_s, &b.gt_s, n, refiner.settings.normalization)?;
+    let out = refiner.refine(&b.emb, &p2.sam.coarse)?;
+    let cand = out.candidates_n()?;
+    let loss = phase2_loss(&out.refined_n, &p2.gt, &p2.sam.coarse, Some((&cand, &out.iou_pred)), lcfg)?;
+    let refined_prob = crate::train::losses::sigmoid(&out.refined_n.detach())?;
+    Ok(Step { loss, refined_prob, coarse_n: p2.sam.coarse.detach(), gt: p2.gt })
+}
+
+/// Runs Phase 2 end to end (SPEC §11.3). `stop`: graceful stop flag (SIGTERM/SIGUSR1 in the binary).
+pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
+    let t_session = std::time::Instant::now();
+    if opts.dataset.is_empty() {
+        return Err(Error::Arg("--dataset is required (the augmentation run name, e.g. PHANTOM)".into()));
+    }
+    let config = Config::load(&opts.config)?;
+    let sam_cfg = config.model.sam.clone();
+    let epochs = opts.epochs.unwrap_or(config.phase2.max_epochs) as u64;
+    let batch_size = opts.batch_size.unwrap_or(config.phase2.batch_size);
+    let grad_accum = opts.grad_accum.max(1);
+    if epochs == 0 || batch_size == 0 {
+        return Err(Error::Arg("--epochs and --batch-size must be > 0".into()));
+    }
+    let dev = match &opts.device {
+        Some(d) => d.parse::<crate::device::DeviceSpec>()?.open()?,
+        None => crate::device::DeviceSpec::default_for_build().open()?,
+    };
+    let provenance = sam_provenance(&opts.sam_checkpoint);
+    let mut rcfg = config.refiner.clone();
+    if let Some(st) = &opts.mask_prompt_style {
+        let _: MaskPromptStyle = st.parse()?;
+        rcfg.mask_prompt_style = st.clone();
+    }
+    rcfg.use_point_prompt &= !opts.no_point_prompt;
+    rcfg.use_box_prompt &= !opts.no_box_prompt;
+    rcfg.use_mask_prompt &= !opts.no_mask_prompt;
+    rcfg.add_negative_point &= !opts.no_negative_point;
+    rcfg.sam_normalization = opts.sam_normalization.clone();
+    let settings = SamRefinerSettings::from_config(&rcfg, Some(provenance))?;
+    let lcfg = Phase2LossConfig { iou_loss_weight: opts.iou_loss_weight, change_penalty_weight: opts.change_penalty_weight };
+
+    let run_dir = RunDir::new(&opts.output_dir, &opts.dataset);
+    let style = if opts.quiet { Style { color: false, ascii: opts.ascii, plain: true } } else { Style::detect(opts.plain, opts.ascii) };
+    let console = Console::new(style);
+    let say = |t: &str| if opts.quiet { console.log_only(t) } else { console.print(t) };
+    let decision = resolve_resume(&run_dir, opts.resume.as_deref(), opts.force_retrain)?;
+    if decision == ResumeDecision::AlreadyComplete {
+        let s = run_dir.read_summary()?;
+        if !opts.quiet {
+            println!("{}: already complete (use --force-retrain to train again)", run_dir.root().display());
+        }
+        return Ok(Phase2Outcome {
+            status: Phase2Status::AlreadyComplete,
+            run_dir: run_dir.root().to_path_buf(),
+            history: s.as_ref().and_then(|s| s.final_metrics.clone()).into_iter().collect(),
+            best: s.map(|s| s.best).unwrap_or_else(|| Best::new("val_dice")),
+            encoder_forwards: 0,
+            n_sources: 0,
+            n_train: 0,
+            n_val: 0,
+            train_sources: vec![],
+            val_sources: vec![],
+        });
+    }
+    run_dir.create()?;
+    console.open_log(&run_dir.log_path())?;
+
+    // Data.
+    let data = load_data(&opts.data_root, &opts.dataset, &opts.processed_root, opts.transunet_img_size)?;
+    let is_val = split_sources(&data.sources, opts.val_fraction, opts.seed)?;
+    let mut train_ids: Vec<usize> = (0..data.records.len()).filter(|&i| !is_val[data.source_of[i]]).collect();
+    let val_ids: Vec<usize> = (0..data.records.len()).filter(|&i| is_val[data.source_of[i]]).collect();
+    if let Some(m) = opts.max_samples {
+        let mut rng = crate::rng::stream_rng(opts.seed, "phase2-max-samples", &[]);
+        train_ids.shuffle(&mut rng);
+        train_ids.truncate(m.max(1));
+        train_ids.sort_unstable();
+    }
+    let fmt_src = |i: usize| format!("{}/{}", data.sources[i].0, data.sources[i].1);
+    let train_sources: Vec<String> = (0..data.sources.len()).filter(|&i| !is_val[i]).map(fmt_src).collect();
+    let val_sources: Vec<String> = (0..data.sources.len()).filter(|&i| is_val[i]).map(fmt_src).collect();
+
+    // Model: initial weights, or the checkpoint's SAM tensors on resume.
+    let resume_ckpt = match &decision {
+        ResumeDecision::Resume(p) => {
+            let ck = load_checkpoint(p, &dev)?;
+            if ck.sidecar.kind != Phase::Phase2 {
+                return Err(Error::file(p, format!("is a {} checkpoint, not phase2", ck.sidecar.kind.as_str())));
+            }
+            if ck.sidecar.data.manifest_sha256.as_deref() != Some(data.manifest_sha256.as_str()) {
+                return Err(Error::file(p, "was trained on different augmented data (manifest SHA-256 differs)"));
+            }
+            Some(ck)
+        }
+        _ => None,
+    };
+    let (weights, weights_id) = match &resume_ckpt {
+        Some(ck) => {
+            let t: HashMap<String, Tensor> = ck
+                .model
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix(SAM_PREFIX).map(|s| (s.to_string(), v.clone())))
+                .collect();
+            let sha = ck.sidecar.extra["weights_id"].as_str().unwrap_or_default().to_string();
+            (SamWeights { tensors: t, format: SamFormat::Original }, sha)
+        }
+        None => load_initial_weights(opts, &sam_cfg, &dev)?,
+    };
+    let varmap = VarMap::new();
+    let sam = Sam::from_weights(&sam_cfg, &weights, &varmap, &dev, DType::F32, None)?;
+    drop(weights);
+    let refiner = SamRefiner::new(sam, settings);
+    let n = refiner.img_size();
+    let mut vars: Vec<(String, Var)> = varmap
+        .data()
+        .lock()
+        .map_err(|_| Error::msg("VarMap lock poisoned"))?
+        .iter()
+        .map(|(k, v)| (format!("{SAM_PREFIX}{k}"), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut opt = AdamW::new(vec![ParamGroup::new("sam", opts.lr, opts.weight_decay, vars)])?;
+    let mut schedule = Schedule::cosine(opts.min_lr, epochs);
+    let mut history: Vec<HistoryRow> = Vec::new();
+    let mut best = Best::new("val_dice");
+    let mut start_epoch = 0u64;
+    let mut global_step = 0u64;
+    if let Some(ck) = &resume_ckpt {
+        crate::train::optim::check_groups_match(&opt, &ck.sidecar.optimizer)?;
+        opt.load_state(&ck.optim)?;
+        history = ck.sidecar.history.clone();
+        best = ck.sidecar.best.clone();
+        start_epoch = ck.sidecar.epoch + 1;
+        global_step = ck.sidecar.global_step;
+        schedule = ck.sidecar.scheduler.clone();
+    }
+
+    // Embeddings: one frozen-encoder forward per distinct source image, through the embedding cache (§6.9).
+    let fwd0 = refiner.sam.image_encoder.forward_count();
+    let cache = EmbeddingCache::new(None, &format!("{weights_id}-{}", refiner.settings.normalization), 8 << 30)?;
+    let s = data.store_size;
+    let mut emb: Vec<Tensor> = Vec::with_capacity(data.sources.len());
+    for chunk in (0..data.sources.len()).collect::<Vec<_>>().chunks(batch_size) {
+        let img: Vec<f32> = chunk.iter().flat_map(|&i| data.images[i].iter().copied()).collect();
+        let image_s = Tensor::from_vec(img, (chunk.len(), 1, s, s), &dev)?;
+        let zeros = Tensor::zeros((chunk.len(), s, s), DType::F32, &dev)?;
+        let inp = preprocess(&image_s, &zeros, n, refiner.settings.normalization)?;
+        let e = refiner.embed_cached(Some(&cache), &image_s, &inp.image, None)?;
+        for j in 0..chunk.len() {
+            emb.push(e.get(j)?.to_dtype(DType::F16)?);
+        }
+    }
+    let encoder_forwards = refiner.sam.image_encoder.forward_count() - fwd0;
+
+    let config_json = serde_json::json!({
+        "config": opts.config, "sam": sam_cfg, "refiner": rcfg, "epochs": epochs, "batch_size": batch_size,
+        "lr": opts.lr, "weight_decay": opts.weight_decay, "min_lr": opts.min_lr,
+        "change_penalty_weight": opts.change_penalty_weight, "iou_loss_weight": opts.iou_loss_weight,
+        "val_fraction": opts.val_fraction, "transunet_img_size": opts.transunet_img_size, "max_samples": opts.max_samples,
+        "grad_clip": opts.grad_clip, "grad_accum": grad_accum, "seed": opts.seed, "sam_checkpoint": opts.sam_checkpoint,
+        "provenance": provenance, "sam_normalization": refiner.settings.normalization.as_str(),
+        "mask_prompt_style": refiner.settings.prompts.mask_style.as_str(),
+    });
+    if resume_ckpt.is_none() {
+        if let Ok(t) = config.to_toml_string() {
+            run_dir.write_config(&t)?;
+        }
+    }
+    let header = RunHeader {
+        experiment: opts.dataset.clone(),
+        dataset: opts.dataset.clone(),
+        fold: None,
+        n_train: train_ids.len(),
+        n_val: val_ids.len(),
+        extra: vec![
+            ("Model".into(), format!("SAM ({}), prompt encoder + mask decoder trainable", opts.config)),
+            (
+                "Weights".into(),
+                if opts.sam_checkpoint == "random" { "RANDOM INIT (demo/test only)".into() } else { opts.sam_checkpoint.clone() },
+            ),
+            ("Device".into(), crate::device::device_name(&dev)),
+            ("Sources".into(), format!("{} train / {} val images, {} encoder forwards", train_sources.len(), val_sources.len(), encoder_forwards)),
+        ],
+    };
+    say(&console::run_header(&header, &style));
+    if let Some(ck) = &resume_ckpt {
+        say(&format!("Resuming from {} (epoch {} done)", ck.safetensors_path.display(), ck.sidecar.epoch + 1));
+    }
+
+    let data_id = DataIdentity { datasets: vec![opts.dataset.clone()], manifest_sha256: Some(data.manifest_sha256.clone()), ..Default::default() };
+    let mut status = Phase2Status::Complete;
+    let mut session_epochs = 0usize;
+    let steps = crate::train::optim::steps_per_epoch(train_ids.len().div_ceil(batch_size), grad_accum);
+    if steps == 0 {
+        return Err(Error::Arg(format!("{} training samples give no optimiser step (batch size {batch_size}, grad-accum {grad_accum})", train_ids.len())));
+    }
+    let write_summary = |st: RunStatus, history: &[HistoryRow], best: &Best, msg: Option<String>| -> Result<()> {
+        run_dir.write_summary(&Summary {
+            status: st,
+            kind: Phase::Phase2,
+            experiment: opts.dataset.clone(),
+            best: best.clone(),
+            final_metrics: history.last().cloned(),
+            epochs: history.len() as u64,
+            max_epochs: epochs,
+            durations: Durations::from_history(history, t_session.elapsed().as_secs_f64()),
+            device: crate::device::device_name(&dev),
+            versions: Versions::default(),
+            updated: crate::train::checkpoint::now_rfc3339(),
+            message: msg,
+        })
+    };
+    write_summary(RunStatus::Running, &history, &best, None)?;
+
+    for epoch in start_epoch..epochs {
+        if stop.is_set() || opts.stop_after_epochs.is_some_and(|m| session_epochs >= m) {
+            status = Phase2Status::Interrupted;
+            break;
+        }
+        let t_epoch = std::time::Instant::now();
+        schedule.start_epoch(epoch, &mut opt);
+        let mut order = train_ids.clone();
+        let mut rng = crate::rng::stream_rng(opts.seed, "shuffle", &[epoch]);
+        order.shuffle(&mut rng);
+        let batches: Vec<&[usize]> = order.chunks(batch_size).collect();
+        let mut tracker = MeanTracker::new();
+        let mut grads = Grads::new();
+        let mut micro = 0usize;
+        let mut interrupted = false;
+        let mut prog = if opts.quiet { None } else { Some(console.progress("TRAIN", Some((epoch + 1, epochs)), (steps * grad_accum) as u64)) };
+        for ids in batches.iter().take(steps * grad_accum) {
+            if stop.is_set() {
+                interrupted = true;
+                break;
+            }
+            let b = make_batch(&data, &emb, ids, &dev)?;
+            let st = forward(&refiner, &b, &lcfg)?;
+            let total = st.loss.total.affine(1.0 / grad_accum as f64, 0.0)?;
+            let gs = total.backward()?;
+            grads.accumulate(&gs, opt.groups())?;
+            let lv = st.loss.total_f64()?;
+            tracker.add("loss", lv);
+            for (k, v) in st.loss.component_values()? {
+                tracker.add(&k, v);
+            }
+            let m = PooledMetrics::from_batch(&st.refined_prob, &st.gt)?;
+            tracker.add("metric_dice", m.dice);
+            tracker.add("metric_iou", m.iou);
+            micro += 1;
+            if micro == grad_accum {
+                if opts.grad_clip > 0.0 {
+                    grads.clip_norm(opts.grad_clip)?;
+                }
+                opt.step(&grads)?;
+                grads = Grads::new();
+                micro = 0;
+                global_step += 1;
+            }
+            if let Some(p) = prog.as_mut() {
+                p.step(Some(lv));
+            }
+        }
+        if let Some(p) = prog {
+            p.finish();
+        }
+        if interrupted {
+            status = Phase2Status::Interrupted;
+            break;
+        }
+        // Validation (§10.5).
+        let mut val = Phase2Validation::new();
+        for ids in val_ids.chunks(batch_size) {
+            let b = make_batch(&data, &emb, ids, &dev)?;
+            let st = forward(&refiner, &b, &lcfg)?;
+            val.add_batch(&st.refined_prob, &st.coarse_n, &st.gt, st.loss.total_f64()?)?;
+        }
+        let vs = val.finish();
+        let is_best = best.update(vs.refined.dice, epoch);
+        let lr = opt.lrs();
+        let mut row = HistoryRow {
+            epoch: epoch + 1,
+            time_s: t_epoch.elapsed().as_secs_f64(),
+            lr: Named(lr.clone()),
+            train_loss: tracker.mean("loss"),
+            components: Named(["bce", "dice", "iou", "change"].iter().filter_map(|k| tracker.mean(k).map(|v| (k.to_string(), v))).collect()),
+            train_dice: tracker.mean("metric_dice"),
+            train_iou: tracker.mean("metric_iou"),
+            val_loss: Some(vs.loss),
+            val_dice: Some(vs.refined.dice),
+            val_iou: Some(vs.refined.iou),
+            val_precision: Some(vs.refined.precision),
+            val_recall: Some(vs.refined.recall),
+            val_accuracy: Some(vs.refined.accuracy),
+            val_specificity: None,
+            val_dice_img: Some(vs.refined.dice),
+            extra: Named::new(),
+            is_best,
+            note: None,
+        };
+        row.extra.set("val_coarse_dice", vs.coarse.dice);
+        row.extra.set("val_improvement", vs.improvement);
+        history.push(row);
+        let report = EpochReport {
+            epoch: epoch + 1,
+            epochs,
+            train: TrainReport {
+                loss: tracker.mean("loss").unwrap_or(f64::NAN),
+                components: [("BCE", "bce"), ("Dice loss", "dice"), ("IoU loss", "iou"), ("Change", "change")]
+                    .iter()
+                    .filter_map(|(l, k)| tracker.mean(k).map(|v| (l.to_string(), v)))
+                    .collect(),
+                dice: tracker.mean("metric_dice"),
+                iou: tracker.mean("metric_iou"),
+                lrs: lr,
+            },
+            validation: Some(ValidationTable::Compare(vec![
+                ("Dice".into(), vs.coarse.dice, vs.refined.dice),
+                ("IoU".into(), vs.coarse.iou, vs.refined.iou),
+                ("Precision".into(), vs.coarse.precision, vs.refined.precision),
+                ("Recall".into(), vs.coarse.recall, vs.refined.recall),
+            ])),
+            is_best,
+            comparison: None,
+        };
+        say(&console::epoch_report(&report, &style));
+
+        // Checkpoints.
+        let model: HashMap<String, Tensor> =
+            refiner.sam.export_tensors(false)?.into_iter().map(|(k, t)| (format!("{SAM_PREFIX}{k}"), t)).collect();
+        let optim = opt.state_tensors()?;
+        let mut sc = Sidecar::new(
+            Phase::Phase2,
+            epoch,
+            global_step,
+            best.clone(),
+            config_json.clone(),
+            data_id.clone(),
+            opt.info(),
+            schedule.clone(),
+            RngState { seed: opts.seed, next_epoch: epoch + 1 },
+            history.clone(),
+        );
+        sc.extra = serde_json::json!({"weights_id": weights_id});
+        save_checkpoint(run_dir.root(), LATEST, &model, &optim, &sc)?;
+        if is_best {
+            save_checkpoint(run_dir.root(), BEST, &model, &optim, &sc)?;
+            let native: Vec<(String, Tensor)> = refiner.sam.export_tensors(false)?;
+            crate::models::sam::weights::save_safetensors_atomic(&native, &run_dir.path("best_sam.safetensors"))?;
+            atomic_write_json(
+                &run_dir.path("best_sam.json"),
+                &serde_json::json!({
+                    "format": "sam-native", "model_type": "vit_b", "source_checkpoint": opts.sam_checkpoint,
+                    "provenance": provenance, "weights_id": weights_id,
+                    "normalization": refiner.settings.normalization.as_str(),
+                    "mask_prompt_style": refiner.settings.prompts.mask_style.as_str(),
+                    "prompts": {"point": refiner.settings.prompts.use_point, "box": refiner.settings.prompts.use_box,
+                                "mask": refiner.settings.prompts.use_mask, "negative_point": refiner.settings.prompts.add_negative_point},
+                    "transunet_img_size": data.store_size, "sam_img_size": n, "config": opts.config,
+                    "epoch": epoch + 1, "dataset": opts.dataset,
+                    "metrics": {"val_dice": vs.refined.dice, "val_iou": vs.refined.iou, "val_coarse_dice": vs.coarse.dice,
+                                "val_improvement": vs.improvement, "val_loss": vs.loss},
+                    "created": crate::train::checkpoint::now_rfc3339(),
+                }),
+            )?;
+        }
+        if opts.save_every > 0 && (epoch + 1) % opts.save_every as u64 == 0 {
+            save_checkpoint(run_dir.root(), &crate::train::rundir::epoch_stem(epoch + 1), &model, &optim, &sc)?;
+        }
+        if epoch + 1 == epochs {
+            save_checkpoint(run_dir.root(), FINAL, &model, &optim, &sc)?;
+        }
+        run_dir.write_metrics_csv(&history)?;
+        let _ = run_dir.write_progress_png(&history, &format!("phase2 {}", opts.dataset));
+        write_summary(RunStatus::Running, &history, &best, None)?;
+        session_epochs += 1;
+    }
+    match status {
+        Phase2Status::Interrupted => {
+            write_summary(RunStatus::Interrupted, &history, &best, Some("stopped by signal".into()))?;
+            say("Stopped at an epoch boundary; `latest` holds the last completed epoch (exit 75).");
+        }
+        _ => {
+            write_summary(RunStatus::Complete, &history, &best, None)?;
+            say(&console::end_of_run(
+                "Best refined Dice",
+                best.value,
+                best.epoch.map(|e| e + 1),
+                &run_dir.path("best_sam.safetensors"),
+                &style,
+            ));
+        }
+    }
+    Ok(Phase2Outcome {
+        status,
+        run_dir: run_dir.root().to_path_buf(),
+        history,
+        best,
+        encoder_forwards,
+        n_sources: data.sources.len(),
+        n_train: train_ids.len(),
+        n_val: val_ids.len(),
+        train_sources,
+        val_sources,
+    })
+}
