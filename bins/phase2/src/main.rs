@@ -112,7 +112,9 @@ struct Args {
 }
 
 fn main() {
-    let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .try_init();
     let a = Args::parse();
     let opts = Phase2Options {
         data_root: a.data_root,

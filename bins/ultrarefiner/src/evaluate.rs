@@ -94,14 +94,21 @@ pub fn model_source(
         if checkpoint.is_some() || transunet.is_some() {
             bail!("--ensemble cannot be combined with --checkpoint or --transunet-checkpoint");
         }
-        return Ok(ModelSource::Ensemble { pattern, folds: parse_folds(folds)?, sam, transunet_only });
+        return Ok(ModelSource::Ensemble {
+            pattern,
+            folds: parse_folds(folds)?,
+            sam,
+            transunet_only,
+        });
     }
     if let Some(c) = checkpoint {
         if transunet.is_some() || sam.is_some() {
             bail!("--checkpoint (Phase 3) cannot be combined with --transunet-checkpoint / --sam-checkpoint");
         }
         if transunet_only {
-            bail!("--transunet-only needs --transunet-checkpoint (a Phase 1 file), not --checkpoint");
+            bail!(
+                "--transunet-only needs --transunet-checkpoint (a Phase 1 file), not --checkpoint"
+            );
         }
         return Ok(ModelSource::Phase3 { checkpoint: c });
     }
@@ -119,16 +126,29 @@ pub fn model_source(
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let source = model_source(a.checkpoint, a.transunet_checkpoint, a.sam_checkpoint, a.transunet_only, a.ensemble, &a.folds)?;
+    let source = model_source(
+        a.checkpoint,
+        a.transunet_checkpoint,
+        a.sam_checkpoint,
+        a.transunet_only,
+        a.ensemble,
+        &a.folds,
+    )?;
     let mut datasets: Vec<String> = if a.datasets.is_empty() {
         DEFAULT_DATASETS.iter().map(|s| s.to_string()).collect()
     } else {
-        ultrarefiner::data::parse_dataset_list(&a.datasets)?.iter().map(|k| k.name().to_string()).collect()
+        ultrarefiner::data::parse_dataset_list(&a.datasets)?
+            .iter()
+            .map(|k| k.name().to_string())
+            .collect()
     };
     if a.include_unseen && !datasets.iter().any(|d| d == "UDIAT") {
         datasets.push("UDIAT".into());
     }
-    let device = a.device.unwrap_or_else(DeviceSpec::default_for_build).open()?;
+    let device = a
+        .device
+        .unwrap_or_else(DeviceSpec::default_for_build)
+        .open()?;
     let opts = EvaluateOptions {
         source,
         config: a.config,

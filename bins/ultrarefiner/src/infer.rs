@@ -6,12 +6,14 @@ use ultrarefiner::device::DeviceSpec;
 use ultrarefiner::eval::infer::{self, InferMode, InferOptions};
 
 #[derive(Parser)]
-#[command(after_help = "Per image (any PNG mode: grey, 16-bit, RGB, RGBA, palette): grey → [0,1] → bilinear to S → model →\n\
+#[command(
+    after_help = "Per image (any PNG mode: grey, 16-bit, RGB, RGBA, palette): grey → [0,1] → bilinear to S → model →\n\
 probabilities → bilinear back to the original size → threshold. Writes <name>_coarse.png, <name>_refined.png (0/255),\n\
 <name>_overlay.png (refined mask green, α = 0.5, 2-px contour) and predictions.csv.\n\n\
 Model sources as for `evaluate`: --checkpoint P3 | --transunet-checkpoint T --sam-checkpoint S |\n\
 --transunet-checkpoint T --mode transunet | --ensemble 'dir/fold_{k}/best.safetensors' --folds 0-4.\n\n\
-Example:\n  ultrarefiner infer --config tiny --input scans/ --output preds/ --checkpoint checkpoints/ultra_refiner/PHANTOM/fold_0/best.safetensors")]
+Example:\n  ultrarefiner infer --config tiny --input scans/ --output preds/ --checkpoint checkpoints/ultra_refiner/PHANTOM/fold_0/best.safetensors"
+)]
 pub struct Args {
     /// A PNG file or a folder of PNGs.
     #[arg(long)]
@@ -67,7 +69,10 @@ pub fn run(a: Args) -> Result<()> {
         a.ensemble,
         &a.folds,
     )?;
-    let device = a.device.unwrap_or_else(DeviceSpec::default_for_build).open()?;
+    let device = a
+        .device
+        .unwrap_or_else(DeviceSpec::default_for_build)
+        .open()?;
     let opts = InferOptions {
         source,
         config: a.config,

@@ -342,7 +342,12 @@ fn throughput_report() {
     // Process CPU time (Linux /proc), so the estimate survives a machine shared with other jobs.
     fn cpu_seconds() -> f64 {
         let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-        let f: Vec<&str> = s.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        let f: Vec<&str> = s
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
         let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
         (t(11) + t(12)) / 100.0
     }

@@ -71,7 +71,14 @@ fn fixture() -> Fixture {
     let sam_v: Vec<(String, Tensor)> = sam_t.into_iter().collect();
     let sam = root.join("sam.safetensors");
     save_sam(&sam_v, &sam).unwrap();
-    Fixture { _tmp: tmp, root, processed, transunet, transunet_b, sam }
+    Fixture {
+        _tmp: tmp,
+        root,
+        processed,
+        transunet,
+        transunet_b,
+        sam,
+    }
 }
 
 fn eval_opts(f: &Fixture, source: ModelSource, out: &str) -> EvaluateOptions {
@@ -90,8 +97,15 @@ fn eval_opts(f: &Fixture, source: ModelSource, out: &str) -> EvaluateOptions {
 fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
     let text = std::fs::read_to_string(path).unwrap();
     let mut lines = text.lines();
-    let header: Vec<String> = lines.next().unwrap().split(',').map(|s| s.to_string()).collect();
-    let rows = lines.map(|l| l.split(',').map(|s| s.to_string()).collect()).collect();
+    let header: Vec<String> = lines
+        .next()
+        .unwrap()
+        .split(',')
+        .map(|s| s.to_string())
+        .collect();
+    let rows = lines
+        .map(|l| l.split(',').map(|s| s.to_string()).collect())
+        .collect();
     (header, rows)
 }
 
@@ -100,7 +114,10 @@ fn json(path: &Path) -> serde_json::Value {
 }
 
 fn n_test(f: &Fixture) -> usize {
-    json(&f.processed.join("PHANTOM/splits.json"))["test"].as_array().unwrap().len()
+    json(&f.processed.join("PHANTOM/splits.json"))["test"]
+        .as_array()
+        .unwrap()
+        .len()
 }
 
 #[test]
@@ -110,21 +127,42 @@ fn evaluate_pair_transunet_only_and_phase3() {
     assert!(n >= 2, "phantom test split too small: {n}");
 
     // --- TransUNet + SAM, with overlays
-    let mut o = eval_opts(&f, ModelSource::Pair { transunet: f.transunet.clone(), sam: f.sam.clone() }, "pair");
+    let mut o = eval_opts(
+        &f,
+        ModelSource::Pair {
+            transunet: f.transunet.clone(),
+            sam: f.sam.clone(),
+        },
+        "pair",
+    );
     o.visualize = true;
     o.num_visualize = 2;
     let r = evaluate::run(&o).unwrap();
     println!("{}", evaluate::console_table(&r));
     let line = evaluate::demo_summary_line(&r);
     println!("{line}");
-    assert!(line.starts_with("demo: coarse Dice 0.") || line.starts_with("demo: coarse Dice 1."), "{line}");
+    assert!(
+        line.starts_with("demo: coarse Dice 0.") || line.starts_with("demo: coarse Dice 1."),
+        "{line}"
+    );
     assert!(r.mean_coarse_dice().is_finite() && r.mean_refined_dice().unwrap().is_finite());
     let out = f.root.join("pair");
     let res = json(&out.join("PHANTOM/test_result.json"));
     assert_eq!(res["n_samples"].as_u64().unwrap() as usize, n);
     for part in ["coarse", "refined"] {
-        for m in ["dice", "iou", "precision", "recall", "accuracy", "specificity", "hd95", "assd"] {
-            let v = res[part][m]["mean"].as_f64().unwrap_or_else(|| panic!("{part}.{m} missing/not finite: {res}"));
+        for m in [
+            "dice",
+            "iou",
+            "precision",
+            "recall",
+            "accuracy",
+            "specificity",
+            "hd95",
+            "assd",
+        ] {
+            let v = res[part][m]["mean"]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{part}.{m} missing/not finite: {res}"));
             assert!(v.is_finite() && v >= 0.0, "{part}.{m} = {v}");
         }
     }
@@ -135,14 +173,23 @@ fn evaluate_pair_transunet_only_and_phase3() {
     assert!(s["all"]["coarse"]["dice"]["mean"].is_number());
     assert!(s["average"]["refined"]["dice"]["mean"].is_number());
     let (_, srows) = read_csv(&out.join("summary.csv"));
-    assert_eq!(srows.iter().map(|r| r[0].as_str()).collect::<Vec<_>>(), vec!["PHANTOM", "AVERAGE", "ALL"]);
+    assert_eq!(
+        srows.iter().map(|r| r[0].as_str()).collect::<Vec<_>>(),
+        vec!["PHANTOM", "AVERAGE", "ALL"]
+    );
     let png = decode_png(&out.join("summary.png")).unwrap();
     assert_eq!((png.width(), png.height()), (1800, 600));
-    let vis: Vec<PathBuf> = std::fs::read_dir(out.join("PHANTOM/visualizations")).unwrap().map(|e| e.unwrap().path()).collect();
+    let vis: Vec<PathBuf> = std::fs::read_dir(out.join("PHANTOM/visualizations"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert_eq!(vis.len(), 2, "{vis:?}");
     for v in &vis {
         let name = v.file_name().unwrap().to_string_lossy().to_string();
-        assert!(name.starts_with("sample_") && name.contains("_imp") && name.ends_with(".png"), "{name}");
+        assert!(
+            name.starts_with("sample_") && name.contains("_imp") && name.ends_with(".png"),
+            "{name}"
+        );
         decode_png(v).unwrap();
     }
     // Keep one overlay and the summary for a human look.
@@ -154,7 +201,14 @@ fn evaluate_pair_transunet_only_and_phase3() {
     }
 
     // --- TransUNet only: no refined metrics anywhere
-    let r = evaluate::run(&eval_opts(&f, ModelSource::TransUnetOnly { transunet: f.transunet.clone() }, "coarse")).unwrap();
+    let r = evaluate::run(&eval_opts(
+        &f,
+        ModelSource::TransUnetOnly {
+            transunet: f.transunet.clone(),
+        },
+        "coarse",
+    ))
+    .unwrap();
     assert!(r.refined.is_none() && r.mean_refined_dice().is_none());
     let out = f.root.join("coarse");
     let res = json(&out.join("PHANTOM/test_result.json"));
@@ -166,15 +220,27 @@ fn evaluate_pair_transunet_only_and_phase3() {
     assert!(out.join("summary.png").is_file() && out.join("summary.csv").is_file());
 
     // --- Phase 3 file assembled from the two parts (+ sidecar with refiner settings)
-    let mut p3: Vec<(String, Tensor)> = transunet_tensors(false).into_iter().map(|(k, t)| (format!("transunet.{k}"), t)).collect();
+    let mut p3: Vec<(String, Tensor)> = transunet_tensors(false)
+        .into_iter()
+        .map(|(k, t)| (format!("transunet.{k}"), t))
+        .collect();
     let sam_t = random_weights(&Config::tiny().model.sam, 11, &Device::Cpu).unwrap();
     p3.extend(sam_t.into_iter().map(|(k, t)| (format!("sam.{k}"), t)));
-    p3.push(("__optim__.sam.exp_avg.x".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()));
+    p3.push((
+        "__optim__.sam.exp_avg.x".into(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    ));
     let p3_path = f.root.join("p3/best.safetensors");
     save_safetensors_atomic(&p3_path, &p3).unwrap();
     let sidecar = serde_json::json!({"kind": "phase3", "config": {"refiner": {"mask_prompt_style": "gaussian", "add_negative_point": false}}});
     std::fs::write(f.root.join("p3/best.json"), sidecar.to_string()).unwrap();
-    let mut o = eval_opts(&f, ModelSource::Phase3 { checkpoint: p3_path.clone() }, "p3");
+    let mut o = eval_opts(
+        &f,
+        ModelSource::Phase3 {
+            checkpoint: p3_path.clone(),
+        },
+        "p3",
+    );
     o.split = EvalSplit::Val;
     let r = evaluate::run(&o).unwrap();
     assert!(r.mean_refined_dice().unwrap().is_finite());
@@ -184,12 +250,25 @@ fn evaluate_pair_transunet_only_and_phase3() {
     // default output folder name
     let mut o2 = o.clone();
     o2.output_dir = None;
-    assert_eq!(o2.resolved_output_dir(), PathBuf::from("./results/val_fold0_evaluation"));
+    assert_eq!(
+        o2.resolved_output_dir(),
+        PathBuf::from("./results/val_fold0_evaluation")
+    );
     o2.split = EvalSplit::Test;
     o2.fold = None;
-    assert_eq!(o2.resolved_output_dir(), PathBuf::from("./results/test_evaluation"));
+    assert_eq!(
+        o2.resolved_output_dir(),
+        PathBuf::from("./results/test_evaluation")
+    );
     // A Phase 1 file is not a Phase 3 checkpoint.
-    let e = evaluate::run(&eval_opts(&f, ModelSource::Phase3 { checkpoint: f.transunet.clone() }, "bad")).unwrap_err();
+    let e = evaluate::run(&eval_opts(
+        &f,
+        ModelSource::Phase3 {
+            checkpoint: f.transunet.clone(),
+        },
+        "bad",
+    ))
+    .unwrap_err();
     assert!(e.to_string().contains("transunet"), "{e}");
 }
 
@@ -204,15 +283,42 @@ fn infer_odd_sizes_and_modes_and_ensemble() {
     std::fs::create_dir_all(&inp).unwrap();
     // RGBA 8-bit 77×53, grey 8-bit 101×61, grey 16-bit 64×97
     let rgba: Vec<u8> = (0..77 * 53 * 4).map(|i| ((i * 37) % 251) as u8).collect();
-    write_png(&inp.join("a_rgba.png"), &rgba, 77, 53, image::ExtendedColorType::Rgba8);
+    write_png(
+        &inp.join("a_rgba.png"),
+        &rgba,
+        77,
+        53,
+        image::ExtendedColorType::Rgba8,
+    );
     let grey: Vec<u8> = (0..101 * 61).map(|i| ((i * 13) % 256) as u8).collect();
-    write_png(&inp.join("b_grey.png"), &grey, 101, 61, image::ExtendedColorType::L8);
-    let g16: Vec<u8> = (0..64 * 97).flat_map(|i: usize| (((i * 977) % 65536) as u16).to_be_bytes()).collect();
-    write_png(&inp.join("c_grey16.png"), &g16, 64, 97, image::ExtendedColorType::L16);
-    let sizes = [("a_rgba", 77u32, 53u32), ("b_grey", 101, 61), ("c_grey16", 64, 97)];
+    write_png(
+        &inp.join("b_grey.png"),
+        &grey,
+        101,
+        61,
+        image::ExtendedColorType::L8,
+    );
+    let g16: Vec<u8> = (0..64 * 97)
+        .flat_map(|i: usize| (((i * 977) % 65536) as u16).to_be_bytes())
+        .collect();
+    write_png(
+        &inp.join("c_grey16.png"),
+        &g16,
+        64,
+        97,
+        image::ExtendedColorType::L16,
+    );
+    let sizes = [
+        ("a_rgba", 77u32, 53u32),
+        ("b_grey", 101, 61),
+        ("c_grey16", 64, 97),
+    ];
 
     let opts = InferOptions {
-        source: ModelSource::Pair { transunet: f.transunet.clone(), sam: f.sam.clone() },
+        source: ModelSource::Pair {
+            transunet: f.transunet.clone(),
+            sam: f.sam.clone(),
+        },
         config: "tiny".into(),
         input: inp.clone(),
         output: f.root.join("pred"),
@@ -227,7 +333,10 @@ fn infer_odd_sizes_and_modes_and_ensemble() {
             let img = decode_png(&opts.output.join(format!("{name}_{suffix}.png"))).unwrap();
             assert_eq!((img.width(), img.height()), (w, h), "{name}_{suffix}");
             let l = img.to_luma8();
-            assert!(l.as_raw().iter().all(|&v| v == 0 || v == 255), "{name}_{suffix} not binary");
+            assert!(
+                l.as_raw().iter().all(|&v| v == 0 || v == 255),
+                "{name}_{suffix} not binary"
+            );
         }
         let ov = decode_png(&opts.output.join(format!("{name}_overlay.png"))).unwrap();
         assert_eq!((ov.width(), ov.height()), (w, h));
@@ -254,7 +363,9 @@ fn infer_odd_sizes_and_modes_and_ensemble() {
 
     // transunet mode: coarse only
     let o2 = InferOptions {
-        source: ModelSource::TransUnetOnly { transunet: f.transunet.clone() },
+        source: ModelSource::TransUnetOnly {
+            transunet: f.transunet.clone(),
+        },
         output: f.root.join("pred_coarse"),
         mode: InferMode::Transunet,
         ..opts.clone()
@@ -274,36 +385,85 @@ fn infer_odd_sizes_and_modes_and_ensemble() {
     let dev = Device::Cpu;
     let pattern = format!("{}/fold_{{k}}/best.safetensors", ens_dir.display());
     let ens = EvalModel::load(
-        &ModelSource::Ensemble { pattern: pattern.clone(), folds: vec![0, 1], sam: Some(f.sam.clone()), transunet_only: false },
+        &ModelSource::Ensemble {
+            pattern: pattern.clone(),
+            folds: vec![0, 1],
+            sam: Some(f.sam.clone()),
+            transunet_only: false,
+        },
         &cfg,
         &dev,
     )
     .unwrap();
-    let a = EvalModel::load(&ModelSource::Pair { transunet: f.transunet.clone(), sam: f.sam.clone() }, &cfg, &dev).unwrap();
-    let b = EvalModel::load(&ModelSource::Pair { transunet: f.transunet_b.clone(), sam: f.sam.clone() }, &cfg, &dev).unwrap();
+    let a = EvalModel::load(
+        &ModelSource::Pair {
+            transunet: f.transunet.clone(),
+            sam: f.sam.clone(),
+        },
+        &cfg,
+        &dev,
+    )
+    .unwrap();
+    let b = EvalModel::load(
+        &ModelSource::Pair {
+            transunet: f.transunet_b.clone(),
+            sam: f.sam.clone(),
+        },
+        &cfg,
+        &dev,
+    )
+    .unwrap();
     let s = cfg.model.transunet.img_size;
     let x: Vec<f32> = (0..s * s).map(|i| ((i * 31) % 97) as f32 / 96.0).collect();
     let x = Tensor::from_vec(x, (1, 1, s, s), &dev).unwrap();
     let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let (pe, pa, pb) = (ens.predict(&x, false).unwrap(), a.predict(&x, false).unwrap(), b.predict(&x, false).unwrap());
+    let (pe, pa, pb) = (
+        ens.predict(&x, false).unwrap(),
+        a.predict(&x, false).unwrap(),
+        b.predict(&x, false).unwrap(),
+    );
     for (which, e, a, b) in [
         ("coarse", v(&pe.coarse), v(&pa.coarse), v(&pb.coarse)),
-        ("refined", v(&pe.refined.unwrap()), v(&pa.refined.unwrap()), v(&pb.refined.unwrap())),
+        (
+            "refined",
+            v(&pe.refined.unwrap()),
+            v(&pa.refined.unwrap()),
+            v(&pb.refined.unwrap()),
+        ),
     ] {
-        let max_diff = |p: &[f32], q: &[f32]| p.iter().zip(q).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let max_diff = |p: &[f32], q: &[f32]| {
+            p.iter()
+                .zip(q)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        };
         // The coarse maps differ by construction (negated head); the refined maps of a random SAM usually do too,
         // but a random TransUNet can leave both prompts degenerate, so only the coarse difference is required.
         let differ = max_diff(&a, &b) > 1e-3;
-        assert!(differ || which == "refined", "{which}: the two models should differ");
+        assert!(
+            differ || which == "refined",
+            "{which}: the two models should differ"
+        );
         if differ {
-            assert!(max_diff(&e, &a) > 1e-4 && max_diff(&e, &b) > 1e-4, "{which}: ensemble equals a single model");
+            assert!(
+                max_diff(&e, &a) > 1e-4 && max_diff(&e, &b) > 1e-4,
+                "{which}: ensemble equals a single model"
+            );
         }
         let mean: Vec<f32> = a.iter().zip(&b).map(|(x, y)| (x + y) / 2.0).collect();
-        assert!(max_diff(&e, &mean) < 1e-6, "{which}: ensemble is not the mean of probabilities");
+        assert!(
+            max_diff(&e, &mean) < 1e-6,
+            "{which}: ensemble is not the mean of probabilities"
+        );
     }
     // ensemble through infer as well
     let o3 = InferOptions {
-        source: ModelSource::Ensemble { pattern, folds: vec![0, 1], sam: Some(f.sam.clone()), transunet_only: false },
+        source: ModelSource::Ensemble {
+            pattern,
+            folds: vec![0, 1],
+            sam: Some(f.sam.clone()),
+            transunet_only: false,
+        },
         output: f.root.join("pred_ens"),
         ..opts.clone()
     };

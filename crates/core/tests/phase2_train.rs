@@ -47,13 +47,20 @@ fn fixture() -> &'static Fixture {
             output_root: augmented.clone(),
             datasets: vec!["PHANTOM".into()],
             target_samples: 48,
-            sim: SimConfig { store_size: S, ..SimConfig::default() },
+            sim: SimConfig {
+                store_size: S,
+                ..SimConfig::default()
+            },
             shard_size: 16,
             num_workers: Some(2),
             ..Default::default()
         })
         .unwrap();
-        Fixture { _tmp: tmp, processed, augmented }
+        Fixture {
+            _tmp: tmp,
+            processed,
+            augmented,
+        }
     })
 }
 
@@ -83,39 +90,77 @@ fn one_encoder_forward_per_source_and_disjoint_validation() {
     let o = run(&opts(tmp.path(), 1), &StopFlag::new()).unwrap();
     assert_eq!(o.status, Phase2Status::Complete);
     assert!(o.n_sources >= 4, "{} sources", o.n_sources);
-    assert_eq!(o.encoder_forwards, o.n_sources, "one encoder forward per distinct source image");
+    assert_eq!(
+        o.encoder_forwards, o.n_sources,
+        "one encoder forward per distinct source image"
+    );
     assert!(!o.val_sources.is_empty() && !o.train_sources.is_empty());
     for v in &o.val_sources {
-        assert!(!o.train_sources.contains(v), "validation source {v} is also a training source");
+        assert!(
+            !o.train_sources.contains(v),
+            "validation source {v} is also a training source"
+        );
     }
     assert_eq!(o.train_sources.len() + o.val_sources.len(), o.n_sources);
     assert!(o.n_train > 0 && o.n_val > 0 && o.n_train + o.n_val == 48);
     // Run directory contents.
-    for f in ["best.safetensors", "best.json", "latest.safetensors", "latest.json", "final.safetensors", "final.json",
-        "best_sam.safetensors", "best_sam.json", "metrics.csv", "summary.json", "train.log"] {
+    for f in [
+        "best.safetensors",
+        "best.json",
+        "latest.safetensors",
+        "latest.json",
+        "final.safetensors",
+        "final.json",
+        "best_sam.safetensors",
+        "best_sam.json",
+        "metrics.csv",
+        "summary.json",
+        "train.log",
+    ] {
         assert!(o.run_dir.join(f).is_file(), "missing {f}");
     }
     let csv = std::fs::read_to_string(o.run_dir.join("metrics.csv")).unwrap();
-    assert!(csv.lines().next().unwrap().contains("val_coarse_dice"), "{csv}");
+    assert!(
+        csv.lines().next().unwrap().contains("val_coarse_dice"),
+        "{csv}"
+    );
     let log = std::fs::read_to_string(o.run_dir.join("train.log")).unwrap();
     assert!(log.contains("Dice") && log.contains("EPOCH 1/1"), "{log}");
     // best_sam.safetensors is SAM-native (§6.10): loads strictly with the tiny config, no prefix, no optimiser state.
-    let cfg = ultrarefiner::config::Config::load("tiny").unwrap().model.sam;
-    let w = ultrarefiner::models::sam::load_sam_weights(&o.run_dir.join("best_sam.safetensors"), Some(&cfg), &candle_core::Device::Cpu)
-        .unwrap();
-    assert!(w.tensors.keys().all(|k| !k.starts_with("sam.") && !k.starts_with("__optim__")));
-    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(o.run_dir.join("best_sam.json")).unwrap()).unwrap();
+    let cfg = ultrarefiner::config::Config::load("tiny")
+        .unwrap()
+        .model
+        .sam;
+    let w = ultrarefiner::models::sam::load_sam_weights(
+        &o.run_dir.join("best_sam.safetensors"),
+        Some(&cfg),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(w
+        .tensors
+        .keys()
+        .all(|k| !k.starts_with("sam.") && !k.starts_with("__optim__")));
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(o.run_dir.join("best_sam.json")).unwrap())
+            .unwrap();
     assert_eq!(j["transunet_img_size"], S);
     assert_eq!(j["mask_prompt_style"], "direct");
     // A second run with --resume auto finds the run complete.
     let mut o2 = opts(tmp.path(), 1);
     o2.resume = Some("auto".into());
-    assert_eq!(run(&o2, &StopFlag::new()).unwrap().status, Phase2Status::AlreadyComplete);
+    assert_eq!(
+        run(&o2, &StopFlag::new()).unwrap().status,
+        Phase2Status::AlreadyComplete
+    );
 }
 
 #[test]
 fn split_is_by_source_and_deterministic() {
-    let src: Vec<(String, String)> = (0..10).map(|i| ("A".to_string(), format!("img{i}"))).chain((0..3).map(|i| ("B".into(), format!("b{i}")))).collect();
+    let src: Vec<(String, String)> = (0..10)
+        .map(|i| ("A".to_string(), format!("img{i}")))
+        .chain((0..3).map(|i| ("B".into(), format!("b{i}"))))
+        .collect();
     let a = split_sources(&src, 0.2, 42).unwrap();
     assert_eq!(a, split_sources(&src, 0.2, 42).unwrap());
     assert_eq!(a[..10].iter().filter(|v| **v).count(), 2);
@@ -149,7 +194,13 @@ fn resume_is_bitwise_exact() {
     let second = run(&o, &StopFlag::new()).unwrap();
     assert_eq!(second.status, Phase2Status::Complete);
     let strip = |h: &[ultrarefiner::train::HistoryRow]| {
-        h.iter().map(|r| { let mut r = r.clone(); r.time_s = 0.0; serde_json::to_string(&r).unwrap() }).collect::<Vec<_>>()
+        h.iter()
+            .map(|r| {
+                let mut r = r.clone();
+                r.time_s = 0.0;
+                serde_json::to_string(&r).unwrap()
+            })
+            .collect::<Vec<_>>()
     };
     assert_eq!(strip(&full.history), strip(&second.history));
     let load = |p: PathBuf| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
@@ -158,8 +209,23 @@ fn resume_is_bitwise_exact() {
     assert_eq!(a.len(), b.len());
     for (k, ta) in &a {
         let tb = &b[k];
-        let va: Vec<f32> = ta.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let vb: Vec<f32> = tb.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        assert!(va.iter().zip(&vb).all(|(x, y)| x.to_bits() == y.to_bits()), "tensor {k} differs after resume");
+        let va: Vec<f32> = ta
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let vb: Vec<f32> = tb
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(
+            va.iter().zip(&vb).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "tensor {k} differs after resume"
+        );
     }
 }

@@ -26,7 +26,9 @@ impl std::str::FromStr for Spectrum {
         match s {
             "gaussian" => Ok(Spectrum::Gaussian),
             "powerlaw" => Ok(Spectrum::Powerlaw),
-            _ => Err(crate::Error::Arg(format!("--grf-spectrum: expected gaussian|powerlaw, got {s:?}"))),
+            _ => Err(crate::Error::Arg(format!(
+                "--grf-spectrum: expected gaussian|powerlaw, got {s:?}"
+            ))),
         }
     }
 }
@@ -79,7 +81,14 @@ fn fft_freq(k: usize, n: usize) -> f64 {
 
 /// Filtered noise of size `h×w` (not normalised) with per-axis correlation lengths `(ly, lx)` in pixels,
 /// no downsampling.
-fn filtered_noise<R: Rng + ?Sized>(h: usize, w: usize, ly: f64, lx: f64, spectrum: Spectrum, rng: &mut R) -> Vec<f64> {
+fn filtered_noise<R: Rng + ?Sized>(
+    h: usize,
+    w: usize,
+    ly: f64,
+    lx: f64,
+    spectrum: Spectrum,
+    rng: &mut R,
+) -> Vec<f64> {
     let py = (3.0 * ly).ceil() as usize;
     let px = (3.0 * lx).ceil() as usize;
     let nh = fast_len(h + 2 * py);
@@ -118,8 +127,14 @@ fn filtered_noise<R: Rng + ?Sized>(h: usize, w: usize, ly: f64, lx: f64, spectru
     match spectrum {
         Spectrum::Gaussian => {
             // Separable: exp(−2π²(ℓy²fy² + ℓx²fx²)) = exp(−2π²ℓy²fy²)·exp(−2π²ℓx²fx²).
-            let ay: Vec<f64> = fy.iter().map(|f| (-two_pi2 * ly * ly * f * f).exp()).collect();
-            let ax: Vec<f64> = fx.iter().map(|f| (-two_pi2 * lx * lx * f * f).exp()).collect();
+            let ay: Vec<f64> = fy
+                .iter()
+                .map(|f| (-two_pi2 * ly * ly * f * f).exp())
+                .collect();
+            let ax: Vec<f64> = fx
+                .iter()
+                .map(|f| (-two_pi2 * lx * lx * f * f).exp())
+                .collect();
             for j in 0..nw {
                 for i in 0..nh {
                     col[j * nh + i] *= ax[j] * ay[i];
@@ -182,7 +197,11 @@ pub fn random_field<R: Rng + ?Sized>(
         return Vec::new();
     }
     let l = corr_len_px.max(1e-6);
-    let q = if downsample && l >= 8.0 { (l / 4.0).floor() as usize } else { 1 };
+    let q = if downsample && l >= 8.0 {
+        (l / 4.0).floor() as usize
+    } else {
+        1
+    };
     let mut f = if q > 1 {
         let hc = h.div_ceil(q).max(2);
         let wc = w.div_ceil(q).max(2);
@@ -199,7 +218,12 @@ pub fn random_field<R: Rng + ?Sized>(
 
 /// The canonical `G_ℓ` of SPEC §8.2: Gaussian spectrum, zero mean, unit standard deviation, correlation length
 /// `corr_len_px` pixels (downsampled generation for `ℓ ≥ 8`). Multiply by an amplitude to get a displacement field.
-pub fn gaussian_random_field<R: Rng + ?Sized>(h: usize, w: usize, corr_len_px: f64, rng: &mut R) -> Vec<f64> {
+pub fn gaussian_random_field<R: Rng + ?Sized>(
+    h: usize,
+    w: usize,
+    corr_len_px: f64,
+    rng: &mut R,
+) -> Vec<f64> {
     random_field(h, w, corr_len_px, Spectrum::Gaussian, true, rng)
 }
 
@@ -223,7 +247,10 @@ mod tests {
             let f = gaussian_random_field(40, 57, l, &mut rng);
             let m = f.iter().sum::<f64>() / f.len() as f64;
             let v = f.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / f.len() as f64;
-            assert!(m.abs() < 1e-9 && (v - 1.0).abs() < 1e-9, "l={l} m={m} v={v}");
+            assert!(
+                m.abs() < 1e-9 && (v - 1.0).abs() < 1e-9,
+                "l={l} m={m} v={v}"
+            );
         }
     }
 }

@@ -36,7 +36,9 @@ impl std::str::FromStr for SoftKind {
             "sigmoid" => Ok(SoftKind::Sigmoid),
             "blur" => Ok(SoftKind::Blur),
             "none" => Ok(SoftKind::None),
-            _ => Err(crate::Error::Arg(format!("--soft: expected sigmoid|blur|none, got {s:?}"))),
+            _ => Err(crate::Error::Arg(format!(
+                "--soft: expected sigmoid|blur|none, got {s:?}"
+            ))),
         }
     }
 }
@@ -56,7 +58,9 @@ impl std::str::FromStr for StoreDtype {
         match s {
             "f32" => Ok(StoreDtype::F32),
             "f16" => Ok(StoreDtype::F16),
-            _ => Err(crate::Error::Arg(format!("--store-dtype: expected f32|f16, got {s:?}"))),
+            _ => Err(crate::Error::Arg(format!(
+                "--store-dtype: expected f32|f16, got {s:?}"
+            ))),
         }
     }
 }
@@ -82,14 +86,36 @@ fn reflect101(k: isize, n: usize) -> usize {
 }
 
 /// The soft mask of a window mask `m` (of `ctx.win`) on a region of the image; zero outside the returned region.
-pub fn soft_mask(ctx: &SourceContext, m: &[bool], kind: SoftKind, temperature: f64) -> (Rect, Vec<f32>) {
+pub fn soft_mask(
+    ctx: &SourceContext,
+    m: &[bool],
+    kind: SoftKind,
+    temperature: f64,
+) -> (Rect, Vec<f32>) {
     let win = ctx.win;
     let Some(b) = bounding_box(m, win.h, win.w) else {
-        return (Rect { y0: 0, x0: 0, h: 0, w: 0 }, Vec::new());
+        return (
+            Rect {
+                y0: 0,
+                x0: 0,
+                h: 0,
+                w: 0,
+            },
+            Vec::new(),
+        );
     };
-    let bb = Rect { y0: win.y0 + b.y0, x0: win.x0 + b.x0, h: b.h, w: b.w };
+    let bb = Rect {
+        y0: win.y0 + b.y0,
+        x0: win.x0 + b.x0,
+        h: b.h,
+        w: b.w,
+    };
     let m_at = |i: usize, j: usize| -> bool {
-        i >= win.y0 && j >= win.x0 && i < win.y0 + win.h && j < win.x0 + win.w && m[(i - win.y0) * win.w + (j - win.x0)]
+        i >= win.y0
+            && j >= win.x0
+            && i < win.y0 + win.h
+            && j < win.x0 + win.w
+            && m[(i - win.y0) * win.w + (j - win.x0)]
     };
     match kind {
         SoftKind::None => {
@@ -103,12 +129,16 @@ pub fn soft_mask(ctx: &SourceContext, m: &[bool], kind: SoftKind, temperature: f
             let t = temperature;
             let margin = (SIGMOID_CUTOFF_T * t).ceil() as usize + 1;
             let reg = bb.expand(margin, ctx.h, ctx.w);
-            let mr: Vec<bool> = (0..reg.len()).map(|p| m_at(reg.y0 + p / reg.w, reg.x0 + p % reg.w)).collect();
+            let mr: Vec<bool> = (0..reg.len())
+                .map(|p| m_at(reg.y0 + p / reg.w, reg.x0 + p % reg.w))
+                .collect();
             // SDF of m (SPEC §8.1): distances to the nearest foreground pixel over the region, and to the nearest
             // background pixel over bbox(m) grown by 1 (exact: the ring around the box is background).
             let d_out = squared_distance_to_sites(&mr, reg.h, reg.w, (1.0, 1.0));
             let ib = bb.expand(1, ctx.h, ctx.w);
-            let not_m: Vec<bool> = (0..ib.len()).map(|p| !m_at(ib.y0 + p / ib.w, ib.x0 + p % ib.w)).collect();
+            let not_m: Vec<bool> = (0..ib.len())
+                .map(|p| !m_at(ib.y0 + p / ib.w, ib.x0 + p % ib.w))
+                .collect();
             let any_bg = not_m.iter().any(|&b| b);
             let d_in = squared_distance_to_sites(&not_m, ib.h, ib.w, (1.0, 1.0));
             let cut = SIGMOID_CUTOFF_T * t;
@@ -133,7 +163,9 @@ pub fn soft_mask(ctx: &SourceContext, m: &[bool], kind: SoftKind, temperature: f
         SoftKind::Blur => {
             let sigma = temperature;
             let rad = (3.0 * sigma).ceil() as isize;
-            let mut k: Vec<f64> = (-rad..=rad).map(|d| (-(d * d) as f64 / (2.0 * sigma * sigma)).exp()).collect();
+            let mut k: Vec<f64> = (-rad..=rad)
+                .map(|d| (-(d * d) as f64 / (2.0 * sigma * sigma)).exp())
+                .collect();
             let sum: f64 = k.iter().sum();
             k.iter_mut().for_each(|v| *v /= sum);
             let reg = bb.expand(rad as usize, ctx.h, ctx.w);
@@ -173,11 +205,22 @@ pub fn soft_mask(ctx: &SourceContext, m: &[bool], kind: SoftKind, temperature: f
 }
 
 /// The stored `S×S` mask of a window mask (soft mask, then `bilinear(ac=false)` to `S`, then the storage dtype).
-pub fn stored_mask(ctx: &SourceContext, m: &[bool], kind: SoftKind, temperature: f64, dtype: StoreDtype) -> Vec<f32> {
+pub fn stored_mask(
+    ctx: &SourceContext,
+    m: &[bool],
+    kind: SoftKind,
+    temperature: f64,
+    dtype: StoreDtype,
+) -> Vec<f32> {
     let (reg, vals) = soft_mask(ctx, m, kind, temperature);
-    let mut st = if reg.is_empty() { vec![0f32; ctx.store * ctx.store] } else { ctx.resize_region(&vals, &reg) };
+    let mut st = if reg.is_empty() {
+        vec![0f32; ctx.store * ctx.store]
+    } else {
+        ctx.resize_region(&vals, &reg)
+    };
     if dtype == StoreDtype::F16 {
-        st.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32());
+        st.iter_mut()
+            .for_each(|v| *v = half::f16::from_f32(*v).to_f32());
     }
     st
 }

@@ -5,7 +5,9 @@
 //! let report = eval::evaluate::run(&EvaluateOptions { source, datasets: vec!["PHANTOM".into()], ..Default::default() })?;
 //! println!("{}", eval::evaluate::demo_summary_line(&report)); // demo: coarse Dice 0.xxxx, refined Dice 0.yyyy
 //! ```
-use super::metrics::{aggregate, binarize, image_metrics, AggregateReport, AggregateRow, ImageMetrics};
+use super::metrics::{
+    aggregate, binarize, image_metrics, AggregateReport, AggregateRow, ImageMetrics,
+};
 use super::model::{EvalModel, ModelSource};
 use super::visualize::{change_counts, overlay_png, summary_png, OverlayCase};
 use crate::config::Config;
@@ -54,7 +56,9 @@ impl std::str::FromStr for EvalSplit {
             "val" => Ok(EvalSplit::Val),
             "train" => Ok(EvalSplit::Train),
             "kfold-train" | "kfold_train" => Ok(EvalSplit::KfoldTrain),
-            _ => Err(Error::Arg(format!("--split `{s}` is not one of test, val, train, kfold-train"))),
+            _ => Err(Error::Arg(format!(
+                "--split `{s}` is not one of test, val, train, kfold-train"
+            ))),
         }
     }
 }
@@ -87,7 +91,9 @@ pub struct EvaluateOptions {
 impl Default for EvaluateOptions {
     fn default() -> Self {
         Self {
-            source: ModelSource::TransUnetOnly { transunet: PathBuf::new() },
+            source: ModelSource::TransUnetOnly {
+                transunet: PathBuf::new(),
+            },
             config: "paper".into(),
             data_root: PathBuf::from("./dataset/processed"),
             datasets: DEFAULT_DATASETS.iter().map(|s| s.to_string()).collect(),
@@ -123,7 +129,9 @@ impl EvaluateOptions {
     }
     /// The output folder (explicit or the §13.1 default).
     pub fn resolved_output_dir(&self) -> PathBuf {
-        self.output_dir.clone().unwrap_or_else(|| PathBuf::from("./results").join(format!("{}_evaluation", self.label())))
+        self.output_dir.clone().unwrap_or_else(|| {
+            PathBuf::from("./results").join(format!("{}_evaluation", self.label()))
+        })
     }
     fn data_split(&self) -> Split {
         match self.split {
@@ -166,7 +174,10 @@ pub struct CaseResult {
 impl CaseResult {
     /// Refined − coarse Dice (0 without a refiner).
     pub fn dice_improvement(&self) -> f64 {
-        self.refined.as_ref().map(|r| r.dice - self.coarse.dice).unwrap_or(0.0)
+        self.refined
+            .as_ref()
+            .map(|r| r.dice - self.coarse.dice)
+            .unwrap_or(0.0)
     }
 }
 
@@ -194,11 +205,17 @@ pub struct EvaluateReport {
 impl EvaluateReport {
     /// Mean per-image coarse Dice over all images (ALL row).
     pub fn mean_coarse_dice(&self) -> f64 {
-        self.coarse.all.get("dice").map(|m| m.mean).unwrap_or(f64::NAN)
+        self.coarse
+            .all
+            .get("dice")
+            .map(|m| m.mean)
+            .unwrap_or(f64::NAN)
     }
     /// Mean per-image refined Dice over all images (ALL row), if refined.
     pub fn mean_refined_dice(&self) -> Option<f64> {
-        self.refined.as_ref().and_then(|r| r.all.get("dice").map(|m| m.mean))
+        self.refined
+            .as_ref()
+            .and_then(|r| r.all.get("dice").map(|m| m.mean))
     }
     pub fn n_images(&self) -> usize {
         self.datasets.iter().map(|d| d.cases.len()).sum()
@@ -207,8 +224,14 @@ impl EvaluateReport {
 
 /// `demo: coarse Dice 0.xxxx, refined Dice 0.yyyy` (`n/a` without a refiner) — the line `make demo` prints.
 pub fn demo_summary_line(r: &EvaluateReport) -> String {
-    let refined = r.mean_refined_dice().map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into());
-    format!("demo: coarse Dice {:.4}, refined Dice {refined}", r.mean_coarse_dice())
+    let refined = r
+        .mean_refined_dice()
+        .map(|v| format!("{v:.4}"))
+        .unwrap_or_else(|| "n/a".into());
+    format!(
+        "demo: coarse Dice {:.4}, refined Dice {refined}",
+        r.mean_coarse_dice()
+    )
 }
 
 fn mean_of(row: &AggregateRow, k: &str) -> f64 {
@@ -221,12 +244,18 @@ pub fn console_table(r: &EvaluateReport) -> String {
     let rule = "=".repeat(118);
     let thin = "-".repeat(118);
     let mut s = String::new();
-    s.push_str(&format!("{rule}\n{:>20}EVALUATION RESULTS ({})\n{rule}\n", "", r.label));
+    s.push_str(&format!(
+        "{rule}\n{:>20}EVALUATION RESULTS ({})\n{rule}\n",
+        "", r.label
+    ));
     s.push_str(&format!(
         "{:<16}{:>8} | {:>8}{:>8}{:>8} | {:>8}{:>8}{:>8} | {:>9}{:>9}\n",
         "Dataset", "Samples", "Dice", "IoU", "HD95", "Dice", "IoU", "HD95", "ΔDice", "ΔHD95"
     ));
-    s.push_str(&format!("{:<16}{:>8} | {:^24} | {:^24} |\n", "", "", "Coarse", "Refined"));
+    s.push_str(&format!(
+        "{:<16}{:>8} | {:^24} | {:^24} |\n",
+        "", "", "Coarse", "Refined"
+    ));
     s.push_str(&format!("{thin}\n"));
     let row = |name: &str, n: usize, c: &AggregateRow, rf: Option<&AggregateRow>| -> String {
         let (cd, ci, ch) = (mean_of(c, "dice"), mean_of(c, "iou"), mean_of(c, "hd95"));
@@ -250,10 +279,25 @@ pub fn console_table(r: &EvaluateReport) -> String {
         s.push_str(&row(&d.name, d.n_images, d, rf));
     }
     s.push_str(&format!("{thin}\n"));
-    s.push_str(&row("AVERAGE", r.coarse.datasets.len(), &r.coarse.average, r.refined.as_ref().map(|x| &x.average)));
-    s.push_str(&row("ALL", r.coarse.all.n_images, &r.coarse.all, r.refined.as_ref().map(|x| &x.all)));
-    s.push_str(&format!("{rule}\n\nDetailed metrics (ALL images, mean ± std)\n"));
-    s.push_str(&format!("{:<14}{:>22}{:>22}{:>10}\n", "Metric", "Coarse", "Refined", "Delta"));
+    s.push_str(&row(
+        "AVERAGE",
+        r.coarse.datasets.len(),
+        &r.coarse.average,
+        r.refined.as_ref().map(|x| &x.average),
+    ));
+    s.push_str(&row(
+        "ALL",
+        r.coarse.all.n_images,
+        &r.coarse.all,
+        r.refined.as_ref().map(|x| &x.all),
+    ));
+    s.push_str(&format!(
+        "{rule}\n\nDetailed metrics (ALL images, mean ± std)\n"
+    ));
+    s.push_str(&format!(
+        "{:<14}{:>22}{:>22}{:>10}\n",
+        "Metric", "Coarse", "Refined", "Delta"
+    ));
     for (name, c) in &r.coarse.all.metrics {
         let rf = r.refined.as_ref().and_then(|x| x.all.get(name));
         let cs = format!("{:.4} ± {:.4}", c.mean, c.std);
@@ -269,15 +313,31 @@ pub fn console_table(r: &EvaluateReport) -> String {
     s.push_str(&format!(
         "empty predictions: coarse {}{}; empty ground truth: {}\n",
         r.coarse.all.n_pred_empty,
-        r.refined.as_ref().map(|x| format!(", refined {}", x.all.n_pred_empty)).unwrap_or_default(),
+        r.refined
+            .as_ref()
+            .map(|x| format!(", refined {}", x.all.n_pred_empty))
+            .unwrap_or_default(),
         r.coarse.all.n_gt_empty
     ));
     if let (Some(_), true) = (&r.refined, r.n_images() > 0) {
-        let c: Vec<f64> = r.datasets.iter().flat_map(|d| d.cases.iter().map(|x| x.coarse.dice)).collect();
-        let f: Vec<f64> =
-            r.datasets.iter().flat_map(|d| d.cases.iter().filter_map(|x| x.refined.as_ref().map(|m| m.dice))).collect();
+        let c: Vec<f64> = r
+            .datasets
+            .iter()
+            .flat_map(|d| d.cases.iter().map(|x| x.coarse.dice))
+            .collect();
+        let f: Vec<f64> = r
+            .datasets
+            .iter()
+            .flat_map(|d| {
+                d.cases
+                    .iter()
+                    .filter_map(|x| x.refined.as_ref().map(|m| m.dice))
+            })
+            .collect();
         let (i, d, u) = change_counts(&c, &f);
-        s.push_str(&format!("cases improved {i}, degraded {d}, unchanged {u} (|ΔDice| < 1e-3)\n"));
+        s.push_str(&format!(
+            "cases improved {i}, degraded {d}, unchanged {u} (|ΔDice| < 1e-3)\n"
+        ));
     }
     s.push_str(&format!("results: {}\n", r.output_dir.display()));
     s
@@ -286,7 +346,10 @@ pub fn console_table(r: &EvaluateReport) -> String {
 fn stats_json(row: &AggregateRow) -> serde_json::Value {
     let mut m = serde_json::Map::new();
     for (k, v) in &row.metrics {
-        m.insert(k.clone(), json!({"mean": finite(v.mean), "std": finite(v.std), "n": v.n}));
+        m.insert(
+            k.clone(),
+            json!({"mean": finite(v.mean), "std": finite(v.std), "n": v.n}),
+        );
     }
     serde_json::Value::Object(m)
 }
@@ -312,7 +375,16 @@ fn row_json(c: &AggregateRow, r: Option<&AggregateRow>) -> serde_json::Value {
     })
 }
 
-const CASE_METRICS: [&str; 8] = ["dice", "iou", "precision", "recall", "accuracy", "specificity", "hd95", "assd"];
+const CASE_METRICS: [&str; 8] = [
+    "dice",
+    "iou",
+    "precision",
+    "recall",
+    "accuracy",
+    "specificity",
+    "hd95",
+    "assd",
+];
 
 fn metric_value(m: &ImageMetrics, k: &str) -> f64 {
     match k {
@@ -333,9 +405,17 @@ fn write_per_case(path: &Path, cases: &[CaseResult], refined: bool) -> Result<()
     header.extend(CASE_METRICS.iter().map(|k| format!("coarse_{k}")));
     if refined {
         header.extend(CASE_METRICS.iter().map(|k| format!("refined_{k}")));
-        header.extend(["delta_dice", "delta_iou", "delta_hd95"].iter().map(|s| s.to_string()));
+        header.extend(
+            ["delta_dice", "delta_iou", "delta_hd95"]
+                .iter()
+                .map(|s| s.to_string()),
+        );
     }
-    header.extend(["gt_empty", "coarse_pred_empty"].iter().map(|s| s.to_string()));
+    header.extend(
+        ["gt_empty", "coarse_pred_empty"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
     if refined {
         header.push("refined_pred_empty".into());
     }
@@ -344,9 +424,17 @@ fn write_per_case(path: &Path, cases: &[CaseResult], refined: bool) -> Result<()
     w.write_record(&header).map_err(werr)?;
     for c in cases {
         let mut rec: Vec<String> = vec![c.name.clone(), c.index.to_string()];
-        rec.extend(CASE_METRICS.iter().map(|k| format!("{:.6}", metric_value(&c.coarse, k))));
+        rec.extend(
+            CASE_METRICS
+                .iter()
+                .map(|k| format!("{:.6}", metric_value(&c.coarse, k))),
+        );
         if let Some(r) = &c.refined {
-            rec.extend(CASE_METRICS.iter().map(|k| format!("{:.6}", metric_value(r, k))));
+            rec.extend(
+                CASE_METRICS
+                    .iter()
+                    .map(|k| format!("{:.6}", metric_value(r, k))),
+            );
             rec.push(format!("{:.6}", r.dice - c.coarse.dice));
             rec.push(format!("{:.6}", r.iou - c.coarse.iou));
             rec.push(format!("{:.6}", r.hd95 - c.coarse.hd95));
@@ -356,19 +444,32 @@ fn write_per_case(path: &Path, cases: &[CaseResult], refined: bool) -> Result<()
         rec.push((c.coarse.gt_empty as u8).to_string());
         rec.push((c.coarse.pred_empty as u8).to_string());
         if refined {
-            rec.push(c.refined.as_ref().map(|r| (r.pred_empty as u8).to_string()).unwrap_or_default());
+            rec.push(
+                c.refined
+                    .as_ref()
+                    .map(|r| (r.pred_empty as u8).to_string())
+                    .unwrap_or_default(),
+            );
         }
         rec.push("0".into());
         rec.push("0".into());
         w.write_record(&rec).map_err(werr)?;
     }
-    let bytes = w.into_inner().map_err(|e| Error::file(path, e.to_string()))?;
+    let bytes = w
+        .into_inner()
+        .map_err(|e| Error::file(path, e.to_string()))?;
     crate::data::write_atomic(path, &bytes)
 }
 
 fn write_summary_csv(path: &Path, r: &EvaluateReport) -> Result<()> {
     let mut w = csv::Writer::from_writer(Vec::new());
-    let names: Vec<String> = r.coarse.all.metrics.iter().map(|(k, _)| k.clone()).collect();
+    let names: Vec<String> = r
+        .coarse
+        .all
+        .metrics
+        .iter()
+        .map(|(k, _)| k.clone())
+        .collect();
     let mut header: Vec<String> = vec!["name".into(), "n_images".into()];
     for k in &names {
         header.push(format!("coarse_{k}_mean"));
@@ -394,7 +495,13 @@ fn write_summary_csv(path: &Path, r: &EvaluateReport) -> Result<()> {
     }
     rows.push((&r.coarse.average, r.refined.as_ref().map(|x| &x.average)));
     rows.push((&r.coarse.all, r.refined.as_ref().map(|x| &x.all)));
-    let f = |v: f64| if v.is_finite() { format!("{v:.6}") } else { String::new() };
+    let f = |v: f64| {
+        if v.is_finite() {
+            format!("{v:.6}")
+        } else {
+            String::new()
+        }
+    };
     for (c, rf) in rows {
         let mut rec = vec![c.name.clone(), c.n_images.to_string()];
         for k in &names {
@@ -417,7 +524,9 @@ fn write_summary_csv(path: &Path, r: &EvaluateReport) -> Result<()> {
         rec.push(c.n_gt_empty.to_string());
         w.write_record(&rec).map_err(werr)?;
     }
-    let bytes = w.into_inner().map_err(|e| Error::file(path, e.to_string()))?;
+    let bytes = w
+        .into_inner()
+        .map_err(|e| Error::file(path, e.to_string()))?;
     crate::data::write_atomic(path, &bytes)
 }
 
@@ -434,14 +543,21 @@ pub fn select_cases(cases: &[CaseResult], n: i64, best_worst: bool) -> Vec<usize
     }
     let mut out: Vec<usize> = if best_worst {
         let mut order: Vec<usize> = (0..len).collect();
-        order.sort_by(|&a, &b| cases[b].dice_improvement().total_cmp(&cases[a].dice_improvement()).then(a.cmp(&b)));
+        order.sort_by(|&a, &b| {
+            cases[b]
+                .dice_improvement()
+                .total_cmp(&cases[a].dice_improvement())
+                .then(a.cmp(&b))
+        });
         let top = n.div_ceil(2);
         let bottom = n - top;
         let mut v: Vec<usize> = order[..top].to_vec();
         v.extend(order[len - bottom..].iter().copied());
         v
     } else {
-        (0..n).map(|i| if n == 1 { 0 } else { i * (len - 1) / (n - 1) }).collect()
+        (0..n)
+            .map(|i| if n == 1 { 0 } else { i * (len - 1) / (n - 1) })
+            .collect()
     };
     out.sort_unstable();
     out.dedup();
@@ -454,11 +570,17 @@ pub fn run(opts: &EvaluateOptions) -> Result<EvaluateReport> {
         return Err(Error::Arg("--batch-size must be at least 1".into()));
     }
     if !(opts.threshold > 0.0 && opts.threshold < 1.0) {
-        return Err(Error::Arg(format!("--threshold must be in (0, 1), got {}", opts.threshold)));
+        return Err(Error::Arg(format!(
+            "--threshold must be in (0, 1), got {}",
+            opts.threshold
+        )));
     }
     if let Some(k) = opts.effective_fold() {
         if k >= opts.n_splits {
-            return Err(Error::Arg(format!("--fold {k} is out of range for --n-splits {}", opts.n_splits)));
+            return Err(Error::Arg(format!(
+                "--fold {k} is out of range for --n-splits {}",
+                opts.n_splits
+            )));
         }
     }
     if opts.datasets.is_empty() {
@@ -475,14 +597,19 @@ pub fn run(opts: &EvaluateOptions) -> Result<EvaluateReport> {
         let ds = SegDataset::open(&opts.data_root, &[ds_name.as_str()], opts.data_split(), s)?;
         let n = ds.len();
         if n == 0 {
-            return Err(Error::Arg(format!("dataset {ds_name}: split {label} has no images")));
+            return Err(Error::Arg(format!(
+                "dataset {ds_name}: split {label} has no images"
+            )));
         }
         let t0 = Instant::now();
         let mut cases: Vec<CaseResult> = Vec::with_capacity(n);
         let mut next_report = 0usize;
         for start in (0..n).step_by(opts.batch_size) {
             let idx: Vec<usize> = (start..(start + opts.batch_size).min(n)).collect();
-            let samples = idx.iter().map(|&i| ds.get_eval(i)).collect::<Result<Vec<_>>>()?;
+            let samples = idx
+                .iter()
+                .map(|&i| ds.get_eval(i))
+                .collect::<Result<Vec<_>>>()?;
             let batch = Batch::from_samples(samples)?;
             let imgs = batch.images.to_device(&opts.device)?;
             let pred = model.predict(&imgs, false)?;
@@ -500,7 +627,13 @@ pub fn run(opts: &EvaluateOptions) -> Result<EvaluateReport> {
                     let c = binarize(&coarse[b * px..(b + 1) * px], opts.threshold);
                     let cm = image_metrics(&c, &g, s, s, None)?;
                     let rm = match &refined {
-                        Some(r) => Some(image_metrics(&binarize(&r[b * px..(b + 1) * px], opts.threshold), &g, s, s, None)?),
+                        Some(r) => Some(image_metrics(
+                            &binarize(&r[b * px..(b + 1) * px], opts.threshold),
+                            &g,
+                            s,
+                            s,
+                            None,
+                        )?),
                         None => None,
                     };
                     Ok(CaseResult {
@@ -531,16 +664,30 @@ pub fn run(opts: &EvaluateOptions) -> Result<EvaluateReport> {
             for ci in select_cases(&cases, opts.num_visualize, opts.visualize_best_worst) {
                 let case = &cases[ci];
                 let sample = ds.get_eval(case.index)?;
-                let img = candle_core::Tensor::from_vec(sample.image.clone(), (1, 1, s, s), &candle_core::Device::Cpu)?
-                    .to_device(&opts.device)?;
+                let img = candle_core::Tensor::from_vec(
+                    sample.image.clone(),
+                    (1, 1, s, s),
+                    &candle_core::Device::Cpu,
+                )?
+                .to_device(&opts.device)?;
                 let pred = model.predict(&img, false)?;
-                let coarse = binarize(&pred.coarse.flatten_all()?.to_vec1::<f32>()?, opts.threshold);
+                let coarse = binarize(
+                    &pred.coarse.flatten_all()?.to_vec1::<f32>()?,
+                    opts.threshold,
+                );
                 let refined = match &pred.refined {
-                    Some(r) => Some(binarize(&r.flatten_all()?.to_vec1::<f32>()?, opts.threshold)),
+                    Some(r) => Some(binarize(
+                        &r.flatten_all()?.to_vec1::<f32>()?,
+                        opts.threshold,
+                    )),
                     None => None,
                 };
                 let gt = binarize(&sample.mask, 0.5);
-                let grey: Vec<u8> = sample.image.iter().map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8).collect();
+                let grey: Vec<u8> = sample
+                    .image
+                    .iter()
+                    .map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8)
+                    .collect();
                 let imp = case.dice_improvement();
                 let path = vis_dir.join(format!("sample_{:04}_imp{imp:+.4}.png", case.index));
                 overlay_png(
@@ -559,23 +706,45 @@ pub fn run(opts: &EvaluateOptions) -> Result<EvaluateReport> {
                 visualizations.push(path);
             }
         }
-        results.push(DatasetResult { name: ds_name.clone(), cases, visualizations });
+        results.push(DatasetResult {
+            name: ds_name.clone(),
+            cases,
+            visualizations,
+        });
     }
 
     // Aggregation (§10.4).
-    let coarse_groups: Vec<(String, Vec<ImageMetrics>)> =
-        results.iter().map(|d| (d.name.clone(), d.cases.iter().map(|c| c.coarse.clone()).collect())).collect();
+    let coarse_groups: Vec<(String, Vec<ImageMetrics>)> = results
+        .iter()
+        .map(|d| {
+            (
+                d.name.clone(),
+                d.cases.iter().map(|c| c.coarse.clone()).collect(),
+            )
+        })
+        .collect();
     let coarse = aggregate(&coarse_groups);
     let refined = if model.refines() {
         let g: Vec<(String, Vec<ImageMetrics>)> = results
             .iter()
-            .map(|d| (d.name.clone(), d.cases.iter().filter_map(|c| c.refined.clone()).collect()))
+            .map(|d| {
+                (
+                    d.name.clone(),
+                    d.cases.iter().filter_map(|c| c.refined.clone()).collect(),
+                )
+            })
             .collect();
         Some(aggregate(&g))
     } else {
         None
     };
-    let report = EvaluateReport { output_dir: out_dir.clone(), label: label.clone(), datasets: results, coarse, refined };
+    let report = EvaluateReport {
+        output_dir: out_dir.clone(),
+        label: label.clone(),
+        datasets: results,
+        coarse,
+        refined,
+    };
 
     // Per-dataset files.
     for (i, d) in report.datasets.iter().enumerate() {
@@ -602,7 +771,11 @@ pub fn run(opts: &EvaluateOptions) -> Result<EvaluateReport> {
             "stabilization": {"rejected": 0, "fused": 0},
         });
         atomic_write_json(&ds_dir.join(format!("{label}_result.json")), &result)?;
-        write_per_case(&ds_dir.join("per_case.csv"), &d.cases, report.refined.is_some())?;
+        write_per_case(
+            &ds_dir.join("per_case.csv"),
+            &d.cases,
+            report.refined.is_some(),
+        )?;
     }
     // Summary files.
     let mut ds_rows = Vec::new();
@@ -622,13 +795,30 @@ pub fn run(opts: &EvaluateOptions) -> Result<EvaluateReport> {
     });
     atomic_write_json(&out_dir.join("summary.json"), &summary)?;
     write_summary_csv(&out_dir.join("summary.csv"), &report)?;
-    let cd: Vec<f64> = report.datasets.iter().flat_map(|d| d.cases.iter().map(|c| c.coarse.dice)).collect();
+    let cd: Vec<f64> = report
+        .datasets
+        .iter()
+        .flat_map(|d| d.cases.iter().map(|c| c.coarse.dice))
+        .collect();
     let rd: Option<Vec<f64>> = report.refined.as_ref().map(|_| {
-        report.datasets.iter().flat_map(|d| d.cases.iter().filter_map(|c| c.refined.as_ref().map(|m| m.dice))).collect()
+        report
+            .datasets
+            .iter()
+            .flat_map(|d| {
+                d.cases
+                    .iter()
+                    .filter_map(|c| c.refined.as_ref().map(|m| m.dice))
+            })
+            .collect()
     });
     summary_png(
         &out_dir.join("summary.png"),
-        &format!("{} evaluation: {} ({} images)", label, opts.datasets.join(", "), cd.len()),
+        &format!(
+            "{} evaluation: {} ({} images)",
+            label,
+            opts.datasets.join(", "),
+            cd.len()
+        ),
         &cd,
         rd.as_deref(),
     )?;

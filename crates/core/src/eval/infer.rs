@@ -30,7 +30,9 @@ impl std::str::FromStr for InferMode {
         match s.trim().to_ascii_lowercase().as_str() {
             "full" => Ok(InferMode::Full),
             "transunet" | "coarse" => Ok(InferMode::Transunet),
-            _ => Err(Error::Arg(format!("--mode `{s}` is not one of full, transunet"))),
+            _ => Err(Error::Arg(format!(
+                "--mode `{s}` is not one of full, transunet"
+            ))),
         }
     }
 }
@@ -54,7 +56,9 @@ pub struct InferOptions {
 impl Default for InferOptions {
     fn default() -> Self {
         Self {
-            source: ModelSource::TransUnetOnly { transunet: PathBuf::new() },
+            source: ModelSource::TransUnetOnly {
+                transunet: PathBuf::new(),
+            },
             config: "paper".into(),
             input: PathBuf::new(),
             output: PathBuf::from("./predictions"),
@@ -107,7 +111,11 @@ pub fn list_images(input: &Path, recursive: bool) -> Result<Vec<PathBuf>> {
                 if recursive {
                     stack.push(p);
                 }
-            } else if p.extension().map(|x| x.eq_ignore_ascii_case("png")).unwrap_or(false) {
+            } else if p
+                .extension()
+                .map(|x| x.eq_ignore_ascii_case("png"))
+                .unwrap_or(false)
+            {
                 out.push(p);
             }
         }
@@ -162,13 +170,24 @@ pub fn prob_to_original(prob_s: &[f32], s: usize, h: usize, w: usize) -> Vec<f32
 }
 
 fn mask_gray(mask: &[bool], w: usize, h: usize) -> Gray {
-    Gray::new(w, h, mask.iter().map(|&b| if b { 255 } else { 0 }).collect())
+    Gray::new(
+        w,
+        h,
+        mask.iter().map(|&b| if b { 255 } else { 0 }).collect(),
+    )
 }
 
 fn output_name(input: &Path, file: &Path) -> String {
-    let rel = if input.is_dir() { file.strip_prefix(input).unwrap_or(file) } else { Path::new(file.file_name().unwrap_or_default()) };
+    let rel = if input.is_dir() {
+        file.strip_prefix(input).unwrap_or(file)
+    } else {
+        Path::new(file.file_name().unwrap_or_default())
+    };
     let rel = rel.with_extension("");
-    rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect::<Vec<_>>().join("__")
+    rel.components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join("__")
 }
 
 /// Runs inference on every image and writes masks, overlays and `predictions.csv`.
@@ -198,7 +217,8 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
             flat.extend_from_slice(&img_s);
             decoded.push(d);
         }
-        let x = Tensor::from_vec(flat, (chunk.len(), 1, s, s), &Device::Cpu)?.to_device(&opts.device)?;
+        let x = Tensor::from_vec(flat, (chunk.len(), 1, s, s), &Device::Cpu)?
+            .to_device(&opts.device)?;
         let pred = model.predict(&x, coarse_only)?;
         let coarse: Vec<f32> = pred.coarse.flatten_all()?.to_vec1()?;
         let refined: Option<Vec<f32>> = match (&pred.refined, coarse_only) {
@@ -213,19 +233,30 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
             let name = output_name(&opts.input, f);
             let cp = prob_to_original(&coarse[b * px..(b + 1) * px], s, h, w);
             let cm: Vec<bool> = cp.iter().map(|&v| v > opts.threshold).collect();
-            write_gray_png(&opts.output.join(format!("{name}_coarse.png")), &mask_gray(&cm, w, h))?;
+            write_gray_png(
+                &opts.output.join(format!("{name}_coarse.png")),
+                &mask_gray(&cm, w, h),
+            )?;
             let (rm, rp) = match &refined {
                 Some(r) => {
                     let rp = prob_to_original(&r[b * px..(b + 1) * px], s, h, w);
                     let rm: Vec<bool> = rp.iter().map(|&v| v > opts.threshold).collect();
-                    write_gray_png(&opts.output.join(format!("{name}_refined.png")), &mask_gray(&rm, w, h))?;
+                    write_gray_png(
+                        &opts.output.join(format!("{name}_refined.png")),
+                        &mask_gray(&rm, w, h),
+                    )?;
                     (Some(rm), Some(rp))
                 }
                 None => (None, None),
             };
             let final_mask: &[bool] = rm.as_deref().unwrap_or(&cm[..]);
             let ov = infer_overlay_rgb(&d.image.data, final_mask, h, w);
-            write_rgb_png(&opts.output.join(format!("{name}_overlay.png")), w as u32, h as u32, ov)?;
+            write_rgb_png(
+                &opts.output.join(format!("{name}_overlay.png")),
+                w as u32,
+                h as u32,
+                ov,
+            )?;
             let iou = rm.as_ref().map(|r| {
                 let inter = r.iter().zip(&cm).filter(|(a, b)| **a && **b).count();
                 let uni = r.iter().zip(&cm).filter(|(a, b)| **a || **b).count();
@@ -241,7 +272,9 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
                 height: h,
                 coarse_area_px: cm.iter().filter(|&&v| v).count(),
                 refined_area_px: rm.as_ref().map(|r| r.iter().filter(|&&v| v).count()),
-                mean_refined_prob: rp.as_ref().map(|p| p.iter().map(|&v| v as f64).sum::<f64>() / p.len().max(1) as f64),
+                mean_refined_prob: rp
+                    .as_ref()
+                    .map(|p| p.iter().map(|&v| v as f64).sum::<f64>() / p.len().max(1) as f64),
                 iou_coarse_refined: iou,
                 n_components: count_components(final_mask, h, w),
                 runtime_ms: per_ms,
@@ -252,7 +285,10 @@ pub fn run(opts: &InferOptions) -> Result<InferReport> {
         }
     }
     write_predictions_csv(&opts.output.join("predictions.csv"), &rows)?;
-    Ok(InferReport { output: opts.output.clone(), rows })
+    Ok(InferReport {
+        output: opts.output.clone(),
+        rows,
+    })
 }
 
 /// `predictions.csv` with the §13.2 columns (refined columns empty in `transunet` mode; `rejected`/`fused` are 0
@@ -281,8 +317,12 @@ pub fn write_predictions_csv(path: &Path, rows: &[InferRow]) -> Result<()> {
             r.height.to_string(),
             r.coarse_area_px.to_string(),
             r.refined_area_px.map(|v| v.to_string()).unwrap_or_default(),
-            r.mean_refined_prob.map(|v| format!("{v:.6}")).unwrap_or_default(),
-            r.iou_coarse_refined.map(|v| format!("{v:.6}")).unwrap_or_default(),
+            r.mean_refined_prob
+                .map(|v| format!("{v:.6}"))
+                .unwrap_or_default(),
+            r.iou_coarse_refined
+                .map(|v| format!("{v:.6}"))
+                .unwrap_or_default(),
             r.n_components.to_string(),
             "0".into(),
             "0".into(),
@@ -290,7 +330,9 @@ pub fn write_predictions_csv(path: &Path, rows: &[InferRow]) -> Result<()> {
         ])
         .map_err(werr)?;
     }
-    let bytes = w.into_inner().map_err(|e| Error::file(path, e.to_string()))?;
+    let bytes = w
+        .into_inner()
+        .map_err(|e| Error::file(path, e.to_string()))?;
     crate::data::write_atomic(path, &bytes)
 }
 

@@ -29,19 +29,28 @@ pub enum ModelSource {
     Phase3 { checkpoint: PathBuf },
     /// Fold ensemble: `pattern` contains `{k}`; members are Phase 3 files, or Phase 1 files combined with `sam`
     /// (without `sam`: coarse only). `transunet_only` ignores the SAM part of Phase 3 members.
-    Ensemble { pattern: String, folds: Vec<usize>, sam: Option<PathBuf>, transunet_only: bool },
+    Ensemble {
+        pattern: String,
+        folds: Vec<usize>,
+        sam: Option<PathBuf>,
+        transunet_only: bool,
+    },
 }
 
 impl ModelSource {
     /// Short human description for headers and result files.
     pub fn describe(&self) -> String {
         match self {
-            ModelSource::TransUnetOnly { transunet } => format!("transunet-only {}", transunet.display()),
+            ModelSource::TransUnetOnly { transunet } => {
+                format!("transunet-only {}", transunet.display())
+            }
             ModelSource::Pair { transunet, sam } => {
                 format!("transunet {} + sam {}", transunet.display(), sam.display())
             }
             ModelSource::Phase3 { checkpoint } => format!("phase3 {}", checkpoint.display()),
-            ModelSource::Ensemble { pattern, folds, .. } => format!("ensemble {pattern} folds {folds:?}"),
+            ModelSource::Ensemble { pattern, folds, .. } => {
+                format!("ensemble {pattern} folds {folds:?}")
+            }
         }
     }
 }
@@ -49,7 +58,9 @@ impl ModelSource {
 /// Substitutes `{k}` in an ensemble pattern.
 pub fn ensemble_path(pattern: &str, k: usize) -> Result<PathBuf> {
     if !pattern.contains("{k}") {
-        return Err(Error::Arg(format!("--ensemble pattern `{pattern}` has no `{{k}}` placeholder for the fold")));
+        return Err(Error::Arg(format!(
+            "--ensemble pattern `{pattern}` has no `{{k}}` placeholder for the fold"
+        )));
     }
     Ok(PathBuf::from(pattern.replace("{k}", &k.to_string())))
 }
@@ -59,15 +70,26 @@ pub fn parse_folds(s: &str) -> Result<Vec<usize>> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         if let Some((a, b)) = part.split_once('-') {
-            let a: usize = a.trim().parse().map_err(|_| Error::Arg(format!("--folds: `{part}` is not a range like 0-4")))?;
-            let b: usize = b.trim().parse().map_err(|_| Error::Arg(format!("--folds: `{part}` is not a range like 0-4")))?;
+            let a: usize = a
+                .trim()
+                .parse()
+                .map_err(|_| Error::Arg(format!("--folds: `{part}` is not a range like 0-4")))?;
+            let b: usize = b
+                .trim()
+                .parse()
+                .map_err(|_| Error::Arg(format!("--folds: `{part}` is not a range like 0-4")))?;
             out.extend(a..=b);
         } else {
-            out.push(part.parse().map_err(|_| Error::Arg(format!("--folds: `{part}` is not a fold number")))?);
+            out.push(
+                part.parse()
+                    .map_err(|_| Error::Arg(format!("--folds: `{part}` is not a fold number")))?,
+            );
         }
     }
     if out.is_empty() {
-        return Err(Error::Arg("--folds is empty (e.g. --folds 0,1,2,3,4)".into()));
+        return Err(Error::Arg(
+            "--folds is empty (e.g. --folds 0,1,2,3,4)".into(),
+        ));
     }
     Ok(out)
 }
@@ -109,14 +131,17 @@ pub fn read_sidecar_json(path: &Path) -> Result<Option<serde_json::Value>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(&js).map_err(|e| Error::io(&js, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::file(&js, format!("invalid JSON sidecar: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::file(&js, format!("invalid JSON sidecar: {e}")))?;
     Ok(Some(v))
 }
 
 /// Refiner settings and model geometry recorded in a sidecar (`config.refiner`, `config.model`; also accepted at the
 /// top level and under `extra`).
-pub fn sidecar_settings(v: &serde_json::Value, path: &Path) -> Result<(Option<RefinerConfig>, Option<ModelConfig>)> {
+pub fn sidecar_settings(
+    v: &serde_json::Value,
+    path: &Path,
+) -> Result<(Option<RefinerConfig>, Option<ModelConfig>)> {
     let pick = |key: &str| -> Option<serde_json::Value> {
         v.get("config")
             .and_then(|c| c.get(key))
@@ -151,7 +176,8 @@ fn file_has_prefix(path: &Path, prefix: &str) -> Result<bool> {
 }
 
 fn load_sam(cfg: &ModelConfig, path: &Path, device: &Device) -> Result<Sam> {
-    let w = load_sam_weights(path, Some(&cfg.sam), device).map_err(|e| Error::file(path, e.to_string()))?;
+    let w = load_sam_weights(path, Some(&cfg.sam), device)
+        .map_err(|e| Error::file(path, e.to_string()))?;
     let vb = w.var_builder(DType::F32, device);
     Sam::new(&cfg.sam, vb.clone(), vb)
 }
@@ -165,7 +191,10 @@ fn check_file(path: &Path, what: &str) -> Result<()> {
 
 fn full(tu: TransUnet, sam: Sam, refiner: &RefinerConfig) -> Result<Member> {
     let settings = SamRefinerSettings::from_config(refiner, None)?;
-    Ok(Member::Full(Box::new(UltraRefiner::new(tu, SamRefiner::new(sam, settings)))))
+    Ok(Member::Full(Box::new(UltraRefiner::new(
+        tu,
+        SamRefiner::new(sam, settings),
+    ))))
 }
 
 /// Loads a Phase 3 file: `transunet.*` + (unless `coarse_only`) `sam.*`. Returns the member and the sidecar's
@@ -188,7 +217,10 @@ fn load_phase3(
         return Ok((Member::Coarse(tu), refiner));
     }
     if !file_has_prefix(path, "sam")? {
-        return Err(Error::file(path, "no `sam.*` tensors: not a Phase 3 checkpoint (use --transunet-only?)"));
+        return Err(Error::file(
+            path,
+            "no `sam.*` tensors: not a Phase 3 checkpoint (use --transunet-only?)",
+        ));
     }
     let sam = load_sam(cfg, path, device)?;
     Ok((full(tu, sam, &refiner)?, refiner))
@@ -222,7 +254,8 @@ impl EvalModel {
                     None => None,
                 }
                 .unwrap_or_else(|| default_refiner.clone());
-                let tu = TransUnet::from_checkpoint(&cfg.transunet, transunet, "", DType::F32, device)?;
+                let tu =
+                    TransUnet::from_checkpoint(&cfg.transunet, transunet, "", DType::F32, device)?;
                 let s = load_sam(&cfg, sam, device)?;
                 members.push(full(tu, s, &r)?);
                 refiner = Some(r);
@@ -237,9 +270,16 @@ impl EvalModel {
                 members.push(m);
                 refiner = Some(r);
             }
-            ModelSource::Ensemble { pattern, folds, sam, transunet_only } => {
+            ModelSource::Ensemble {
+                pattern,
+                folds,
+                sam,
+                transunet_only,
+            } => {
                 if folds.is_empty() {
-                    return Err(Error::Arg("--ensemble needs --folds (e.g. 0,1,2,3,4)".into()));
+                    return Err(Error::Arg(
+                        "--ensemble needs --folds (e.g. 0,1,2,3,4)".into(),
+                    ));
                 }
                 let shared_sam = match (sam, transunet_only) {
                     (Some(p), false) => {
@@ -252,13 +292,15 @@ impl EvalModel {
                     let p = ensemble_path(pattern, k)?;
                     check_file(&p, &format!("ensemble member (fold {k})"))?;
                     if file_has_prefix(&p, "transunet")? {
-                        let (m, r) = load_phase3(&cfg, &p, &default_refiner, *transunet_only, device)?;
+                        let (m, r) =
+                            load_phase3(&cfg, &p, &default_refiner, *transunet_only, device)?;
                         if !transunet_only {
                             refiner.get_or_insert(r);
                         }
                         members.push(m);
                     } else {
-                        let tu = TransUnet::from_checkpoint(&cfg.transunet, &p, "", DType::F32, device)?;
+                        let tu =
+                            TransUnet::from_checkpoint(&cfg.transunet, &p, "", DType::F32, device)?;
                         match &shared_sam {
                             Some(sp) => {
                                 let r = default_refiner.clone();
@@ -272,7 +314,13 @@ impl EvalModel {
                 }
             }
         }
-        Ok(EvalModel { members, img_size: cfg.transunet.img_size, model_config: cfg, refiner, source: source.clone() })
+        Ok(EvalModel {
+            members,
+            img_size: cfg.transunet.img_size,
+            model_config: cfg,
+            refiner,
+            source: source.clone(),
+        })
     }
 
     /// Whether the model produces refined masks.
@@ -324,5 +372,7 @@ impl EvalModel {
 /// `P = softmax(logits)[:, 1]` of a TransUNet in eval mode, `(B, S, S)`.
 pub fn coarse_prob(tu: &TransUnet, image_s: &Tensor) -> Result<Tensor> {
     let logits = tu.forward(image_s)?;
-    Ok(crate::nn::softmax(&logits, 1)?.narrow(1, 1, 1)?.squeeze(1)?)
+    Ok(crate::nn::softmax(&logits, 1)?
+        .narrow(1, 1, 1)?
+        .squeeze(1)?)
 }

@@ -26,15 +26,21 @@ fn perr<E: std::fmt::Display>(e: E) -> Error {
 
 /// Encodes an RGB buffer as PNG and writes it atomically.
 pub fn write_rgb_png(path: &Path, w: u32, h: u32, buf: Vec<u8>) -> Result<()> {
-    let img = image::RgbImage::from_raw(w, h, buf).ok_or_else(|| Error::file(path, "RGB buffer size mismatch"))?;
+    let img = image::RgbImage::from_raw(w, h, buf)
+        .ok_or_else(|| Error::file(path, "RGB buffer size mismatch"))?;
     let mut bytes = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut bytes, image::ImageFormat::Png).map_err(|e| Error::file(path, format!("PNG encoding: {e}")))?;
+    img.write_to(&mut bytes, image::ImageFormat::Png)
+        .map_err(|e| Error::file(path, format!("PNG encoding: {e}")))?;
     atomic_write(path, bytes.get_ref())
 }
 
 fn blend(g: u8, c: [u8; 3], alpha: f32) -> [u8; 3] {
     let g = g as f32;
-    let f = |x: u8| ((1.0 - alpha) * g + alpha * x as f32).round().clamp(0.0, 255.0) as u8;
+    let f = |x: u8| {
+        ((1.0 - alpha) * g + alpha * x as f32)
+            .round()
+            .clamp(0.0, 255.0) as u8
+    };
     [f(c[0]), f(c[1]), f(c[2])]
 }
 
@@ -100,41 +106,74 @@ pub fn overlay_png(path: &Path, c: &OverlayCase) -> Result<()> {
     {
         let root = BitMapBackend::with_buffer(&mut buf, (cw as u32, ch as u32)).into_drawing_area();
         let title = (FONT, 18).into_font().color(&BLACK);
-        let titles = ["input", "GT + coarse", if c.refined.is_some() { "GT + refined" } else { "GT + refined (n/a)" }];
+        let titles = [
+            "input",
+            "GT + coarse",
+            if c.refined.is_some() {
+                "GT + refined"
+            } else {
+                "GT + refined (n/a)"
+            },
+        ];
         for (i, t) in titles.iter().enumerate() {
             let x = (pad + i * (p + pad)) as i32;
-            root.draw(&Text::new(t.to_string(), (x, 6), title.clone())).map_err(perr)?;
+            root.draw(&Text::new(t.to_string(), (x, 6), title.clone()))
+                .map_err(perr)?;
         }
         let x0 = (pad + 3 * (p + pad)) as i32;
         let small = (FONT, 15).into_font().color(&BLACK);
         let mut y = 6i32;
         let line = |t: String, y: &mut i32| -> Result<()> {
-            root.draw(&Text::new(t, (x0, *y), small.clone())).map_err(perr)?;
+            root.draw(&Text::new(t, (x0, *y), small.clone()))
+                .map_err(perr)?;
             *y += 20;
             Ok(())
         };
         line(c.title.clone(), &mut y)?;
         y += 8;
-        line(format!("{:<8}{:>8}{:>8}{:>8}", "", "Dice", "IoU", "HD95"), &mut y)?;
+        line(
+            format!("{:<8}{:>8}{:>8}{:>8}", "", "Dice", "IoU", "HD95"),
+            &mut y,
+        )?;
         let (cd, ci, chd) = c.coarse_m;
-        line(format!("{:<8}{:>8.4}{:>8.4}{:>8.2}", "coarse", cd, ci, chd), &mut y)?;
+        line(
+            format!("{:<8}{:>8.4}{:>8.4}{:>8.2}", "coarse", cd, ci, chd),
+            &mut y,
+        )?;
         match c.refined_m {
             Some((rd, ri, rhd)) => {
-                line(format!("{:<8}{:>8.4}{:>8.4}{:>8.2}", "refined", rd, ri, rhd), &mut y)?;
-                line(format!("{:<8}{:>+8.4}{:>+8.4}{:>+8.2}", "delta", rd - cd, ri - ci, rhd - chd), &mut y)?;
+                line(
+                    format!("{:<8}{:>8.4}{:>8.4}{:>8.2}", "refined", rd, ri, rhd),
+                    &mut y,
+                )?;
+                line(
+                    format!(
+                        "{:<8}{:>+8.4}{:>+8.4}{:>+8.2}",
+                        "delta",
+                        rd - cd,
+                        ri - ci,
+                        rhd - chd
+                    ),
+                    &mut y,
+                )?;
             }
             None => line("refined   n/a".into(), &mut y)?,
         }
         y += 16;
         line("legend".into(), &mut y)?;
-        for (name, col) in [("GT only", GT_COLOUR), ("prediction only", PRED_COLOUR), ("overlap", OVERLAP_COLOUR)] {
+        for (name, col) in [
+            ("GT only", GT_COLOUR),
+            ("prediction only", PRED_COLOUR),
+            ("overlap", OVERLAP_COLOUR),
+        ] {
             let sw = blend(128, col, 0.8);
             root.draw(&Rectangle::new(
                 [(x0, y + 2), (x0 + 16, y + 16)],
                 RGBColor(sw[0], sw[1], sw[2]).filled(),
             ))
             .map_err(perr)?;
-            root.draw(&Text::new(name.to_string(), (x0 + 24, y), small.clone())).map_err(perr)?;
+            root.draw(&Text::new(name.to_string(), (x0 + 24, y), small.clone()))
+                .map_err(perr)?;
             y += 22;
         }
         root.present().map_err(perr)?;
@@ -155,7 +194,12 @@ pub fn infer_overlay_rgb(grey: &[u8], mask: &[bool], h: usize, w: usize) -> Vec<
             'n: for di in -2i64..=2 {
                 for dj in -2i64..=2 {
                     let (a, b) = (i as i64 + di, j as i64 + dj);
-                    if a < 0 || b < 0 || a >= h as i64 || b >= w as i64 || !mask[a as usize * w + b as usize] {
+                    if a < 0
+                        || b < 0
+                        || a >= h as i64
+                        || b >= w as i64
+                        || !mask[a as usize * w + b as usize]
+                    {
                         contour[i * w + j] = true;
                         break 'n;
                     }
@@ -179,7 +223,12 @@ pub fn infer_overlay_rgb(grey: &[u8], mask: &[bool], h: usize, w: usize) -> Vec<
 }
 
 /// Data of `summary.png`: per-case coarse Dice and (optionally) refined Dice.
-pub fn summary_png(path: &Path, title: &str, coarse: &[f64], refined: Option<&[f64]>) -> Result<()> {
+pub fn summary_png(
+    path: &Path,
+    title: &str,
+    coarse: &[f64],
+    refined: Option<&[f64]>,
+) -> Result<()> {
     register_embedded_font();
     let (w, h) = SUMMARY_SIZE;
     let mut buf = vec![255u8; (w * h * 3) as usize];
@@ -189,7 +238,8 @@ pub fn summary_png(path: &Path, title: &str, coarse: &[f64], refined: Option<&[f
         let root = root.titled(title, (FONT, 22)).map_err(perr)?;
         let panels = root.split_evenly((1, 3));
         // (a) Dice histograms
-        let mut series: Vec<(&str, &[f64], RGBColor)> = vec![("coarse", coarse, RGBColor(31, 119, 180))];
+        let mut series: Vec<(&str, &[f64], RGBColor)> =
+            vec![("coarse", coarse, RGBColor(31, 119, 180))];
         if let Some(r) = refined {
             series.push(("refined", r, RGBColor(255, 127, 14)));
         }
@@ -209,7 +259,10 @@ pub fn summary_png(path: &Path, title: &str, coarse: &[f64], refined: Option<&[f
                 scatter(&panels[2], coarse, r)?;
             }
             None => {
-                for (i, t) in ["(b) no refined predictions", "(c) no refined predictions"].iter().enumerate() {
+                for (i, t) in ["(b) no refined predictions", "(c) no refined predictions"]
+                    .iter()
+                    .enumerate()
+                {
                     panels[i + 1]
                         .draw(&Text::new(t.to_string(), (40, 60), (FONT, 18).into_font()))
                         .map_err(perr)?;
@@ -225,7 +278,14 @@ type Panel<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 
 const BINS: usize = 20;
 
-fn histogram(area: &Panel<'_>, caption: &str, xdesc: &str, lo: f64, hi: f64, series: &[(&str, &[f64], RGBColor)]) -> Result<()> {
+fn histogram(
+    area: &Panel<'_>,
+    caption: &str,
+    xdesc: &str,
+    lo: f64,
+    hi: f64,
+    series: &[(&str, &[f64], RGBColor)],
+) -> Result<()> {
     let width = (hi - lo) / BINS as f64;
     let counts: Vec<Vec<usize>> = series
         .iter()
@@ -238,7 +298,14 @@ fn histogram(area: &Panel<'_>, caption: &str, xdesc: &str, lo: f64, hi: f64, ser
             c
         })
         .collect();
-    let ymax = counts.iter().flat_map(|c| c.iter()).copied().max().unwrap_or(1).max(1) as f64 * 1.15;
+    let ymax = counts
+        .iter()
+        .flat_map(|c| c.iter())
+        .copied()
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64
+        * 1.15;
     let mut chart = ChartBuilder::on(area)
         .caption(caption, (FONT, 18))
         .margin(15)
@@ -253,7 +320,13 @@ fn histogram(area: &Panel<'_>, caption: &str, xdesc: &str, lo: f64, hi: f64, ser
         .label_style((FONT, 13))
         .axis_desc_style((FONT, 14))
         .x_label_formatter(&|x| format!("{x:.2}"))
-        .y_label_formatter(&|y| if (y - y.round()).abs() < 1e-9 { format!("{y:.0}") } else { String::new() })
+        .y_label_formatter(&|y| {
+            if (y - y.round()).abs() < 1e-9 {
+                format!("{y:.0}")
+            } else {
+                String::new()
+            }
+        })
         .draw()
         .map_err(perr)?;
     for ((name, v, col), c) in series.iter().zip(&counts) {
@@ -266,14 +339,25 @@ fn histogram(area: &Panel<'_>, caption: &str, xdesc: &str, lo: f64, hi: f64, ser
             }))
             .map_err(perr)?;
         let finite: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
-        let mean = if finite.is_empty() { f64::NAN } else { finite.iter().sum::<f64>() / finite.len() as f64 };
+        let mean = if finite.is_empty() {
+            f64::NAN
+        } else {
+            finite.iter().sum::<f64>() / finite.len() as f64
+        };
         let label = format!("{name} (mean {mean:.4})");
         if mean.is_finite() {
             chart
-                .draw_series(DashedLineSeries::new(vec![(mean, 0.0), (mean, ymax)], 6, 4, col.stroke_width(2)))
+                .draw_series(DashedLineSeries::new(
+                    vec![(mean, 0.0), (mean, ymax)],
+                    6,
+                    4,
+                    col.stroke_width(2),
+                ))
                 .map_err(perr)?
                 .label(label)
-                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 16, y + 5)], col.mix(0.6).filled()));
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 16, y + 5)], col.mix(0.6).filled())
+                });
         }
     }
     chart
@@ -323,7 +407,12 @@ fn scatter(area: &Panel<'_>, coarse: &[f64], refined: &[f64]) -> Result<()> {
         .draw()
         .map_err(perr)?;
     chart
-        .draw_series(DashedLineSeries::new(vec![(0.0, 0.0), (1.0, 1.0)], 6, 4, BLACK.stroke_width(1)))
+        .draw_series(DashedLineSeries::new(
+            vec![(0.0, 0.0), (1.0, 1.0)],
+            6,
+            4,
+            BLACK.stroke_width(1),
+        ))
         .map_err(perr)?
         .label("y = x")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK));
@@ -340,13 +429,22 @@ fn scatter(area: &Panel<'_>, coarse: &[f64], refined: &[f64]) -> Result<()> {
             .zip(refined)
             .filter(|(a, b)| {
                 let d = *b - *a;
-                let k = if d.abs() < UNCHANGED_EPS { 2 } else if d > 0.0 { 0 } else { 1 };
+                let k = if d.abs() < UNCHANGED_EPS {
+                    2
+                } else if d > 0.0 {
+                    0
+                } else {
+                    1
+                };
                 k == sel
             })
             .map(|(a, b)| (*a, *b))
             .collect();
         chart
-            .draw_series(pts.into_iter().map(move |p| Circle::new(p, 4, col.mix(0.7).filled())))
+            .draw_series(
+                pts.into_iter()
+                    .map(move |p| Circle::new(p, 4, col.mix(0.7).filled())),
+            )
             .map_err(perr)?
             .label(format!("{name}: {n}"))
             .legend(move |(x, y)| Circle::new((x + 8, y), 4, col.filled()));

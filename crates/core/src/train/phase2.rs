@@ -11,13 +11,21 @@ use crate::models::sam::weights::{load_sam_weights, random_weights, SamFormat, S
 use crate::models::sam::{EmbeddingCache, Sam};
 use crate::refiner::preprocess::{preprocess, preprocess_phase2_batch};
 use crate::refiner::{MaskPromptStyle, SamRefiner, SamRefinerSettings};
-use crate::train::checkpoint::{atomic_write_json, load_checkpoint, save_checkpoint, Best, DataIdentity, Phase, RngState, Sidecar};
-use crate::train::console::{self, Console, EpochReport, RunHeader, Style, TrainReport, ValidationTable};
+use crate::train::checkpoint::{
+    atomic_write_json, load_checkpoint, save_checkpoint, Best, DataIdentity, Phase, RngState,
+    Sidecar,
+};
+use crate::train::console::{
+    self, Console, EpochReport, RunHeader, Style, TrainReport, ValidationTable,
+};
 use crate::train::history::{HistoryRow, Named};
 use crate::train::losses::{phase2_loss, Phase2LossConfig};
 use crate::train::metrics::{MeanTracker, Phase2Validation, PooledMetrics};
 use crate::train::optim::{AdamW, Grads, Optimizer, ParamGroup};
-use crate::train::rundir::{resolve_resume, Durations, ResumeDecision, RunDir, RunStatus, Summary, Versions, BEST, FINAL, LATEST};
+use crate::train::rundir::{
+    resolve_resume, Durations, ResumeDecision, RunDir, RunStatus, Summary, Versions, BEST, FINAL,
+    LATEST,
+};
 use crate::train::schedule::Schedule;
 use crate::train::signals::StopFlag;
 use crate::{Error, Result};
@@ -159,40 +167,85 @@ pub struct Phase2Data {
 
 fn read_shard(path: &Path, s: usize) -> Result<(Vec<u32>, Vec<Vec<f32>>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::file(path, format!("invalid shard: {e:?}")))?;
-    let idx = st.tensor("index").map_err(|e| Error::file(path, format!("shard has no `index` tensor: {e:?}")))?;
-    let index: Vec<u32> = idx.data().chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    let c = st.tensor("coarse").map_err(|e| Error::file(path, format!("shard has no `coarse` tensor: {e:?}")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::file(path, format!("invalid shard: {e:?}")))?;
+    let idx = st
+        .tensor("index")
+        .map_err(|e| Error::file(path, format!("shard has no `index` tensor: {e:?}")))?;
+    let index: Vec<u32> = idx
+        .data()
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let c = st
+        .tensor("coarse")
+        .map_err(|e| Error::file(path, format!("shard has no `coarse` tensor: {e:?}")))?;
     let vals: Vec<f32> = match c.dtype() {
-        safetensors::Dtype::F32 => c.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        safetensors::Dtype::F16 => c.data().chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        d => return Err(Error::file(path, format!("`coarse` has dtype {d:?}, expected F32 or F16"))),
+        safetensors::Dtype::F32 => c
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        safetensors::Dtype::F16 => c
+            .data()
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        d => {
+            return Err(Error::file(
+                path,
+                format!("`coarse` has dtype {d:?}, expected F32 or F16"),
+            ))
+        }
     };
-    if c.shape().len() != 3 || c.shape()[1] != s || c.shape()[2] != s || c.shape()[0] != index.len() {
-        return Err(Error::file(path, format!("`coarse` shape {:?} does not match ({}, {s}, {s})", c.shape(), index.len())));
+    if c.shape().len() != 3 || c.shape()[1] != s || c.shape()[2] != s || c.shape()[0] != index.len()
+    {
+        return Err(Error::file(
+            path,
+            format!(
+                "`coarse` shape {:?} does not match ({}, {s}, {s})",
+                c.shape(),
+                index.len()
+            ),
+        ));
     }
-    Ok((index, vals.chunks_exact(s * s).map(|x| x.to_vec()).collect()))
+    Ok((
+        index,
+        vals.chunks_exact(s * s).map(|x| x.to_vec()).collect(),
+    ))
 }
 
 /// Reads `manifest.json`, `samples.csv` and the shards of `<data_root>/<dataset>`, verifies the sources against the
 /// processed data (SHA-256) and loads each source image and GT at S (§3.7; GT nearest).
-pub fn load_data(data_root: &Path, dataset: &str, processed_root: &Path, transunet_img_size: usize) -> Result<Phase2Data> {
+pub fn load_data(
+    data_root: &Path,
+    dataset: &str,
+    processed_root: &Path,
+    transunet_img_size: usize,
+) -> Result<Phase2Data> {
     let dir = data_root.join(dataset);
     let mpath = dir.join("manifest.json");
     let mbytes = std::fs::read(&mpath).map_err(|e| Error::io(&mpath, e))?;
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&mbytes).map_err(|e| Error::file(&mpath, format!("invalid manifest.json: {e}")))?;
+    let manifest: serde_json::Value = serde_json::from_slice(&mbytes)
+        .map_err(|e| Error::file(&mpath, format!("invalid manifest.json: {e}")))?;
     let manifest_sha256 = crate::data::sha256_hex(&mbytes);
-    let s = manifest["store_size"].as_u64().ok_or_else(|| Error::file(&mpath, "missing `store_size`"))? as usize;
+    let s = manifest["store_size"]
+        .as_u64()
+        .ok_or_else(|| Error::file(&mpath, "missing `store_size`"))? as usize;
     if s != transunet_img_size {
         return Err(Error::Arg(format!(
             "--transunet-img-size {transunet_img_size} differs from the manifest's store_size {s} ({})",
             mpath.display()
         )));
     }
-    let n_shards = manifest["n_shards"].as_u64().ok_or_else(|| Error::file(&mpath, "missing `n_shards`"))? as usize;
+    let n_shards = manifest["n_shards"]
+        .as_u64()
+        .ok_or_else(|| Error::file(&mpath, "missing `n_shards`"))? as usize;
     let mut src_sha: HashMap<(String, String), String> = HashMap::new();
-    for v in manifest["sources"].as_array().ok_or_else(|| Error::file(&mpath, "missing `sources`"))? {
+    for v in manifest["sources"]
+        .as_array()
+        .ok_or_else(|| Error::file(&mpath, "missing `sources`"))?
+    {
         let d = v["dataset"].as_str().unwrap_or_default().to_string();
         let n = v["name"].as_str().unwrap_or_default().to_string();
         src_sha.insert((d, n), v["sha256"].as_str().unwrap_or_default().to_string());
@@ -205,21 +258,37 @@ pub fn load_data(data_root: &Path, dataset: &str, processed_root: &Path, transun
         .map_err(|e| Error::file(&cpath, format!("invalid samples.csv: {e}")))?;
     let mut by_index: HashMap<u32, Vec<f32>> = HashMap::new();
     for k in 0..n_shards {
-        let p = dir.join("shards").join(format!("coarse-{k:05}.safetensors"));
+        let p = dir
+            .join("shards")
+            .join(format!("coarse-{k:05}.safetensors"));
         let (idx, masks) = read_shard(&p, s)?;
         for (i, m) in idx.into_iter().zip(masks) {
             by_index.insert(i, m);
         }
     }
-    let mut keys: Vec<(String, String)> = records.iter().map(|r| (r.dataset.clone(), r.source_name.clone())).collect();
+    let mut keys: Vec<(String, String)> = records
+        .iter()
+        .map(|r| (r.dataset.clone(), r.source_name.clone()))
+        .collect();
     keys.sort();
     keys.dedup();
-    let pos: HashMap<(String, String), usize> = keys.iter().cloned().enumerate().map(|(i, k)| (k, i)).collect();
+    let pos: HashMap<(String, String), usize> = keys
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, k)| (k, i))
+        .collect();
     let mut coarse = Vec::with_capacity(records.len());
     let mut source_of = Vec::with_capacity(records.len());
     for r in &records {
         let m = by_index.remove(&(r.index as u32)).ok_or_else(|| {
-            Error::file(&cpath, format!("sample {} (index {}) has no coarse mask in the shards", r.sample_id, r.index))
+            Error::file(
+                &cpath,
+                format!(
+                    "sample {} (index {}) has no coarse mask in the shards",
+                    r.sample_id, r.index
+                ),
+            )
         })?;
         coarse.push(m);
         source_of.push(pos[&(r.dataset.clone(), r.source_name.clone())]);
@@ -230,7 +299,10 @@ pub fn load_data(data_root: &Path, dataset: &str, processed_root: &Path, transun
         let base = processed_root.join(d).join("train");
         let ip = base.join("images").join(format!("{n}.png"));
         let mp = base.join("masks").join(format!("{n}.png"));
-        if let Some(want) = src_sha.get(&(d.clone(), n.clone())).filter(|w| !w.is_empty()) {
+        if let Some(want) = src_sha
+            .get(&(d.clone(), n.clone()))
+            .filter(|w| !w.is_empty())
+        {
             let got = crate::augment::processed::sha256_file(&ip)?;
             if &got != want {
                 return Err(Error::file(&ip, format!("SHA-256 {got} differs from {} ({want}): processed data changed since augmentation", mpath.display())));
@@ -240,14 +312,29 @@ pub fn load_data(data_root: &Path, dataset: &str, processed_root: &Path, transun
         images.push(smp.image);
         gts.push(smp.mask);
     }
-    Ok(Phase2Data { records, coarse, source_of, sources: keys, images, gts, store_size: s, manifest_sha256 })
+    Ok(Phase2Data {
+        records,
+        coarse,
+        source_of,
+        sources: keys,
+        images,
+        gts,
+        store_size: s,
+        manifest_sha256,
+    })
 }
 
 /// §11.3 step 2: per dataset, sorted source names shuffled with `("phase2-val", dataset index)`;
 /// `max(1, ⌈f·n⌉)` validation sources (at most `n − 1`). Returns a flag per source (true = validation).
-pub fn split_sources(sources: &[(String, String)], val_fraction: f64, seed: u64) -> Result<Vec<bool>> {
+pub fn split_sources(
+    sources: &[(String, String)],
+    val_fraction: f64,
+    seed: u64,
+) -> Result<Vec<bool>> {
     if !(0.0..1.0).contains(&val_fraction) {
-        return Err(Error::Arg(format!("--val-fraction must be in [0, 1), got {val_fraction}")));
+        return Err(Error::Arg(format!(
+            "--val-fraction must be in [0, 1), got {val_fraction}"
+        )));
     }
     let mut per_ds: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, (d, _)) in sources.iter().enumerate() {
@@ -258,11 +345,15 @@ pub fn split_sources(sources: &[(String, String)], val_fraction: f64, seed: u64)
         idx.sort_by(|a, b| sources[*a].1.cmp(&sources[*b].1));
         let n = idx.len();
         if n < 2 {
-            return Err(Error::Arg(format!("dataset {d}: {n} source image(s); a validation split by source needs at least 2")));
+            return Err(Error::Arg(format!(
+                "dataset {d}: {n} source image(s); a validation split by source needs at least 2"
+            )));
         }
         let mut rng = crate::rng::stream_rng(seed, "phase2-val", &[k as u64]);
         idx.shuffle(&mut rng);
-        let nv = ((val_fraction * n as f64).ceil() as usize).max(1).min(n - 1);
+        let nv = ((val_fraction * n as f64).ceil() as usize)
+            .max(1)
+            .min(n - 1);
         for &i in &idx[..nv] {
             is_val[i] = true;
         }
@@ -280,12 +371,25 @@ fn sam_provenance(ckpt: &str) -> &'static str {
     }
 }
 
-fn load_initial_weights(opts: &Phase2Options, cfg: &SamConfig, dev: &Device) -> Result<(SamWeights, String)> {
+fn load_initial_weights(
+    opts: &Phase2Options,
+    cfg: &SamConfig,
+    dev: &Device,
+) -> Result<(SamWeights, String)> {
     if opts.sam_checkpoint == "random" {
         let t = random_weights(cfg, opts.seed, dev)?;
-        Ok((SamWeights { tensors: t, format: SamFormat::Original }, format!("random-seed{}", opts.seed)))
+        Ok((
+            SamWeights {
+                tensors: t,
+                format: SamFormat::Original,
+            },
+            format!("random-seed{}", opts.seed),
+        ))
     } else if opts.sam_checkpoint.is_empty() {
-        Err(Error::Arg("--sam-checkpoint is required (a SAM/MedSAM checkpoint path, or `random` for a demo)".into()))
+        Err(Error::Arg(
+            "--sam-checkpoint is required (a SAM/MedSAM checkpoint path, or `random` for a demo)"
+                .into(),
+        ))
     } else {
         let p = Path::new(&opts.sam_checkpoint);
         let w = load_sam_weights(p, Some(cfg), dev)?;
@@ -331,19 +435,38 @@ struct Step {
 
 fn forward(refiner: &SamRefiner, b: &Batch, lcfg: &Phase2LossConfig) -> Result<Step> {
     let n = refiner.img_size();
-    let p2 = preprocess_phase2_batch(&b.image_s, &b.coarse_s, &b.gt_s, n, refiner.settings.normalization)?;
+    let p2 = preprocess_phase2_batch(
+        &b.image_s,
+        &b.coarse_s,
+        &b.gt_s,
+        n,
+        refiner.settings.normalization,
+    )?;
     let out = refiner.refine(&b.emb, &p2.sam.coarse)?;
     let cand = out.candidates_n()?;
-    let loss = phase2_loss(&out.refined_n, &p2.gt, &p2.sam.coarse, Some((&cand, &out.iou_pred)), lcfg)?;
+    let loss = phase2_loss(
+        &out.refined_n,
+        &p2.gt,
+        &p2.sam.coarse,
+        Some((&cand, &out.iou_pred)),
+        lcfg,
+    )?;
     let refined_prob = crate::train::losses::sigmoid(&out.refined_n.detach())?;
-    Ok(Step { loss, refined_prob, coarse_n: p2.sam.coarse.detach(), gt: p2.gt })
+    Ok(Step {
+        loss,
+        refined_prob,
+        coarse_n: p2.sam.coarse.detach(),
+        gt: p2.gt,
+    })
 }
 
 /// Runs Phase 2 end to end (SPEC §11.3). `stop`: graceful stop flag (SIGTERM/SIGUSR1 in the binary).
 pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
     let t_session = std::time::Instant::now();
     if opts.dataset.is_empty() {
-        return Err(Error::Arg("--dataset is required (the augmentation run name, e.g. PHANTOM)".into()));
+        return Err(Error::Arg(
+            "--dataset is required (the augmentation run name, e.g. PHANTOM)".into(),
+        ));
     }
     let config = Config::load(&opts.config)?;
     let sam_cfg = config.model.sam.clone();
@@ -369,22 +492,46 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
     rcfg.add_negative_point &= !opts.no_negative_point;
     rcfg.sam_normalization = opts.sam_normalization.clone();
     let settings = SamRefinerSettings::from_config(&rcfg, Some(provenance))?;
-    let lcfg = Phase2LossConfig { iou_loss_weight: opts.iou_loss_weight, change_penalty_weight: opts.change_penalty_weight };
+    let lcfg = Phase2LossConfig {
+        iou_loss_weight: opts.iou_loss_weight,
+        change_penalty_weight: opts.change_penalty_weight,
+    };
 
     let run_dir = RunDir::new(&opts.output_dir, &opts.dataset);
-    let style = if opts.quiet { Style { color: false, ascii: opts.ascii, plain: true } } else { Style::detect(opts.plain, opts.ascii) };
+    let style = if opts.quiet {
+        Style {
+            color: false,
+            ascii: opts.ascii,
+            plain: true,
+        }
+    } else {
+        Style::detect(opts.plain, opts.ascii)
+    };
     let console = Console::new(style);
-    let say = |t: &str| if opts.quiet { console.log_only(t) } else { console.print(t) };
+    let say = |t: &str| {
+        if opts.quiet {
+            console.log_only(t)
+        } else {
+            console.print(t)
+        }
+    };
     let decision = resolve_resume(&run_dir, opts.resume.as_deref(), opts.force_retrain)?;
     if decision == ResumeDecision::AlreadyComplete {
         let s = run_dir.read_summary()?;
         if !opts.quiet {
-            println!("{}: already complete (use --force-retrain to train again)", run_dir.root().display());
+            println!(
+                "{}: already complete (use --force-retrain to train again)",
+                run_dir.root().display()
+            );
         }
         return Ok(Phase2Outcome {
             status: Phase2Status::AlreadyComplete,
             run_dir: run_dir.root().to_path_buf(),
-            history: s.as_ref().and_then(|s| s.final_metrics.clone()).into_iter().collect(),
+            history: s
+                .as_ref()
+                .and_then(|s| s.final_metrics.clone())
+                .into_iter()
+                .collect(),
             best: s.map(|s| s.best).unwrap_or_else(|| Best::new("val_dice")),
             encoder_forwards: 0,
             n_sources: 0,
@@ -398,10 +545,19 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
     console.open_log(&run_dir.log_path())?;
 
     // Data.
-    let data = load_data(&opts.data_root, &opts.dataset, &opts.processed_root, opts.transunet_img_size)?;
+    let data = load_data(
+        &opts.data_root,
+        &opts.dataset,
+        &opts.processed_root,
+        opts.transunet_img_size,
+    )?;
     let is_val = split_sources(&data.sources, opts.val_fraction, opts.seed)?;
-    let mut train_ids: Vec<usize> = (0..data.records.len()).filter(|&i| !is_val[data.source_of[i]]).collect();
-    let val_ids: Vec<usize> = (0..data.records.len()).filter(|&i| is_val[data.source_of[i]]).collect();
+    let mut train_ids: Vec<usize> = (0..data.records.len())
+        .filter(|&i| !is_val[data.source_of[i]])
+        .collect();
+    let val_ids: Vec<usize> = (0..data.records.len())
+        .filter(|&i| is_val[data.source_of[i]])
+        .collect();
     if let Some(m) = opts.max_samples {
         let mut rng = crate::rng::stream_rng(opts.seed, "phase2-max-samples", &[]);
         train_ids.shuffle(&mut rng);
@@ -409,18 +565,30 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
         train_ids.sort_unstable();
     }
     let fmt_src = |i: usize| format!("{}/{}", data.sources[i].0, data.sources[i].1);
-    let train_sources: Vec<String> = (0..data.sources.len()).filter(|&i| !is_val[i]).map(fmt_src).collect();
-    let val_sources: Vec<String> = (0..data.sources.len()).filter(|&i| is_val[i]).map(fmt_src).collect();
+    let train_sources: Vec<String> = (0..data.sources.len())
+        .filter(|&i| !is_val[i])
+        .map(fmt_src)
+        .collect();
+    let val_sources: Vec<String> = (0..data.sources.len())
+        .filter(|&i| is_val[i])
+        .map(fmt_src)
+        .collect();
 
     // Model: initial weights, or the checkpoint's SAM tensors on resume.
     let resume_ckpt = match &decision {
         ResumeDecision::Resume(p) => {
             let ck = load_checkpoint(p, &dev)?;
             if ck.sidecar.kind != Phase::Phase2 {
-                return Err(Error::file(p, format!("is a {} checkpoint, not phase2", ck.sidecar.kind.as_str())));
+                return Err(Error::file(
+                    p,
+                    format!("is a {} checkpoint, not phase2", ck.sidecar.kind.as_str()),
+                ));
             }
             if ck.sidecar.data.manifest_sha256.as_deref() != Some(data.manifest_sha256.as_str()) {
-                return Err(Error::file(p, "was trained on different augmented data (manifest SHA-256 differs)"));
+                return Err(Error::file(
+                    p,
+                    "was trained on different augmented data (manifest SHA-256 differs)",
+                ));
             }
             Some(ck)
         }
@@ -431,10 +599,22 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
             let t: HashMap<String, Tensor> = ck
                 .model
                 .iter()
-                .filter_map(|(k, v)| k.strip_prefix(SAM_PREFIX).map(|s| (s.to_string(), v.clone())))
+                .filter_map(|(k, v)| {
+                    k.strip_prefix(SAM_PREFIX)
+                        .map(|s| (s.to_string(), v.clone()))
+                })
                 .collect();
-            let sha = ck.sidecar.extra["weights_id"].as_str().unwrap_or_default().to_string();
-            (SamWeights { tensors: t, format: SamFormat::Original }, sha)
+            let sha = ck.sidecar.extra["weights_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            (
+                SamWeights {
+                    tensors: t,
+                    format: SamFormat::Original,
+                },
+                sha,
+            )
         }
         None => load_initial_weights(opts, &sam_cfg, &dev)?,
     };
@@ -451,7 +631,12 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
         .map(|(k, v)| (format!("{SAM_PREFIX}{k}"), v.clone()))
         .collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut opt = AdamW::new(vec![ParamGroup::new("sam", opts.lr, opts.weight_decay, vars)])?;
+    let mut opt = AdamW::new(vec![ParamGroup::new(
+        "sam",
+        opts.lr,
+        opts.weight_decay,
+        vars,
+    )])?;
     let mut schedule = Schedule::cosine(opts.min_lr, epochs);
     let mut history: Vec<HistoryRow> = Vec::new();
     let mut best = Best::new("val_dice");
@@ -469,11 +654,21 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
 
     // Embeddings: one frozen-encoder forward per distinct source image, through the embedding cache (§6.9).
     let fwd0 = refiner.sam.image_encoder.forward_count();
-    let cache = EmbeddingCache::new(None, &format!("{weights_id}-{}", refiner.settings.normalization), 8 << 30)?;
+    let cache = EmbeddingCache::new(
+        None,
+        &format!("{weights_id}-{}", refiner.settings.normalization),
+        8 << 30,
+    )?;
     let s = data.store_size;
     let mut emb: Vec<Tensor> = Vec::with_capacity(data.sources.len());
-    for chunk in (0..data.sources.len()).collect::<Vec<_>>().chunks(batch_size) {
-        let img: Vec<f32> = chunk.iter().flat_map(|&i| data.images[i].iter().copied()).collect();
+    for chunk in (0..data.sources.len())
+        .collect::<Vec<_>>()
+        .chunks(batch_size)
+    {
+        let img: Vec<f32> = chunk
+            .iter()
+            .flat_map(|&i| data.images[i].iter().copied())
+            .collect();
         let image_s = Tensor::from_vec(img, (chunk.len(), 1, s, s), &dev)?;
         let zeros = Tensor::zeros((chunk.len(), s, s), DType::F32, &dev)?;
         let inp = preprocess(&image_s, &zeros, n, refiner.settings.normalization)?;
@@ -505,43 +700,71 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
         n_train: train_ids.len(),
         n_val: val_ids.len(),
         extra: vec![
-            ("Model".into(), format!("SAM ({}), prompt encoder + mask decoder trainable", opts.config)),
+            (
+                "Model".into(),
+                format!(
+                    "SAM ({}), prompt encoder + mask decoder trainable",
+                    opts.config
+                ),
+            ),
             (
                 "Weights".into(),
-                if opts.sam_checkpoint == "random" { "RANDOM INIT (demo/test only)".into() } else { opts.sam_checkpoint.clone() },
+                if opts.sam_checkpoint == "random" {
+                    "RANDOM INIT (demo/test only)".into()
+                } else {
+                    opts.sam_checkpoint.clone()
+                },
             ),
             ("Device".into(), crate::device::device_name(&dev)),
-            ("Sources".into(), format!("{} train / {} val images, {} encoder forwards", train_sources.len(), val_sources.len(), encoder_forwards)),
+            (
+                "Sources".into(),
+                format!(
+                    "{} train / {} val images, {} encoder forwards",
+                    train_sources.len(),
+                    val_sources.len(),
+                    encoder_forwards
+                ),
+            ),
         ],
     };
     say(&console::run_header(&header, &style));
     if let Some(ck) = &resume_ckpt {
-        say(&format!("Resuming from {} (epoch {} done)", ck.safetensors_path.display(), ck.sidecar.epoch + 1));
+        say(&format!(
+            "Resuming from {} (epoch {} done)",
+            ck.safetensors_path.display(),
+            ck.sidecar.epoch + 1
+        ));
     }
 
-    let data_id = DataIdentity { datasets: vec![opts.dataset.clone()], manifest_sha256: Some(data.manifest_sha256.clone()), ..Default::default() };
+    let data_id = DataIdentity {
+        datasets: vec![opts.dataset.clone()],
+        manifest_sha256: Some(data.manifest_sha256.clone()),
+        ..Default::default()
+    };
     let mut status = Phase2Status::Complete;
     let mut session_epochs = 0usize;
-    let steps = crate::train::optim::steps_per_epoch(train_ids.len().div_ceil(batch_size), grad_accum);
+    let steps =
+        crate::train::optim::steps_per_epoch(train_ids.len().div_ceil(batch_size), grad_accum);
     if steps == 0 {
         return Err(Error::Arg(format!("{} training samples give no optimiser step (batch size {batch_size}, grad-accum {grad_accum})", train_ids.len())));
     }
-    let write_summary = |st: RunStatus, history: &[HistoryRow], best: &Best, msg: Option<String>| -> Result<()> {
-        run_dir.write_summary(&Summary {
-            status: st,
-            kind: Phase::Phase2,
-            experiment: opts.dataset.clone(),
-            best: best.clone(),
-            final_metrics: history.last().cloned(),
-            epochs: history.len() as u64,
-            max_epochs: epochs,
-            durations: Durations::from_history(history, t_session.elapsed().as_secs_f64()),
-            device: crate::device::device_name(&dev),
-            versions: Versions::default(),
-            updated: crate::train::checkpoint::now_rfc3339(),
-            message: msg,
-        })
-    };
+    let write_summary =
+        |st: RunStatus, history: &[HistoryRow], best: &Best, msg: Option<String>| -> Result<()> {
+            run_dir.write_summary(&Summary {
+                status: st,
+                kind: Phase::Phase2,
+                experiment: opts.dataset.clone(),
+                best: best.clone(),
+                final_metrics: history.last().cloned(),
+                epochs: history.len() as u64,
+                max_epochs: epochs,
+                durations: Durations::from_history(history, t_session.elapsed().as_secs_f64()),
+                device: crate::device::device_name(&dev),
+                versions: Versions::default(),
+                updated: crate::train::checkpoint::now_rfc3339(),
+                message: msg,
+            })
+        };
     write_summary(RunStatus::Running, &history, &best, None)?;
 
     for epoch in start_epoch..epochs {
@@ -559,7 +782,15 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
         let mut grads = Grads::new();
         let mut micro = 0usize;
         let mut interrupted = false;
-        let mut prog = if opts.quiet { None } else { Some(console.progress("TRAIN", Some((epoch + 1, epochs)), (steps * grad_accum) as u64)) };
+        let mut prog = if opts.quiet {
+            None
+        } else {
+            Some(console.progress(
+                "TRAIN",
+                Some((epoch + 1, epochs)),
+                (steps * grad_accum) as u64,
+            ))
+        };
         for ids in batches.iter().take(steps * grad_accum) {
             if stop.is_set() {
                 interrupted = true;
@@ -614,7 +845,12 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
             time_s: t_epoch.elapsed().as_secs_f64(),
             lr: Named(lr.clone()),
             train_loss: tracker.mean("loss"),
-            components: Named(["bce", "dice", "iou", "change"].iter().filter_map(|k| tracker.mean(k).map(|v| (k.to_string(), v))).collect()),
+            components: Named(
+                ["bce", "dice", "iou", "change"]
+                    .iter()
+                    .filter_map(|k| tracker.mean(k).map(|v| (k.to_string(), v)))
+                    .collect(),
+            ),
             train_dice: tracker.mean("metric_dice"),
             train_iou: tracker.mean("metric_iou"),
             val_loss: Some(vs.loss),
@@ -637,10 +873,15 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
             epochs,
             train: TrainReport {
                 loss: tracker.mean("loss").unwrap_or(f64::NAN),
-                components: [("BCE", "bce"), ("Dice loss", "dice"), ("IoU loss", "iou"), ("Change", "change")]
-                    .iter()
-                    .filter_map(|(l, k)| tracker.mean(k).map(|v| (l.to_string(), v)))
-                    .collect(),
+                components: [
+                    ("BCE", "bce"),
+                    ("Dice loss", "dice"),
+                    ("IoU loss", "iou"),
+                    ("Change", "change"),
+                ]
+                .iter()
+                .filter_map(|(l, k)| tracker.mean(k).map(|v| (l.to_string(), v)))
+                .collect(),
                 dice: tracker.mean("metric_dice"),
                 iou: tracker.mean("metric_iou"),
                 lrs: lr,
@@ -648,7 +889,11 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
             validation: Some(ValidationTable::Compare(vec![
                 ("Dice".into(), vs.coarse.dice, vs.refined.dice),
                 ("IoU".into(), vs.coarse.iou, vs.refined.iou),
-                ("Precision".into(), vs.coarse.precision, vs.refined.precision),
+                (
+                    "Precision".into(),
+                    vs.coarse.precision,
+                    vs.refined.precision,
+                ),
                 ("Recall".into(), vs.coarse.recall, vs.refined.recall),
             ])),
             is_best,
@@ -657,8 +902,12 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
         say(&console::epoch_report(&report, &style));
 
         // Checkpoints.
-        let model: HashMap<String, Tensor> =
-            refiner.sam.export_tensors(false)?.into_iter().map(|(k, t)| (format!("{SAM_PREFIX}{k}"), t)).collect();
+        let model: HashMap<String, Tensor> = refiner
+            .sam
+            .export_tensors(false)?
+            .into_iter()
+            .map(|(k, t)| (format!("{SAM_PREFIX}{k}"), t))
+            .collect();
         let optim = opt.state_tensors()?;
         let mut sc = Sidecar::new(
             Phase::Phase2,
@@ -669,7 +918,10 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
             data_id.clone(),
             opt.info(),
             schedule.clone(),
-            RngState { seed: opts.seed, next_epoch: epoch + 1 },
+            RngState {
+                seed: opts.seed,
+                next_epoch: epoch + 1,
+            },
             history.clone(),
         );
         sc.extra = serde_json::json!({"weights_id": weights_id});
@@ -677,7 +929,10 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
         if is_best {
             save_checkpoint(run_dir.root(), BEST, &model, &optim, &sc)?;
             let native: Vec<(String, Tensor)> = refiner.sam.export_tensors(false)?;
-            crate::models::sam::weights::save_safetensors_atomic(&native, &run_dir.path("best_sam.safetensors"))?;
+            crate::models::sam::weights::save_safetensors_atomic(
+                &native,
+                &run_dir.path("best_sam.safetensors"),
+            )?;
             atomic_write_json(
                 &run_dir.path("best_sam.json"),
                 &serde_json::json!({
@@ -696,7 +951,13 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
             )?;
         }
         if opts.save_every > 0 && (epoch + 1) % opts.save_every as u64 == 0 {
-            save_checkpoint(run_dir.root(), &crate::train::rundir::epoch_stem(epoch + 1), &model, &optim, &sc)?;
+            save_checkpoint(
+                run_dir.root(),
+                &crate::train::rundir::epoch_stem(epoch + 1),
+                &model,
+                &optim,
+                &sc,
+            )?;
         }
         if epoch + 1 == epochs {
             save_checkpoint(run_dir.root(), FINAL, &model, &optim, &sc)?;
@@ -708,7 +969,12 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
     }
     match status {
         Phase2Status::Interrupted => {
-            write_summary(RunStatus::Interrupted, &history, &best, Some("stopped by signal".into()))?;
+            write_summary(
+                RunStatus::Interrupted,
+                &history,
+                &best,
+                Some("stopped by signal".into()),
+            )?;
             say("Stopped at an epoch boundary; `latest` holds the last completed epoch (exit 75).");
         }
         _ => {
