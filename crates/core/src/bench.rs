@@ -70,6 +70,16 @@ pub fn workloads() -> Vec<(&'static str, &'static str, Setup)> {
             transunet_train_step,
         ),
         (
+            "sam-encoder-forward",
+            "frozen SAM image encoder forward at sam.img_size (plain tensors, fused kernels; default batch 1)",
+            sam_encoder_forward,
+        ),
+        (
+            "sam-decoder-train-step",
+            "Phase 2 step from cached embeddings: prompts + prompt encoder + mask decoder, loss, backward, AdamW (batch 4)",
+            sam_decoder_train_step,
+        ),
+        (
             "transunet-forward",
             "TransUNet eval-mode forward (random init; default batch 4)",
             transunet_forward,
@@ -294,6 +304,82 @@ fn transunet_forward(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
         step: Box::new(move || {
             let y = model.forward_t(&x, false, None)?;
             let _ = y.sum_all()?.to_dtype(DType::F32)?.to_vec0::<f32>()?;
+            Ok(())
+        }),
+    })
+}
+
+/// A randomly initialised SAM of the preset (frozen encoder as plain tensors, prompt encoder and decoder as Vars).
+fn random_sam(
+    cfg: &Config,
+    device: &Device,
+) -> Result<(crate::models::sam::Sam, candle_nn::VarMap)> {
+    use crate::models::sam::weights::{random_weights, SamFormat, SamWeights};
+    let scfg = &cfg.model.sam;
+    let weights = SamWeights {
+        tensors: random_weights(scfg, 42, device)?,
+        format: SamFormat::Original,
+    };
+    let varmap = candle_nn::VarMap::new();
+    // bf16 on CUDA (SPEC §15), f32 on CPU where candle has no bf16 convolution.
+    let enc_dtype = if device.is_cuda() { DType::BF16 } else { DType::F32 };
+    let sam = crate::models::sam::Sam::from_weights(scfg, &weights, &varmap, device, enc_dtype, None)?;
+    Ok((sam, varmap))
+}
+
+fn sam_encoder_forward(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
+    let b = opts.batch.unwrap_or(1);
+    let n = cfg.model.sam.img_size;
+    let (sam, _varmap) = random_sam(cfg, &opts.device)?;
+    let x = Tensor::randn(0f32, 1.0, (b, 3, n, n), &opts.device)?;
+    Ok(Prepared {
+        batch: b,
+        items: Some(b),
+        step: Box::new(move || {
+            let e = sam.image_encoder.forward_frozen(&x)?;
+            let _ = e.sum_all()?.to_dtype(DType::F32)?.to_vec0::<f32>()?;
+            Ok(())
+        }),
+    })
+}
+
+fn sam_decoder_train_step(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
+    use crate::refiner::sam_refiner::{SamRefiner, SamRefinerSettings};
+    use crate::train::optim::{AdamW, Grads, Optimizer, ParamGroup};
+    let b = opts.batch.unwrap_or(4);
+    let dev = &opts.device;
+    let (sam, varmap) = random_sam(cfg, dev)?;
+    let refiner = SamRefiner::new(sam, SamRefinerSettings::from_config(&cfg.refiner, None)?);
+    let mut vars: Vec<(String, candle_core::Var)> = varmap
+        .data()
+        .lock()
+        .map_err(|_| Error::msg("VarMap lock poisoned"))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut opt = AdamW::new(vec![ParamGroup::new("sam", 1e-4, 0.01, vars)])?;
+    let s = cfg.model.transunet.img_size;
+    let g = cfg.model.sam.embed_grid();
+    let c = cfg.model.sam.prompt_embed_dim;
+    let (image_s, gt_s) = transunet_inputs(b, s, dev)?;
+    // A plausible coarse mask: the GT disc blurred into a soft map.
+    let coarse_s = (gt_s.affine(0.8, 0.1))?;
+    let batch = crate::train::phase2::Batch {
+        image_s,
+        coarse_s,
+        gt_s,
+        emb: Tensor::randn(0f32, 1.0, (b, c, g, g), dev)?,
+    };
+    let lcfg = crate::train::losses::Phase2LossConfig::default();
+    Ok(Prepared {
+        batch: b,
+        items: Some(b),
+        step: Box::new(move || {
+            let st = crate::train::phase2::forward(&refiner, &batch, &lcfg)?;
+            let store = st.loss.total.backward()?;
+            let grads = Grads::from_store(&store, opt.groups())?;
+            opt.step(&grads)?;
             Ok(())
         }),
     })

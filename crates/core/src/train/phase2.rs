@@ -397,11 +397,13 @@ fn load_initial_weights(
     }
 }
 
-struct Batch {
-    image_s: Tensor,
-    coarse_s: Tensor,
-    gt_s: Tensor,
-    emb: Tensor,
+/// One Phase 2 batch at the TransUNet size `S`: images `(B,1,S,S)`, stored coarse masks and GT `(B,S,S)`, and the
+/// cached image embeddings of the sources `(B,C,g,g)`.
+pub struct Batch {
+    pub image_s: Tensor,
+    pub coarse_s: Tensor,
+    pub gt_s: Tensor,
+    pub emb: Tensor,
 }
 
 fn make_batch(data: &Phase2Data, emb: &[Tensor], ids: &[usize], dev: &Device) -> Result<Batch> {
@@ -426,14 +428,17 @@ fn make_batch(data: &Phase2Data, emb: &[Tensor], ids: &[usize], dev: &Device) ->
     })
 }
 
-struct Step {
-    loss: crate::train::losses::LossOutput,
-    refined_prob: Tensor,
-    coarse_n: Tensor,
-    gt: Tensor,
+/// Loss and detached outputs of one Phase 2 forward.
+pub struct Step {
+    pub loss: crate::train::losses::LossOutput,
+    pub refined_prob: Tensor,
+    pub coarse_n: Tensor,
+    pub gt: Tensor,
 }
 
-fn forward(refiner: &SamRefiner, b: &Batch, lcfg: &Phase2LossConfig) -> Result<Step> {
+/// The Phase 2 forward of one batch: shared preprocessing (§7.1), prompts, SAM refinement with soft selection and the
+/// §9.2 loss. The trainer and the `sam-decoder-train-step` bench both call this.
+pub fn forward(refiner: &SamRefiner, b: &Batch, lcfg: &Phase2LossConfig) -> Result<Step> {
     let n = refiner.img_size();
     let p2 = preprocess_phase2_batch(
         &b.image_s,
