@@ -322,8 +322,13 @@ fn random_sam(
     };
     let varmap = candle_nn::VarMap::new();
     // bf16 on CUDA (SPEC §15), f32 on CPU where candle has no bf16 convolution.
-    let enc_dtype = if device.is_cuda() { DType::BF16 } else { DType::F32 };
-    let sam = crate::models::sam::Sam::from_weights(scfg, &weights, &varmap, device, enc_dtype, None)?;
+    let enc_dtype = if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let sam =
+        crate::models::sam::Sam::from_weights(scfg, &weights, &varmap, device, enc_dtype, None)?;
     Ok((sam, varmap))
 }
 

@@ -27,7 +27,16 @@ struct Fixture {
 fn transunet_tensors(flip: bool) -> Vec<(String, Tensor)> {
     let cfg = Config::tiny().model.transunet;
     let vm = VarMap::new();
-    let m = build_trainable(&cfg, &vm, "", DType::F32, &Device::Cpu, if flip { 12 } else { 11 }, None).unwrap();
+    let m = build_trainable(
+        &cfg,
+        &vm,
+        "",
+        DType::F32,
+        &Device::Cpu,
+        if flip { 12 } else { 11 },
+        None,
+    )
+    .unwrap();
     let mut sd = state_dict(&m, &vm).unwrap();
     if flip {
         for (k, t) in sd.iter_mut() {
