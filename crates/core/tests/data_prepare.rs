@@ -588,7 +588,7 @@ fn verify_reports_tampering() {
     let tr1 = &sp.train[1];
     std::fs::write(
         out.join(format!("BUS/train/masks/{tr1}.png")),
-        encode_png(&vec![255u8; 9], 3, 3, C::L8).unwrap(),
+        encode_png(&[255u8; 9], 3, 3, C::L8).unwrap(),
     )
     .unwrap();
     let tr2 = &sp.train[2];

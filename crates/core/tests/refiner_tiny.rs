@@ -334,7 +334,7 @@ fn refiner_every_sam_var_gets_gradient_tiny() {
                         && (k.starts_with("prompt_encoder.mask_downscaling.0.")
                             || k == "prompt_encoder.mask_downscaling.1.weight"))
                     || (k == "prompt_encoder.not_a_point_embed.weight"
-                        && !(pc.use_point && !pc.use_box))
+                        && (!pc.use_point || pc.use_box))
                     || (k == "prompt_encoder.no_mask_embed.weight" && pc.use_mask)
                     || (k.starts_with("prompt_encoder.mask_downscaling.") && !pc.use_mask)
                     || (k == "prompt_encoder.point_embeddings.0.weight" && !neg)

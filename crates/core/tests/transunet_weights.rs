@@ -108,7 +108,7 @@ fn transunet_npz_narrow_reproduces_fixture_encoder() {
         .filter(|(k, _)| !k.starts_with("transformer."))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    all.extend(conv.tensors.into_iter());
+    all.extend(conv.tensors);
     TransUnet::from_tensors(&cfg, all, DType::F32, &Device::Cpu)
         .expect("strict load of converted weights");
 }

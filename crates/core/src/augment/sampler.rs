@@ -126,7 +126,7 @@ pub fn allocate_bin_labels(bins: &[QualityBin], total: usize, seed: u64) -> Vec<
     let mut labels: Vec<u16> = counts
         .iter()
         .enumerate()
-        .flat_map(|(i, &c)| std::iter::repeat(i as u16).take(c))
+        .flat_map(|(i, &c)| std::iter::repeat_n(i as u16, c))
         .collect();
     let mut rng = crate::rng::stream_rng(seed, "failure-sim-bins", &[]);
     labels.shuffle(&mut rng);
@@ -229,7 +229,7 @@ pub fn sample_for_bin<R: Rng + ?Sized>(
             }
             if d < 1.0 && !ctx.equals_gt(&m) {
                 let dist = bin.distance(d);
-                if best.as_ref().map_or(true, |b| dist < b.dist) {
+                if best.as_ref().is_none_or(|b| dist < b.dist) {
                     best = Some(Candidate {
                         dist,
                         modes: comp.modes.clone(),

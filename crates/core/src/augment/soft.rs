@@ -5,6 +5,7 @@
 //! * `blur`: Gaussian blur with σ = T, radius `⌈3σ⌉`, reflect-101 border (exact: the blur of `m` vanishes outside
 //!   the bounding box of `m` grown by the radius);
 //! * `none`: `m` itself.
+//!
 //! The stored mask is `bilinear(ac=false)(soft → S×S)`, computed bit-identically to resizing the full plane.
 use super::edt::{squared_distance_to_sites, SDF_CLAMP};
 use super::sim::{bounding_box, Rect, SourceContext};

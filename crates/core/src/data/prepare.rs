@@ -107,7 +107,7 @@ impl fmt::Display for PrepareReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{:<10} {:>6} {:>6} {:>6} {:>7} {:>7} {:>5} {:>6} {:>5}  {:<28} {}",
+            "{:<10} {:>6} {:>6} {:>6} {:>7} {:>7} {:>5} {:>6} {:>5}  {:<28} status",
             "dataset",
             "found",
             "kept",
@@ -117,8 +117,7 @@ impl fmt::Display for PrepareReport {
             "bad",
             "train",
             "test",
-            "fold val sizes",
-            "status"
+            "fold val sizes"
         )?;
         for d in &self.datasets {
             let folds = if d.fold_val_sizes.is_empty() {

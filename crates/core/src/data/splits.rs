@@ -34,7 +34,7 @@ pub struct FoldIdx {
 pub fn kfold_indices(n: usize, k: usize, seed: u64) -> Vec<FoldIdx> {
     let mut idx: Vec<usize> = (0..n).collect();
     Mt19937::from_seed(seed).shuffle(&mut idx);
-    let fs = if k == 0 { 0 } else { n / k };
+    let fs = n.checked_div(k).unwrap_or(0);
     (0..k)
         .map(|i| {
             let lo = i * fs;

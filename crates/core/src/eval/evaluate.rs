@@ -439,7 +439,7 @@ fn write_per_case(path: &Path, cases: &[CaseResult], refined: bool) -> Result<()
             rec.push(format!("{:.6}", r.iou - c.coarse.iou));
             rec.push(format!("{:.6}", r.hd95 - c.coarse.hd95));
         } else if refined {
-            rec.extend(std::iter::repeat(String::new()).take(CASE_METRICS.len() + 3));
+            rec.extend(std::iter::repeat_n(String::new(), CASE_METRICS.len() + 3));
         }
         rec.push((c.coarse.gt_empty as u8).to_string());
         rec.push((c.coarse.pred_empty as u8).to_string());

@@ -246,9 +246,7 @@ pub fn negative_point(boxes: &Tensor, positive: &Tensor) -> Result<(Tensor, Vec<
 
 /// Optional sharpening of the coarse probability: `σ((P − 0.5)·T)` (SPEC §7.3; applied at `S`, before §7.1).
 pub fn sharpen(p: &Tensor, temperature: f64) -> Result<Tensor> {
-    Ok(crate::nn::sigmoid(
-        &p.affine(temperature, -0.5 * temperature)?,
-    )?)
+    crate::nn::sigmoid(&p.affine(temperature, -0.5 * temperature)?)
 }
 
 /// Normalised 1-D Gaussian of the `gaussian` style for grid size `n`: `k = max(3, 2⌊n/64⌋+1)`, `σ = k/3`.

@@ -304,7 +304,7 @@ impl ImageEncoder {
             l.validate()?;
         }
         let dim = cfg.encoder_embed_dim;
-        if dim % cfg.encoder_num_heads != 0 {
+        if !dim.is_multiple_of(cfg.encoder_num_heads) {
             return Err(Error::Config(format!(
                 "sam.encoder_embed_dim {dim} is not divisible by encoder_num_heads {}",
                 cfg.encoder_num_heads
@@ -538,7 +538,7 @@ mod tests {
         assert_eq!(rp.dims(), &[3, 3, 1]);
         let v: Vec<f32> = rp.flatten_all().unwrap().to_vec1().unwrap();
         let exp: Vec<f32> = (0..3)
-            .flat_map(|i| (0..3).map(move |j| want[i + 2 - j] as f32))
+            .flat_map(|i| (0..3).map(move |j| want[i + 2 - j]))
             .collect();
         assert!(
             v.iter().zip(&exp).all(|(a, b)| (a - b).abs() < 1e-6),

@@ -26,7 +26,7 @@ pub struct Attention {
 impl Attention {
     pub fn new(dim: usize, num_heads: usize, downsample: usize, vb: VarBuilder) -> Result<Self> {
         let internal = dim / downsample;
-        if internal % num_heads != 0 {
+        if !internal.is_multiple_of(num_heads) {
             return Err(Error::Config(format!(
                 "attention dim {internal} not divisible by {num_heads} heads"
             )));
@@ -249,7 +249,7 @@ impl MaskDecoder {
     /// `vb` points at `mask_decoder` (trainable builder).
     pub fn new(cfg: &SamConfig, vb: VarBuilder) -> Result<Self> {
         let c = cfg.prompt_embed_dim;
-        if c % 8 != 0 {
+        if !c.is_multiple_of(8) {
             return Err(Error::Config(format!(
                 "sam.prompt_embed_dim must be a multiple of 8, got {c}"
             )));

@@ -84,7 +84,7 @@ impl PromptEncoder {
     /// never becomes an optimiser variable).
     pub fn new(cfg: &SamConfig, vb: VarBuilder, vb_buffers: VarBuilder) -> Result<Self> {
         let c = cfg.prompt_embed_dim;
-        if c % 2 != 0 {
+        if !c.is_multiple_of(2) {
             return Err(Error::Config(format!(
                 "sam.prompt_embed_dim must be even, got {c}"
             )));

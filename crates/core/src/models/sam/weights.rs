@@ -327,7 +327,7 @@ pub fn infer_config(t: &HashMap<String, Vec<usize>>, source: &str) -> Result<Sam
         if rp[0] == 2 * g - 1 {
             global.push(i);
         } else {
-            window = (rp[0] + 1) / 2;
+            window = rp[0].div_ceil(2);
         }
     }
     let mlp = get("image_encoder.blocks.0.mlp.lin1.weight")

@@ -40,7 +40,7 @@ impl Embeddings {
         let g = cfg.grid();
         let position_embeddings =
             vb.get_with_hints((1, g * g, d), "position_embeddings", Init::Const(0.0))?;
-        let dropout = Dropout::new(cfg.dropout as f64);
+        let dropout = Dropout::new(cfg.dropout);
         Ok(Self {
             hybrid_model,
             patch_embeddings,

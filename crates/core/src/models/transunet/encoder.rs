@@ -28,7 +28,7 @@ impl Attention {
     pub fn new(cfg: &TransUnetConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         let h = cfg.num_heads;
-        if h == 0 || d % h != 0 {
+        if h == 0 || !d.is_multiple_of(h) {
             return Err(Error::Config(format!(
                 "transunet.hidden_size {d} is not divisible by transunet.num_heads {h}"
             )));
@@ -40,8 +40,8 @@ impl Attention {
             out: linear(d, d, vb.pp("out"))?,
             num_heads: h,
             head_dim: d / h,
-            attn_dropout: Dropout::new(cfg.attention_dropout as f64),
-            proj_dropout: Dropout::new(cfg.attention_dropout as f64),
+            attn_dropout: Dropout::new(cfg.attention_dropout),
+            proj_dropout: Dropout::new(cfg.attention_dropout),
         })
     }
 
@@ -105,7 +105,7 @@ impl Mlp {
         Ok(Self {
             fc1: xavier_linear(cfg.hidden_size, cfg.mlp_dim, vb.pp("fc1"))?,
             fc2: xavier_linear(cfg.mlp_dim, cfg.hidden_size, vb.pp("fc2"))?,
-            dropout: Dropout::new(cfg.dropout as f64),
+            dropout: Dropout::new(cfg.dropout),
         })
     }
 

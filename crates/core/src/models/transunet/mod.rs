@@ -59,19 +59,22 @@ pub struct TransUnet {
 /// Checks the parts of the configuration the architecture depends on.
 pub fn validate_config(cfg: &TransUnetConfig) -> Result<()> {
     let bad = |m: String| Err(Error::Config(m));
-    if cfg.img_size == 0 || cfg.img_size % 16 != 0 {
+    if cfg.img_size == 0 || !cfg.img_size.is_multiple_of(16) {
         return bad(format!(
             "transunet.img_size {} must be a positive multiple of 16",
             cfg.img_size
         ));
     }
-    if cfg.resnet_width == 0 || cfg.gn_groups == 0 || cfg.resnet_width % cfg.gn_groups != 0 {
+    if cfg.resnet_width == 0
+        || cfg.gn_groups == 0
+        || !cfg.resnet_width.is_multiple_of(cfg.gn_groups)
+    {
         return bad(format!(
             "transunet.resnet_width {} must be a positive multiple of transunet.gn_groups {}",
             cfg.resnet_width, cfg.gn_groups
         ));
     }
-    if cfg.num_heads == 0 || cfg.hidden_size % cfg.num_heads != 0 {
+    if cfg.num_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_heads) {
         return bad(format!(
             "transunet.hidden_size {} must be divisible by transunet.num_heads {}",
             cfg.hidden_size, cfg.num_heads
