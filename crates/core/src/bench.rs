@@ -80,6 +80,11 @@ pub fn workloads() -> Vec<(&'static str, &'static str, Setup)> {
             sam_decoder_train_step,
         ),
         (
+            "e2e-train-step",
+            "Phase 3 step with cached SAM embeddings: TransUNet + prompts + SAM decoder, loss, backward, AdamW (batch 2)",
+            e2e_train_step,
+        ),
+        (
             "transunet-forward",
             "TransUNet eval-mode forward (random init; default batch 4)",
             transunet_forward,
@@ -332,6 +337,77 @@ fn random_sam(
     Ok((sam, varmap))
 }
 
+/// Every Var of a VarMap in key order (the optimiser's parameter order).
+fn sorted_vars(varmap: &candle_nn::VarMap) -> Result<Vec<(String, candle_core::Var)>> {
+    let mut vars: Vec<(String, candle_core::Var)> = varmap
+        .data()
+        .lock()
+        .map_err(|_| Error::msg("VarMap lock poisoned"))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(vars)
+}
+
+/// One end-to-end step as Phase 3 takes it (SPEC §9.3, §11.4): TransUNet in train mode → shared preprocessing →
+/// prompts → SAM decoder on cached embeddings → `0.3·L_coarse + 0.7·L_refined` at N → backward → AdamW with the two
+/// groups `transunet` and `sam`.
+fn e2e_train_step(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
+    use crate::refiner::sam_refiner::{SamRefiner, SamRefinerSettings};
+    use crate::refiner::ultra::{ForwardOptions, UltraRefiner};
+    use crate::train::losses::{nearest_target, phase3_loss, Phase3LossConfig};
+    use crate::train::optim::{AdamW, Grads, Optimizer, ParamGroup};
+    let b = opts.batch.unwrap_or(2);
+    let dev = &opts.device;
+    let tvm = candle_nn::VarMap::new();
+    let transunet = crate::train::phase1::build_model(&cfg.model.transunet, &tvm, 42, dev, None)?;
+    let (sam, svm) = random_sam(cfg, dev)?;
+    let refiner = SamRefiner::new(sam, SamRefinerSettings::from_config(&cfg.refiner, None)?);
+    let model = UltraRefiner::new(transunet, refiner);
+    let mut opt = AdamW::new(vec![
+        ParamGroup::new("transunet", 1e-5, 0.01, sorted_vars(&tvm)?),
+        ParamGroup::new("sam", 1e-5, 0.01, sorted_vars(&svm)?),
+    ])?;
+    let s = cfg.model.transunet.img_size;
+    let (g, c, n) = (
+        cfg.model.sam.embed_grid(),
+        cfg.model.sam.prompt_embed_dim,
+        cfg.model.sam.img_size,
+    );
+    let (x, y) = transunet_inputs(b, s, dev)?;
+    let y_n = nearest_target(&y, n)?;
+    let emb = Tensor::randn(0f32, 1.0, (b, c, g, g), dev)?;
+    let lcfg = Phase3LossConfig::default();
+    let mut step = 0u64;
+    Ok(Prepared {
+        batch: b,
+        items: Some(b),
+        step: Box::new(move || {
+            step += 1;
+            let fo = ForwardOptions {
+                train: true,
+                dropout_seed: Some(crate::rng::mix(42, "dropout", &[0, step])),
+                embeddings: Some(&emb),
+                cache: None,
+            };
+            let out = model.forward_with(&x, &fo)?;
+            let loss = phase3_loss(
+                &out.coarse_logits,
+                &y,
+                &out.refined_logits_n,
+                &y_n,
+                &lcfg,
+                None,
+            )?;
+            let store = loss.total.backward()?;
+            let grads = Grads::from_store(&store, opt.groups())?;
+            opt.step(&grads)?;
+            Ok(())
+        }),
+    })
+}
+
 fn sam_encoder_forward(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
     let b = opts.batch.unwrap_or(1);
     let n = cfg.model.sam.img_size;
@@ -355,15 +431,12 @@ fn sam_decoder_train_step(opts: &BenchOptions, cfg: &Config) -> Result<Prepared>
     let dev = &opts.device;
     let (sam, varmap) = random_sam(cfg, dev)?;
     let refiner = SamRefiner::new(sam, SamRefinerSettings::from_config(&cfg.refiner, None)?);
-    let mut vars: Vec<(String, candle_core::Var)> = varmap
-        .data()
-        .lock()
-        .map_err(|_| Error::msg("VarMap lock poisoned"))?
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut opt = AdamW::new(vec![ParamGroup::new("sam", 1e-4, 0.01, vars)])?;
+    let mut opt = AdamW::new(vec![ParamGroup::new(
+        "sam",
+        1e-4,
+        0.01,
+        sorted_vars(&varmap)?,
+    )])?;
     let s = cfg.model.transunet.img_size;
     let g = cfg.model.sam.embed_grid();
     let c = cfg.model.sam.prompt_embed_dim;
@@ -406,6 +479,31 @@ mod tests {
         };
         let e = run(&opts).unwrap_err().to_string();
         assert!(e.contains("sgemm-2048"), "{e}");
+    }
+
+    /// The model workloads must keep working as the trainers evolve: one timed run each at `tiny`.
+    #[test]
+    fn model_workloads_run_at_tiny() {
+        for w in [
+            "transunet-forward",
+            "transunet-train-step",
+            "sam-encoder-forward",
+            "sam-decoder-train-step",
+            "e2e-train-step",
+            "bilinear-224-1024-fwd-bwd",
+        ] {
+            let opts = BenchOptions {
+                workload: w.into(),
+                config: "tiny".into(),
+                batch: Some(1),
+                n: 1,
+                warmup: 0,
+                device: Device::Cpu,
+            };
+            let r = run(&opts).unwrap_or_else(|e| panic!("{w}: {e}"));
+            assert!(r.median_ms > 0.0 && r.median_ms.is_finite(), "{w}: {r:?}");
+            assert!(r.items_per_s.is_some(), "{w} processes items");
+        }
     }
 
     #[test]
