@@ -85,6 +85,11 @@ pub fn workloads() -> Vec<(&'static str, &'static str, Setup)> {
             e2e_train_step,
         ),
         (
+            "e2e-train-step-uncached",
+            "as e2e-train-step, with the frozen SAM image encoder run inside every step (batch 2)",
+            e2e_train_step_uncached,
+        ),
+        (
             "transunet-forward",
             "TransUNet eval-mode forward (random init; default batch 4)",
             transunet_forward,
@@ -354,6 +359,15 @@ fn sorted_vars(varmap: &candle_nn::VarMap) -> Result<Vec<(String, candle_core::V
 /// prompts → SAM decoder on cached embeddings → `0.3·L_coarse + 0.7·L_refined` at N → backward → AdamW with the two
 /// groups `transunet` and `sam`.
 fn e2e_train_step(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
+    e2e_step(opts, cfg, true)
+}
+
+/// As `e2e-train-step`, but the frozen SAM image encoder runs inside every step (no embedding cache).
+fn e2e_train_step_uncached(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
+    e2e_step(opts, cfg, false)
+}
+
+fn e2e_step(opts: &BenchOptions, cfg: &Config, cached: bool) -> Result<Prepared> {
     use crate::refiner::sam_refiner::{SamRefiner, SamRefinerSettings};
     use crate::refiner::ultra::{ForwardOptions, UltraRefiner};
     use crate::train::losses::{nearest_target, phase3_loss, Phase3LossConfig};
@@ -388,7 +402,7 @@ fn e2e_train_step(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
             let fo = ForwardOptions {
                 train: true,
                 dropout_seed: Some(crate::rng::mix(42, "dropout", &[0, step])),
-                embeddings: Some(&emb),
+                embeddings: cached.then_some(&emb),
                 cache: None,
             };
             let out = model.forward_with(&x, &fo)?;
@@ -490,6 +504,7 @@ mod tests {
             "sam-encoder-forward",
             "sam-decoder-train-step",
             "e2e-train-step",
+            "e2e-train-step-uncached",
             "bilinear-224-1024-fwd-bwd",
         ] {
             let opts = BenchOptions {
