@@ -19,6 +19,7 @@ use ultrarefiner::refiner::{
     SamRefinerSettings, UltraOutput, UltraRefiner,
 };
 use ultrarefiner::testing::{assert_close, fixture_path, get_f32, load_fixture, shared_dir};
+use ultrarefiner::train::losses::{phase3_loss, Phase3LossConfig};
 
 /// Tolerance column of the README section of `e2e_narrow_io.safetensors`: `(is_abs, value)`.
 fn tolerances() -> HashMap<String, (bool, f64)> {
@@ -144,55 +145,33 @@ fn build(style: MaskPromptStyle) -> Model {
     }
 }
 
-/// Phase-3 loss terms of SPEC §9.1/§9.3: `(coarse_ce, coarse_dice, refined)`.
-fn loss_terms(out: &UltraOutput, y: &Tensor) -> (Tensor, Tensor, Tensor) {
-    let logits = &out.coarse_logits;
-    let t = Tensor::stack(&[&(1.0 - y).unwrap(), y], 1).unwrap();
-    let logp = candle_nn::ops::log_softmax(logits, 1).unwrap();
-    let ce = (logp * &t)
-        .unwrap()
-        .sum(1)
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .neg()
-        .unwrap();
-    let p = ultrarefiner::nn::softmax(logits, 1).unwrap();
-    let mut dice = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
-    for c in 0..2 {
-        let pc = p.narrow(1, c, 1).unwrap();
-        let tc = t.narrow(1, c, 1).unwrap();
-        let inter = (&pc * &tc).unwrap().sum_all().unwrap();
-        let den =
-            (pc.sqr().unwrap().sum_all().unwrap() + tc.sqr().unwrap().sum_all().unwrap()).unwrap();
-        let d = (1.0
-            - ((inter * 2.0).unwrap() + 1e-5)
-                .unwrap()
-                .div(&(den + 1e-5).unwrap())
-                .unwrap())
-        .unwrap();
-        dice = (dice + d).unwrap();
-    }
-    let dice = (dice / 2.0).unwrap();
-    // L_refined at N: 0.5·mean BCE + 0.5·batch-pooled soft Dice (+1e-5).
+/// The Phase-3 loss of the library (SPEC §9.3, weights 0.3/0.7, refined loss at N): `(coarse_ce, coarse_dice,
+/// L_coarse, L_refined, total)`. The fixture values are independent of this code, so this checks `train::losses` on
+/// the real model outputs.
+fn loss_terms(out: &UltraOutput, y: &Tensor) -> (Tensor, Tensor, Tensor, Tensor, Tensor) {
     let n = out.refined_logits_n.dim(1).unwrap();
     let yn = resize_target(y, n).unwrap();
-    let z = &out.refined_logits_n;
-    let bce = ultrarefiner::nn::bce_with_logits(z, &yn)
-        .unwrap()
-        .mean_all()
-        .unwrap();
-    let s = ultrarefiner::nn::sigmoid(z).unwrap();
-    let inter = (&s * &yn).unwrap().sum_all().unwrap();
-    let den = (s.sum_all().unwrap() + yn.sum_all().unwrap()).unwrap();
-    let rd = (1.0
-        - ((inter * 2.0).unwrap() + 1e-5)
-            .unwrap()
-            .div(&(den + 1e-5).unwrap())
-            .unwrap())
+    let l = phase3_loss(
+        &out.coarse_logits,
+        y,
+        &out.refined_logits_n,
+        &yn,
+        &Phase3LossConfig::default(),
+        None,
+    )
     .unwrap();
-    let refined = ((bce * 0.5).unwrap() + (rd * 0.5).unwrap()).unwrap();
-    (ce, dice, refined)
+    let get = |k: &str| {
+        l.get(k)
+            .unwrap_or_else(|| panic!("loss has no `{k}`"))
+            .clone()
+    };
+    (
+        get("coarse_ce"),
+        get("coarse_dice"),
+        get("coarse"),
+        get("refined"),
+        l.total.clone(),
+    )
 }
 
 fn var_map(vm: &VarMap) -> HashMap<String, Var> {
@@ -255,9 +234,7 @@ fn parity_e2e_narrow_direct() {
     );
     fx.check("refined_logits_224", &out.refined_logits_s);
 
-    let (ce, dice, refined) = loss_terms(&out, &y);
-    let coarse = ((&ce * 0.5).unwrap() + (&dice * 0.5).unwrap()).unwrap();
-    let total = ((&coarse * 0.3).unwrap() + (&refined * 0.7).unwrap()).unwrap();
+    let (ce, dice, coarse, refined, total) = loss_terms(&out, &y);
     fx.check("loss.coarse_ce", &ce);
     fx.check("loss.coarse_dice", &dice);
     fx.check("loss.coarse_total", &coarse);

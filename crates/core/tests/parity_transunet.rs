@@ -62,31 +62,15 @@ fn grad(name: &str, got: &Tensor, want: &Tensor) {
     assert_grad_close(name, got, want, 1e-3, 0.9999);
 }
 
-/// Phase-1 loss of SPEC §9.1 (kept private here until `train::losses` lands): `0.5·CE + 0.5·Dice₂` where CE is the
-/// mean over all B·S·S pixels of `−log_softmax(logits)[y]` and Dice₂ the mean over both classes of
-/// `1 − (2Σp_c t_c + 1e-5)/(Σp_c² + Σt_c² + 1e-5)` pooled over the whole batch (`p = softmax(logits)`, one-hot `t`).
-/// Returns `(loss, ce, dice)`.
+/// The library's Phase-1 loss (SPEC §9.1) as `(loss, ce, dice)`; the fixture's values are the independent check.
 fn phase1_loss(logits: &Tensor, y: &Tensor) -> (Tensor, Tensor, Tensor) {
-    let go = || -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let t = Tensor::stack(&[&(1.0 - y)?, y], 1)?.to_dtype(logits.dtype())?; // (B,2,S,S)
-        let logp = candle_nn::ops::log_softmax(logits, 1)?;
-        let ce = (logp * &t)?.sum(1)?.mean_all()?.neg()?;
-        let p = ultrarefiner::nn::softmax(logits, 1)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let mut dice = Tensor::zeros((), logits.dtype(), logits.device())?;
-        for c in 0..2 {
-            let pc = p.narrow(1, c, 1)?;
-            let tc = t.narrow(1, c, 1)?;
-            let inter = (&pc * &tc)?.sum_all()?;
-            let den = (pc.sqr()?.sum_all()? + tc.sqr()?.sum_all()?)?;
-            let d = (1.0 - ((inter * 2.0)? + 1e-5)?.div(&(den + 1e-5)?)?)?;
-            dice = (dice + d)?;
-        }
-        let dice = (dice / 2.0)?;
-        let loss = ((&ce * 0.5)? + (&dice * 0.5)?)?;
-        Ok((loss, ce, dice))
+    let l = ultrarefiner::train::losses::phase1_loss(logits, y).expect("phase1 loss");
+    let get = |k: &str| {
+        l.get(k)
+            .unwrap_or_else(|| panic!("loss has no `{k}`"))
+            .clone()
     };
-    go().expect("phase1 loss")
+    (l.total.clone(), get("ce"), get("dice"))
 }
 
 #[test]
