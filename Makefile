@@ -10,10 +10,18 @@ RAW_ROOT     ?= dataset/raw
 DATA_ROOT    ?= dataset/processed
 AUG_ROOT     ?= dataset/augmented
 DEVICE       ?= cpu
+CHECKPOINTS  ?= checkpoints
+# Phase 2 trains one SAM on the union of DATASETS; its run name is the sorted names joined by '_' (SPEC §8.9).
+P2_RUN       ?= $(shell printf '%s\n' $(DATASETS) | LC_ALL=C sort -u | paste -sd_ -)
+SAM_CHECKPOINT ?= medsam-vit-b
+P1_DIR        = $(CHECKPOINTS)/transunet
+P2_DIR        = $(CHECKPOINTS)/sam_finetuned
+P3_DIR        = $(CHECKPOINTS)/ultra_refiner
 CUDA_COMPUTE_CAP ?= 90
 BENCH_OUT    ?= bench-results
 
-.PHONY: build build-cuda test lint fmt bench demo clean submit prepare augment phase1 fetch-weights
+.PHONY: build build-cuda test lint fmt bench demo clean submit prepare augment phase1 phase2 phase3 evaluate all \
+	fetch-weights
 
 build:
 	$(CARGO) build --release --workspace --bins
@@ -42,11 +50,45 @@ prepare: build
 	$(RELEASE)/ultrarefiner prepare verify --output-root $(DATA_ROOT)
 
 augment: build
-	$(RELEASE)/ultrarefiner augment synthetic --processed-root $(DATA_ROOT) --datasets $(DATASETS) --output-root $(AUG_ROOT)
+	$(RELEASE)/ultrarefiner augment synthetic --processed-root $(DATA_ROOT) --datasets $(DATASETS) --output-root $(AUG_ROOT) \
+	  --resume
 
+# Every training target passes --resume auto: a finished run exits at once, an interrupted one continues.
 phase1: build
 	$(RELEASE)/phase1 --config $(CONFIG) --data-root $(DATA_ROOT) --dataset $(DATASET) --fold $(FOLD) \
-	  --device $(DEVICE) --resume auto
+	  --output-dir $(P1_DIR) --device $(DEVICE) --resume auto
+
+# One SAM refiner for all DATASETS (SAM_CHECKPOINT: a fetch alias such as medsam-vit-b, or a path).
+phase2: build
+	$(RELEASE)/phase2 --config $(CONFIG) --data-root $(AUG_ROOT) --processed-root $(DATA_ROOT) --dataset $(P2_RUN) \
+	  --sam-checkpoint $(SAM_CHECKPOINT) --output-dir $(P2_DIR) --device $(DEVICE) --resume auto
+
+phase3: build
+	$(RELEASE)/phase3 --config $(CONFIG) --data-root $(DATA_ROOT) --dataset $(DATASET) --fold $(FOLD) \
+	  --transunet-checkpoint $(P1_DIR)/$(DATASET)/fold_$(FOLD)/best.safetensors \
+	  --sam-checkpoint $(P2_DIR)/$(P2_RUN)/best_sam.safetensors \
+	  --output-dir $(P3_DIR) --device $(DEVICE) --resume auto
+
+# Test split of each dataset in DATASETS with the fold ensemble (mean probability) of its Phase 3 models over FOLDS.
+evaluate: build
+	@for ds in $(DATASETS); do \
+	  $(RELEASE)/ultrarefiner evaluate --config $(CONFIG) --data-root $(DATA_ROOT) --datasets $$ds --split test \
+	    --ensemble "$(P3_DIR)/$$ds/fold_{k}/best.safetensors" --folds $(shell echo $(FOLDS) | tr ' ' ',') \
+	    --output-dir results/$$ds/test_evaluation --visualize --device $(DEVICE) || exit $$?; \
+	done
+
+# The whole study: every DATASET x FOLD through Phases 1 and 3, one Phase 2 in between, then evaluation.
+# Rerunning it is cheap: finished runs are skipped by --resume auto, unfinished ones continue.
+all: build
+	@for ds in $(DATASETS); do for k in $(FOLDS); do \
+	  $(MAKE) --no-print-directory phase1 DATASET=$$ds FOLD=$$k || exit $$?; \
+	done; done
+	$(MAKE) --no-print-directory augment
+	$(MAKE) --no-print-directory phase2
+	@for ds in $(DATASETS); do for k in $(FOLDS); do \
+	  $(MAKE) --no-print-directory phase3 DATASET=$$ds FOLD=$$k || exit $$?; \
+	done; done
+	$(MAKE) --no-print-directory evaluate
 
 # Pretrained weights into weights/ (hub cache or network; `ultrarefiner fetch --help` lists aliases and --from-file).
 fetch-weights: build
