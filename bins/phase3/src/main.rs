@@ -56,6 +56,12 @@ struct Args {
     /// TransUNet input size S (must match the Phase 1 and Phase 2 models) [default: preset].
     #[arg(long)]
     img_size: Option<usize>,
+    /// Must be 2 (the Phase 3 loss is binary) [default: preset].
+    #[arg(long)]
+    num_classes: Option<usize>,
+    /// Skip connections used by the decoder (must match Phase 1) [default: preset].
+    #[arg(long)]
+    n_skip: Option<usize>,
     /// [default: preset's phase3.batch_size, 8 for paper]
     #[arg(long)]
     batch_size: Option<usize>,
@@ -188,6 +194,8 @@ fn options(a: Args) -> anyhow::Result<Phase3Options> {
     o.sam_checkpoint = a.sam_checkpoint;
     o.config = a.config;
     o.img_size = a.img_size;
+    o.num_classes = a.num_classes;
+    o.n_skip = a.n_skip;
     o.batch_size = a.batch_size;
     o.max_epochs = a.max_epochs;
     o.transunet_lr = a.transunet_lr;

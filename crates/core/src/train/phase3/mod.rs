@@ -77,6 +77,9 @@ pub struct Phase3Options {
     pub sam_checkpoint: String,
     pub config: String,
     pub img_size: Option<usize>,
+    /// Must be 2 (binary loss); accepted for parity with Phase 1.
+    pub num_classes: Option<usize>,
+    pub n_skip: Option<usize>,
     pub batch_size: Option<usize>,
     pub max_epochs: Option<usize>,
     pub transunet_lr: f64,
@@ -142,6 +145,8 @@ impl Phase3Options {
             sam_checkpoint: String::new(),
             config: "paper".into(),
             img_size: None,
+            num_classes: None,
+            n_skip: None,
             batch_size: None,
             max_epochs: None,
             transunet_lr: 1e-5,
@@ -322,6 +327,12 @@ fn resolve(o: &Phase3Options) -> Result<Resolved> {
     let mut cfg = Config::load(&o.config)?;
     if let Some(v) = o.img_size {
         cfg.model.transunet.img_size = v;
+    }
+    if let Some(v) = o.num_classes {
+        cfg.model.transunet.n_classes = v;
+    }
+    if let Some(v) = o.n_skip {
+        cfg.model.transunet.n_skip = v;
     }
     if let Some(v) = o.max_epochs {
         cfg.phase3.max_epochs = v;
