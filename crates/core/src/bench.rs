@@ -90,6 +90,11 @@ pub fn workloads() -> Vec<(&'static str, &'static str, Setup)> {
             e2e_train_step_uncached,
         ),
         (
+            "phase3-step",
+            "one Phase 3 optimiser step through train::phase3::train_step (cached embeddings, all trainable; batch 2)",
+            phase3_step,
+        ),
+        (
             "transunet-forward",
             "TransUNet eval-mode forward (random init; default batch 4)",
             transunet_forward,
@@ -422,6 +427,65 @@ fn e2e_step(opts: &BenchOptions, cfg: &Config, cached: bool) -> Result<Prepared>
     })
 }
 
+/// The Phase 3 trainer's own step (`train::phase3::train_step`): TransUNet in training mode, refiner on cached
+/// embeddings, `0.3·L_coarse + 0.7·L_refined` at N, backward, clipping at 1.0, AdamW over both groups.
+fn phase3_step(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
+    use crate::train::phase3::{train_step, FreezePlan, MicroBatch, Phase3Model, StepConfig};
+    let b = opts.batch.unwrap_or(2);
+    let dev = &opts.device;
+    let tvm = candle_nn::VarMap::new();
+    let tu = crate::train::phase1::build_model(&cfg.model.transunet, &tvm, 42, dev, None)?;
+    let tu_tensors = crate::models::transunet::state_dict(&tu, &tvm)?
+        .into_iter()
+        .collect();
+    drop(tu);
+    let sam = crate::models::sam::weights::SamWeights {
+        tensors: crate::models::sam::weights::random_weights(&cfg.model.sam, 42, dev)?,
+        format: crate::models::sam::weights::SamFormat::Original,
+    };
+    let enc_dtype = if dev.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let settings = crate::refiner::SamRefinerSettings::from_config(&cfg.refiner, None)?;
+    let model = Phase3Model::new(&cfg.model, &tu_tensors, &sam, settings, dev, enc_dtype)?;
+    drop(sam);
+    let mut opt = crate::train::optim::AdamW::new(model.param_groups(1e-5, 1e-5, 0.01)?)?;
+    let keys = crate::train::phase3::step::all_keys(&opt);
+    let trainable = FreezePlan::all_trainable(
+        cfg.model.transunet.decoder_channels.len(),
+        cfg.model.sam.decoder_depth,
+    )
+    .at(0, &keys);
+    let step_cfg = StepConfig {
+        loss: crate::train::losses::Phase3LossConfig::default(),
+        loss_size: crate::train::losses::RefinedLossSize::Full,
+        grad_clip: 1.0,
+        anchor_beta: 0.0,
+    };
+    let s = cfg.model.transunet.img_size;
+    let (g, c) = (cfg.model.sam.embed_grid(), cfg.model.sam.prompt_embed_dim);
+    let (x, y) = transunet_inputs(b, s, dev)?;
+    let emb = Tensor::randn(0f32, 1.0, (b, c, g, g), dev)?;
+    let mut step = 0u64;
+    Ok(Prepared {
+        batch: b,
+        items: Some(b),
+        step: Box::new(move || {
+            step += 1;
+            let mb = MicroBatch {
+                images: x.clone(),
+                masks: y.clone(),
+                embeddings: Some(emb.clone()),
+                dropout_seed: Some(crate::rng::mix(42, "dropout", &[0, step])),
+            };
+            train_step(&model, &mut opt, &[mb], &trainable, &step_cfg, None, None)?;
+            Ok(())
+        }),
+    })
+}
+
 fn sam_encoder_forward(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
     let b = opts.batch.unwrap_or(1);
     let n = cfg.model.sam.img_size;
@@ -505,6 +569,7 @@ mod tests {
             "sam-decoder-train-step",
             "e2e-train-step",
             "e2e-train-step-uncached",
+            "phase3-step",
             "bilinear-224-1024-fwd-bwd",
         ] {
             let opts = BenchOptions {

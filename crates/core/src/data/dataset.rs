@@ -318,7 +318,8 @@ impl SegDataset {
         self.make(index, None)
     }
 
-    fn make(&self, index: usize, aug: Option<AugmentParams>) -> Result<Sample> {
+    /// Sample `index` with explicit augmentation parameters (`None`: none), whatever the dataset's setting.
+    pub fn make(&self, index: usize, aug: Option<AugmentParams>) -> Result<Sample> {
         let d = self.decoded(index)?;
         let (image, mask) = to_sample(&d, self.img_size, aug.as_ref());
         let e = &self.entries[index];

@@ -94,6 +94,17 @@ impl UltraRefiner {
         let coarse_logits = self
             .transunet
             .forward_t(image_s, opts.train, opts.dropout_seed)?;
+        self.forward_from_logits(image_s, coarse_logits, opts)
+    }
+
+    /// The rest of [`Self::forward_with`] for TransUNet logits computed by the caller (Phase 3 detaches them when the
+    /// whole TransUNet is frozen, SPEC §11.4.2): `P`, sharpening, gradient scale, refiner.
+    pub fn forward_from_logits(
+        &self,
+        image_s: &Tensor,
+        coarse_logits: Tensor,
+        opts: &ForwardOptions,
+    ) -> Result<UltraOutput> {
         let c = coarse_logits.dim(1)?;
         if c < 2 {
             return Err(Error::Config(format!(

@@ -125,6 +125,18 @@ impl MeanTracker {
             self.add(&format!("{prefix}{n}"), v);
         }
     }
+    /// The means of the metrics added with [`add_pooled`](Self::add_pooled) under `prefix` (NaN where never observed).
+    pub fn pooled_mean(&self, prefix: &str) -> PooledMetrics {
+        let m = |k: &str| self.mean(&format!("{prefix}{k}")).unwrap_or(f64::NAN);
+        PooledMetrics {
+            dice: m("dice"),
+            iou: m("iou"),
+            precision: m("precision"),
+            recall: m("recall"),
+            accuracy: m("accuracy"),
+            specificity: m("specificity"),
+        }
+    }
     /// Mean of `name` (None if never observed).
     pub fn mean(&self, name: &str) -> Option<f64> {
         self.entries

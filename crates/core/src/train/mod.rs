@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod optim;
 pub mod phase1;
 pub mod phase2;
+pub mod phase3;
 pub mod plot;
 pub mod progress;
 pub mod rundir;

@@ -464,14 +464,7 @@ pub fn validate(
     let m = |k: &str| tr.mean(k).unwrap_or(f64::NAN);
     Ok(Validation {
         loss: m("loss"),
-        metrics: PooledMetrics {
-            dice: m("dice"),
-            iou: m("iou"),
-            precision: m("precision"),
-            recall: m("recall"),
-            accuracy: m("accuracy"),
-            specificity: m("specificity"),
-        },
+        metrics: tr.pooled_mean(""),
         dice_img: if dices.is_empty() {
             f64::NAN
         } else {
@@ -540,13 +533,37 @@ fn resolve(o: &Phase1Options) -> Result<Resolved> {
     if o.val_every == 0 {
         return Err(Error::Arg("--val-every must be at least 1".into()));
     }
-    let (datasets, combined): (Vec<String>, bool) = match (&o.dataset, o.datasets.is_empty()) {
+    let (datasets, combined, exp_name) = resolve_datasets(
+        o.dataset.as_deref(),
+        &o.datasets,
+        o.fold,
+        o.exp_name.as_deref(),
+    )?;
+    Ok(Resolved {
+        max_epochs: cfg.phase1.max_epochs as u64,
+        batch_size: cfg.phase1.batch_size,
+        cfg,
+        datasets,
+        combined,
+        exp_name,
+    })
+}
+
+/// `--dataset` / `--datasets` of Phases 1 and 3 (§11.2): the canonical dataset names, whether they are combined, and
+/// the experiment name (`exp_name`, else `{DATASET}/fold_{k}` or `combined/fold_{k}`).
+pub(crate) fn resolve_datasets(
+    dataset: Option<&str>,
+    datasets: &[String],
+    fold: u32,
+    exp_name: Option<&str>,
+) -> Result<(Vec<String>, bool, String)> {
+    let (datasets, combined): (Vec<String>, bool) = match (dataset, datasets.is_empty()) {
         (Some(d), _) => (
             vec![crate::data::DatasetKind::parse(d)?.name().to_string()],
             false,
         ),
         (None, false) => {
-            let v: Vec<String> = crate::data::parse_dataset_list(&o.datasets)?
+            let v: Vec<String> = crate::data::parse_dataset_list(datasets)?
                 .into_iter()
                 .map(|k| k.name().to_string())
                 .collect();
@@ -558,19 +575,12 @@ fn resolve(o: &Phase1Options) -> Result<Resolved> {
             true,
         ),
     };
-    let exp_name = match &o.exp_name {
-        Some(e) => e.clone(),
-        None if combined => format!("combined/fold_{}", o.fold),
-        None => format!("{}/fold_{}", datasets[0], o.fold),
+    let exp_name = match exp_name {
+        Some(e) => e.to_string(),
+        None if combined => format!("combined/fold_{fold}"),
+        None => format!("{}/fold_{fold}", datasets[0]),
     };
-    Ok(Resolved {
-        max_epochs: cfg.phase1.max_epochs as u64,
-        batch_size: cfg.phase1.batch_size,
-        cfg,
-        datasets,
-        combined,
-        exp_name,
-    })
+    Ok((datasets, combined, exp_name))
 }
 
 fn pretrained_path(o: &Phase1Options, cfg: &TransUnetConfig) -> Option<PathBuf> {
@@ -609,7 +619,21 @@ fn training_json(o: &Phase1Options, r: &Resolved) -> serde_json::Value {
     })
 }
 
-fn splits_identity(root: &Path, datasets: &[String]) -> Result<String> {
+/// Errors unless every dataset's `splits.json` was prepared with `n_splits` folds.
+pub(crate) fn check_n_splits(root: &Path, datasets: &[String], n_splits: u32) -> Result<()> {
+    for d in datasets {
+        let sp = crate::data::splits::SplitsFile::read(&root.join(d).join("splits.json"))?;
+        if sp.n_splits != n_splits as usize {
+            return Err(Error::Arg(format!(
+                "--n-splits {n_splits}: {d}/splits.json was prepared with {} folds",
+                sp.n_splits
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn splits_identity(root: &Path, datasets: &[String]) -> Result<String> {
     let mut parts = Vec::new();
     for d in datasets {
         parts.push(sha256_file(&root.join(d).join("splits.json"))?);
@@ -710,7 +734,7 @@ fn summary(
 
 /// A JSON value as it reads back from a file (floats normalised by one text round trip), for comparisons with
 /// values loaded from sidecars.
-fn json_norm(v: &serde_json::Value) -> serde_json::Value {
+pub(crate) fn json_norm(v: &serde_json::Value) -> serde_json::Value {
     serde_json::from_str(&v.to_string()).unwrap_or_else(|_| v.clone())
 }
 
@@ -745,15 +769,7 @@ fn train(
         Split::FoldVal(o.fold as usize),
         s,
     )?;
-    for d in &r.datasets {
-        let sp = crate::data::splits::SplitsFile::read(&o.data_root.join(d).join("splits.json"))?;
-        if sp.n_splits != o.n_splits as usize {
-            return Err(Error::Arg(format!(
-                "--n-splits {}: {d}/splits.json was prepared with {} folds",
-                o.n_splits, sp.n_splits
-            )));
-        }
-    }
+    check_n_splits(&o.data_root, &r.datasets, o.n_splits)?;
     let (n_train, n_val) = (train_ds.entries().len(), val_ds.entries().len());
     if n_train < r.batch_size {
         return Err(Error::Arg(format!(

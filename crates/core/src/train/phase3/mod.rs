@@ -1,0 +1,1194 @@
+//! Phase 3 trainer (SPEC §11.4): end-to-end fine-tuning of the Phase 1 TransUNet and the (Phase 2 or pretrained)
+//! SAM refiner with the §9.3 loss `λ_c·L_coarse + λ_r·L_refined (+ anchor)`, two AdamW groups (`transunet`,
+//! `sam`) under one per-epoch cosine schedule, the freezing semantics of §11.4.2 ([`freeze`]), the frozen SAM image
+//! encoder behind the embedding cache ([`data`] documents the augmentation policy and its cost), baseline and
+//! Performance Comparison (§12.2), the §11.1.5 run directory and exact resume (§11.1.6).
+//!
+//! ```ignore
+//! let mut o = Phase3Options::new("./dataset/processed");
+//! o.dataset = Some("BUSI".into());
+//! o.sam_checkpoint = "checkpoints/sam_finetuned/RUN/best_sam.safetensors".into();
+//! let outcome = ultrarefiner::train::phase3::run(&o)?;
+//! std::process::exit(outcome.exit_code());
+//! ```
+//!
+//! Not implemented (the CLI does not offer them): LoRA, ROI crop, gated refinement, disk embedding cache.
+pub mod data;
+pub mod freeze;
+pub mod step;
+
+pub use data::{Phase3TrainSet, RotationPolicy};
+pub use freeze::{EpochTrainable, FreezePlan};
+pub use step::{
+    forward_loss, train_step, validate, AnchorSnapshot, MicroBatch, Phase3Model, Phase3Validation,
+    StepConfig, StepOutput,
+};
+
+use super::checkpoint::{
+    load_checkpoint, save_checkpoint, sha256_file, Baseline, Best, DataIdentity, Phase, RngState,
+    Sidecar, WeightSource,
+};
+use super::console::{
+    end_of_run, epoch_report, run_header, Console, EpochReport, PerformanceComparison, RunHeader,
+    Style, TrainReport, ValidationTable,
+};
+use super::history::{HistoryRow, Named};
+use super::losses::{Phase3LossConfig, RefinedLossSize};
+use super::metrics::MeanTracker;
+use super::optim::{check_groups_match, AdamW, Optimizer};
+use super::phase1::{check_n_splits, json_norm, resolve_datasets, splits_identity, Phase1Outcome};
+use super::rundir::{
+    epoch_stem, resolve_resume, Durations, ResumeDecision, RunDir, RunStatus, Summary, Versions,
+    BEST, FINAL, LATEST,
+};
+use super::schedule::Schedule;
+use super::signals::StopFlag;
+use crate::config::{Config, RefinerConfig};
+use crate::data::dataset::{SegDataset, Split};
+use crate::data::loader::{Loader, LoaderOptions};
+use crate::device::DeviceSpec;
+use crate::models::sam::weights::{load_sam_weights, random_weights, SamFormat, SamWeights};
+use crate::models::sam::EmbeddingCache;
+use crate::models::transunet::read_checkpoint;
+use crate::refiner::{MaskPromptStyle, SamRefinerSettings};
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// How a Phase 3 run ended (same shape as Phase 1's).
+pub type Phase3Outcome = Phase1Outcome;
+
+/// Every flag of SPEC §11.4 (minus LoRA / ROI / gating) and the common flags of §11.1.7. `Option` fields left `None`
+/// take the preset's (or the Phase 2 sidecar's) value.
+#[derive(Debug, Clone)]
+pub struct Phase3Options {
+    pub data_root: PathBuf,
+    pub dataset: Option<String>,
+    pub datasets: Vec<String>,
+    pub fold: u32,
+    pub n_splits: u32,
+    /// Phase 1 result; default `checkpoints/transunet/{DS}/fold_{k}/best.safetensors`.
+    pub transunet_checkpoint: Option<PathBuf>,
+    /// Phase 2 `best_sam.safetensors`, a converted SAM/MedSAM, a `.pth`, any file with `sam.*` keys, or `random`
+    /// (deterministic random weights from `--seed`; tests and demos only).
+    pub sam_checkpoint: String,
+    pub config: String,
+    pub img_size: Option<usize>,
+    /// Must be 2 (binary loss); accepted for parity with Phase 1.
+    pub num_classes: Option<usize>,
+    pub n_skip: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub max_epochs: Option<usize>,
+    pub transunet_lr: f64,
+    pub sam_lr: f64,
+    pub weight_decay: f64,
+    pub min_lr: f64,
+    pub coarse_loss_weight: f64,
+    pub refined_loss_weight: f64,
+    /// `N` (default) or `S`.
+    pub refined_loss_size: Option<usize>,
+    pub mask_prompt_style: Option<String>,
+    pub allow_style_mismatch: bool,
+    pub sharpen_coarse_mask: bool,
+    pub sharpen_temperature: f64,
+    pub sam_normalization: Option<String>,
+    pub grad_clip: f64,
+    pub grad_accum: usize,
+    pub transunet_weight_reg: f64,
+    pub transunet_grad_scale: f64,
+    pub freeze_transunet_epochs: u64,
+    pub transunet_unfreeze_decoder_layers: i64,
+    pub freeze_sam_prompt_encoder: bool,
+    pub freeze_sam_mask_decoder: bool,
+    pub freeze_sam_all: bool,
+    pub freeze_sam_epochs: u64,
+    pub sam_unfreeze_decoder_layers: i64,
+    pub no_augment: bool,
+    /// Fixed rotation angles of the cached SAM branch ([`RotationPolicy::Fixed`]); 0 = flip only.
+    pub rotation_angles: usize,
+    /// Embedding cache for the frozen encoder; off = encoder every step with continuous §3.8 rotation.
+    pub embed_cache: bool,
+    /// In-memory LRU bound of the embedding cache in bytes.
+    pub embed_cache_mem: usize,
+    pub output_dir: PathBuf,
+    pub exp_name: Option<String>,
+    pub save_every: u64,
+    pub device: Option<DeviceSpec>,
+    pub seed: u64,
+    pub num_workers: usize,
+    pub resume: Option<String>,
+    pub force_retrain: bool,
+    pub allow_config_change: bool,
+    pub val_every: u64,
+    pub plain: bool,
+    pub ascii: bool,
+    /// No stdout (train.log is still written). For tests.
+    pub quiet: bool,
+    pub stop: Option<StopFlag>,
+    /// Behave as if a stop was requested after this many completed epochs (in total). Tests and time-boxed jobs.
+    pub stop_after_epochs: Option<u64>,
+}
+
+impl Phase3Options {
+    /// The SPEC defaults with `data_root` set.
+    pub fn new(data_root: impl Into<PathBuf>) -> Self {
+        Phase3Options {
+            data_root: data_root.into(),
+            dataset: None,
+            datasets: Vec::new(),
+            fold: 0,
+            n_splits: 5,
+            transunet_checkpoint: None,
+            sam_checkpoint: String::new(),
+            config: "paper".into(),
+            img_size: None,
+            num_classes: None,
+            n_skip: None,
+            batch_size: None,
+            max_epochs: None,
+            transunet_lr: 1e-5,
+            sam_lr: 1e-5,
+            weight_decay: 0.01,
+            min_lr: 1e-6,
+            coarse_loss_weight: 0.3,
+            refined_loss_weight: 0.7,
+            refined_loss_size: None,
+            mask_prompt_style: None,
+            allow_style_mismatch: false,
+            sharpen_coarse_mask: false,
+            sharpen_temperature: 10.0,
+            sam_normalization: None,
+            grad_clip: 1.0,
+            grad_accum: 1,
+            transunet_weight_reg: 0.0,
+            transunet_grad_scale: 1.0,
+            freeze_transunet_epochs: 0,
+            transunet_unfreeze_decoder_layers: -1,
+            freeze_sam_prompt_encoder: false,
+            freeze_sam_mask_decoder: false,
+            freeze_sam_all: false,
+            freeze_sam_epochs: 0,
+            sam_unfreeze_decoder_layers: -1,
+            no_augment: false,
+            rotation_angles: 0,
+            embed_cache: true,
+            embed_cache_mem: 8 << 30,
+            output_dir: PathBuf::from("./checkpoints/ultra_refiner"),
+            exp_name: None,
+            save_every: 20,
+            device: None,
+            seed: 42,
+            num_workers: 8,
+            resume: None,
+            force_retrain: false,
+            allow_config_change: false,
+            val_every: 1,
+            plain: false,
+            ascii: false,
+            quiet: false,
+            stop: None,
+            stop_after_epochs: None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// SAM sources
+
+/// The initial SAM weights of a run and what is known about them.
+pub struct SamSource {
+    pub weights: SamWeights,
+    /// SHA-256 of the file (or `random-seed<k>`); also the embedding-cache fingerprint base.
+    pub weights_id: String,
+    /// `sam`, `medsam` or `random` (resolves `sam_normalization = auto`).
+    pub provenance: String,
+    /// The Phase 2 `best_sam.json` next to the file, if any.
+    pub phase2_sidecar: Option<serde_json::Value>,
+}
+
+/// Loads `--sam-checkpoint`: `random`, a Phase 2 `best_sam.safetensors` (+ `best_sam.json`), a converted SAM/MedSAM
+/// safetensors, an original `.pth`, a Phase 2/3 checkpoint (`sam.*` keys) or an HF file — any §6.6 form, strictly
+/// checked against `cfg`.
+pub fn load_sam_source(
+    spec: &str,
+    cfg: &crate::config::SamConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<SamSource> {
+    if spec == "random" {
+        return Ok(SamSource {
+            weights: SamWeights {
+                tensors: random_weights(cfg, seed, device)?,
+                format: SamFormat::Original,
+            },
+            weights_id: format!("random-seed{seed}"),
+            provenance: "random".into(),
+            phase2_sidecar: None,
+        });
+    }
+    if spec.is_empty() {
+        return Err(Error::Arg(
+            "--sam-checkpoint is required (Phase 2 best_sam.safetensors, a SAM/MedSAM checkpoint, or `random`)"
+                .into(),
+        ));
+    }
+    let p = Path::new(spec);
+    let weights = load_sam_weights(p, Some(cfg), device)?;
+    let sidecar = crate::eval::model::read_sidecar_json(p)?;
+    let provenance = sidecar
+        .as_ref()
+        .and_then(|v| v["provenance"].as_str())
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| {
+            if spec.to_ascii_lowercase().contains("medsam") {
+                "medsam".into()
+            } else {
+                "sam".into()
+            }
+        });
+    let phase2_sidecar = sidecar.filter(|v| v.get("mask_prompt_style").is_some());
+    Ok(SamSource {
+        weights,
+        weights_id: sha256_file(p)?,
+        provenance,
+        phase2_sidecar,
+    })
+}
+
+/// The refiner configuration of the run (§11.4 table): flags > Phase 2 `best_sam.json` > preset, with the style
+/// check; `sam_normalization` is stored resolved (`sam`/`unit`) so evaluation needs no provenance.
+pub fn resolve_refiner(
+    o: &Phase3Options,
+    preset: &RefinerConfig,
+    src: &SamSource,
+) -> Result<RefinerConfig> {
+    let mut r = preset.clone();
+    let p2 = src.phase2_sidecar.as_ref();
+    if let Some(v) = p2 {
+        if let Some(s) = v["mask_prompt_style"].as_str() {
+            r.mask_prompt_style = s.to_string();
+        }
+        if let Some(s) = v["normalization"].as_str() {
+            r.sam_normalization = s.to_string();
+        }
+        let pr = &v["prompts"];
+        for (key, field) in [
+            ("point", &mut r.use_point_prompt),
+            ("box", &mut r.use_box_prompt),
+            ("mask", &mut r.use_mask_prompt),
+            ("negative_point", &mut r.add_negative_point),
+        ] {
+            if let Some(b) = pr[key].as_bool() {
+                *field = b;
+            }
+        }
+    } else {
+        r.sam_normalization = "auto".into();
+    }
+    if let Some(st) = &o.mask_prompt_style {
+        let _: MaskPromptStyle = st.parse()?;
+        if let Some(trained) = p2.and_then(|v| v["mask_prompt_style"].as_str()) {
+            if trained != st && !o.allow_style_mismatch {
+                return Err(Error::Arg(format!(
+                    "--mask-prompt-style {st} differs from the Phase 2 model's `{trained}` ({}); pass --allow-style-mismatch to use it anyway",
+                    o.sam_checkpoint
+                )));
+            }
+        }
+        r.mask_prompt_style = st.clone();
+    }
+    if let Some(n) = &o.sam_normalization {
+        r.sam_normalization = n.clone();
+    }
+    r.sharpen_coarse_mask = o.sharpen_coarse_mask;
+    r.sharpen_temperature = o.sharpen_temperature;
+    let resolved = SamRefinerSettings::from_config(&r, Some(&src.provenance))?;
+    r.sam_normalization = resolved.normalization.as_str().to_string();
+    Ok(r)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The run
+
+struct Resolved {
+    cfg: Config,
+    datasets: Vec<String>,
+    combined: bool,
+    exp_name: String,
+    max_epochs: u64,
+    batch_size: usize,
+    transunet_checkpoint: PathBuf,
+}
+
+fn resolve(o: &Phase3Options) -> Result<Resolved> {
+    let mut cfg = Config::load(&o.config)?;
+    if let Some(v) = o.img_size {
+        cfg.model.transunet.img_size = v;
+    }
+    if let Some(v) = o.num_classes {
+        cfg.model.transunet.n_classes = v;
+    }
+    if let Some(v) = o.n_skip {
+        cfg.model.transunet.n_skip = v;
+    }
+    if let Some(v) = o.max_epochs {
+        cfg.phase3.max_epochs = v;
+    }
+    if let Some(v) = o.batch_size {
+        cfg.phase3.batch_size = v;
+    }
+    cfg.data.n_splits = o.n_splits as usize;
+    cfg.validate()
+        .map_err(|e| Error::Config(format!("{}: {e}", o.config)))?;
+    crate::models::transunet::validate_config(&cfg.model.transunet)?;
+    if cfg.model.transunet.n_classes != 2 {
+        return Err(Error::Arg(
+            "--num-classes: the Phase 3 loss is binary (2 classes)".into(),
+        ));
+    }
+    if cfg.phase3.batch_size == 0 || cfg.phase3.max_epochs == 0 {
+        return Err(Error::Arg(
+            "--batch-size and --max-epochs must be at least 1".into(),
+        ));
+    }
+    if o.n_splits < 2 || o.fold >= o.n_splits {
+        return Err(Error::Arg(format!(
+            "--fold {} must be below --n-splits {} (≥ 2)",
+            o.fold, o.n_splits
+        )));
+    }
+    if o.val_every == 0 || o.grad_accum == 0 {
+        return Err(Error::Arg(
+            "--val-every and --grad-accum must be at least 1".into(),
+        ));
+    }
+    if !(0.0..=1.0).contains(&o.transunet_grad_scale) {
+        return Err(Error::Arg(format!(
+            "--transunet-grad-scale {} must be in [0, 1]",
+            o.transunet_grad_scale
+        )));
+    }
+    let (datasets, combined, exp_name) = resolve_datasets(
+        o.dataset.as_deref(),
+        &o.datasets,
+        o.fold,
+        o.exp_name.as_deref(),
+    )?;
+    let transunet_checkpoint = o.transunet_checkpoint.clone().unwrap_or_else(|| {
+        PathBuf::from("checkpoints/transunet")
+            .join(if combined { "combined" } else { &datasets[0] })
+            .join(format!("fold_{}", o.fold))
+            .join("best.safetensors")
+    });
+    Ok(Resolved {
+        max_epochs: cfg.phase3.max_epochs as u64,
+        batch_size: cfg.phase3.batch_size,
+        cfg,
+        datasets,
+        combined,
+        exp_name,
+        transunet_checkpoint,
+    })
+}
+
+fn freeze_plan(o: &Phase3Options, cfg: &Config) -> Result<FreezePlan> {
+    let p = FreezePlan {
+        freeze_transunet_epochs: o.freeze_transunet_epochs,
+        transunet_unfreeze_decoder_layers: o.transunet_unfreeze_decoder_layers,
+        freeze_sam_prompt_encoder: o.freeze_sam_prompt_encoder,
+        freeze_sam_mask_decoder: o.freeze_sam_mask_decoder,
+        freeze_sam_all: o.freeze_sam_all,
+        freeze_sam_epochs: o.freeze_sam_epochs,
+        sam_unfreeze_decoder_layers: o.sam_unfreeze_decoder_layers,
+        transunet_decoder_blocks: cfg.model.transunet.decoder_channels.len(),
+        sam_decoder_depth: cfg.model.sam.decoder_depth,
+    };
+    p.validate()?;
+    Ok(p)
+}
+
+/// Training hyper-parameters recorded in the sidecar (a change on resume needs `--allow-config-change`).
+fn training_json(o: &Phase3Options, r: &Resolved) -> serde_json::Value {
+    serde_json::json!({
+        "transunet_lr": o.transunet_lr, "sam_lr": o.sam_lr, "weight_decay": o.weight_decay, "min_lr": o.min_lr,
+        "batch_size": r.batch_size, "max_epochs": r.max_epochs,
+        "coarse_loss_weight": o.coarse_loss_weight, "refined_loss_weight": o.refined_loss_weight,
+        "refined_loss_size": o.refined_loss_size, "grad_clip": o.grad_clip, "grad_accum": o.grad_accum,
+        "transunet_weight_reg": o.transunet_weight_reg, "transunet_grad_scale": o.transunet_grad_scale,
+        "freeze_transunet_epochs": o.freeze_transunet_epochs,
+        "transunet_unfreeze_decoder_layers": o.transunet_unfreeze_decoder_layers,
+        "freeze_sam_prompt_encoder": o.freeze_sam_prompt_encoder, "freeze_sam_mask_decoder": o.freeze_sam_mask_decoder,
+        "freeze_sam_all": o.freeze_sam_all, "freeze_sam_epochs": o.freeze_sam_epochs,
+        "sam_unfreeze_decoder_layers": o.sam_unfreeze_decoder_layers,
+        "augment": !o.no_augment, "rotation_angles": o.rotation_angles, "embed_cache": o.embed_cache,
+        "val_every": o.val_every, "seed": o.seed, "schedule": "cosine per epoch",
+    })
+}
+
+/// Runs Phase 3 with `o`. Errors after the run directory exists also mark `summary.json` as `failed`.
+pub fn run(o: &Phase3Options) -> Result<Phase3Outcome> {
+    let r = resolve(o)?;
+    let run = RunDir::new(&o.output_dir, &r.exp_name);
+    let decision = resolve_resume(&run, o.resume.as_deref(), o.force_retrain)?;
+    let style = if o.quiet {
+        Style {
+            color: false,
+            ascii: o.ascii,
+            plain: true,
+        }
+    } else {
+        Style::detect(o.plain, o.ascii)
+    };
+    if decision == ResumeDecision::AlreadyComplete {
+        if !o.quiet {
+            Console::new(style).print(&format!(
+                "{}: already complete (use --force-retrain to train again)",
+                run.root().display()
+            ));
+        }
+        return Ok(Phase3Outcome::AlreadyComplete {
+            run_dir: run.root().to_path_buf(),
+        });
+    }
+    run.create()?;
+    let started = Instant::now();
+    let device_spec = o.device.unwrap_or_else(DeviceSpec::default_for_build);
+    let res = train(o, &r, &run, decision, style, started, device_spec);
+    if let Err(e) = &res {
+        let prev = run.read_summary().ok().flatten();
+        let mut s = summary(
+            RunStatus::Failed,
+            &r,
+            &prev
+                .as_ref()
+                .map(|p| p.best.clone())
+                .unwrap_or_else(|| Best::new("val_dice")),
+            &[],
+            started,
+            device_spec,
+            Some(e.to_string()),
+        );
+        if let Some(p) = prev {
+            s.final_metrics = p.final_metrics;
+            s.epochs = p.epochs;
+            s.durations = p.durations;
+        }
+        let _ = run.write_summary(&s);
+    }
+    res
+}
+
+fn summary(
+    status: RunStatus,
+    r: &Resolved,
+    best: &Best,
+    history: &[HistoryRow],
+    started: Instant,
+    device: DeviceSpec,
+    message: Option<String>,
+) -> Summary {
+    Summary {
+        status,
+        kind: Phase::Phase3,
+        experiment: r.exp_name.clone(),
+        best: best.clone(),
+        final_metrics: history.last().cloned(),
+        epochs: history.len() as u64,
+        max_epochs: r.max_epochs,
+        durations: Durations::from_history(history, started.elapsed().as_secs_f64()),
+        device: device.to_string(),
+        versions: Versions::default(),
+        updated: super::checkpoint::now_rfc3339(),
+        message,
+    }
+}
+
+fn strip_prefix_map(m: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
+    m.iter()
+        .filter_map(|(k, v)| k.strip_prefix(prefix).map(|s| (s.to_string(), v.clone())))
+        .collect()
+}
+
+/// The Phase 1 TransUNet tensors (a Phase 3 checkpoint is accepted too: its `transunet.*` part), checked against the
+/// run's image size through the Phase 1 sidecar when present.
+fn load_transunet(path: &Path, img_size: usize) -> Result<HashMap<String, Tensor>> {
+    if !path.is_file() {
+        return Err(Error::file(
+            path,
+            "TransUNet checkpoint not found (train Phase 1 first, or pass --transunet-checkpoint)",
+        ));
+    }
+    if let Some(v) = crate::eval::model::read_sidecar_json(path)? {
+        if let Some(s) = v["config"]["model"]["transunet"]["img_size"].as_u64() {
+            if s as usize != img_size {
+                return Err(Error::file(
+                    path,
+                    format!("was trained at img_size {s}, this run uses --img-size {img_size}"),
+                ));
+            }
+        }
+    }
+    let all = read_checkpoint(path, "")?;
+    if all.keys().any(|k| k.starts_with("transunet.")) {
+        read_checkpoint(path, "transunet")
+    } else {
+        Ok(all)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train(
+    o: &Phase3Options,
+    r: &Resolved,
+    run: &RunDir,
+    decision: ResumeDecision,
+    style: Style,
+    started: Instant,
+    device_spec: DeviceSpec,
+) -> Result<Phase3Outcome> {
+    let device = device_spec.open()?;
+    let console = Console::new(style);
+    console.open_log(&run.log_path())?;
+    let say = |t: &str| {
+        if o.quiet {
+            console.log_only(t)
+        } else {
+            console.print(t)
+        }
+    };
+    let mcfg = &r.cfg.model;
+    let s = mcfg.transunet.img_size;
+    let plan = freeze_plan(o, &r.cfg)?;
+
+    // Data (§11.4.1 step 1; the test split is never read).
+    check_n_splits(&o.data_root, &r.datasets, o.n_splits)?;
+    let train_inner = SegDataset::open(
+        &o.data_root,
+        &r.datasets,
+        Split::FoldTrain(o.fold as usize),
+        s,
+    )?;
+    let val_ds = SegDataset::open(
+        &o.data_root,
+        &r.datasets,
+        Split::FoldVal(o.fold as usize),
+        s,
+    )?;
+    let rotation = if o.embed_cache {
+        RotationPolicy::Fixed(o.rotation_angles)
+    } else {
+        RotationPolicy::Continuous
+    };
+    let train_set = Phase3TrainSet {
+        inner: train_inner,
+        augment_seed: (!o.no_augment).then_some(o.seed),
+        rotation,
+    };
+    let (n_train, n_val) = (train_set.inner.entries().len(), val_ds.entries().len());
+    if n_train < r.batch_size {
+        return Err(Error::Arg(format!(
+            "fold {} has {n_train} training samples, fewer than --batch-size {} (the last partial batch is dropped)",
+            o.fold, r.batch_size
+        )));
+    }
+    if n_val == 0 {
+        return Err(Error::Arg(format!(
+            "fold {} has no validation samples",
+            o.fold
+        )));
+    }
+    let workers = o.num_workers.max(1);
+    let train_loader = Loader::new(
+        Arc::new(train_set),
+        LoaderOptions::train(r.batch_size, o.seed).with_workers(workers),
+    )?;
+    let val_loader = Loader::new(
+        Arc::new(val_ds),
+        LoaderOptions::eval(r.batch_size).with_workers(workers),
+    )?;
+    let steps = super::optim::steps_per_epoch(train_loader.num_batches(), o.grad_accum);
+    if steps == 0 {
+        return Err(Error::Arg(format!(
+            "{n_train} training samples give no optimiser step (batch size {}, grad-accum {})",
+            r.batch_size, o.grad_accum
+        )));
+    }
+
+    // Models: initial weights, or the checkpoint's on resume.
+    let resume_ck = match &decision {
+        ResumeDecision::Resume(p) => {
+            let ck = load_checkpoint(p, &device)?;
+            if ck.sidecar.kind != Phase::Phase3 {
+                return Err(Error::file(
+                    p,
+                    format!("is a {} checkpoint, not phase3", ck.sidecar.kind.as_str()),
+                ));
+            }
+            Some(ck)
+        }
+        _ => None,
+    };
+    let encoder_dtype = if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let (tu_tensors, sam_weights, weights_id, provenance, refiner_cfg, init_weights) =
+        match &resume_ck {
+            Some(ck) => {
+                let sc = &ck.sidecar;
+                let rc: RefinerConfig = serde_json::from_value(sc.config["refiner"].clone())
+                    .map_err(|e| {
+                        Error::file(&ck.safetensors_path, format!("sidecar refiner: {e}"))
+                    })?;
+                let sam = SamWeights {
+                    tensors: strip_prefix_map(&ck.model, freeze::SAM_PREFIX),
+                    format: SamFormat::Original,
+                };
+                (
+                    strip_prefix_map(&ck.model, freeze::TRANSUNET_PREFIX),
+                    sam,
+                    sc.extra["weights_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    sc.extra["provenance"].as_str().unwrap_or("sam").to_string(),
+                    rc,
+                    sc.init_weights.clone(),
+                )
+            }
+            None => {
+                let tu = load_transunet(&r.transunet_checkpoint, s)?;
+                let src = load_sam_source(&o.sam_checkpoint, &mcfg.sam, o.seed, &device)?;
+                if let Some(ts) = src
+                    .phase2_sidecar
+                    .as_ref()
+                    .and_then(|v| v["transunet_img_size"].as_u64())
+                {
+                    if ts as usize != s {
+                        return Err(Error::Arg(format!(
+                            "the Phase 2 model {} was trained at TransUNet size {ts}, this run uses {s}",
+                            o.sam_checkpoint
+                        )));
+                    }
+                }
+                let rc = resolve_refiner(o, &r.cfg.refiner, &src)?;
+                let iw = vec![
+                    WeightSource {
+                        role: "transunet".into(),
+                        path: r.transunet_checkpoint.display().to_string(),
+                        sha256: sha256_file(&r.transunet_checkpoint).ok(),
+                        provenance: "phase1 checkpoint".into(),
+                    },
+                    WeightSource {
+                        role: "sam".into(),
+                        path: o.sam_checkpoint.clone(),
+                        sha256: (o.sam_checkpoint != "random").then(|| src.weights_id.clone()),
+                        provenance: if src.phase2_sidecar.is_some() {
+                            format!("phase2 best_sam ({})", src.provenance)
+                        } else {
+                            src.provenance.clone()
+                        },
+                    },
+                ];
+                (tu, src.weights, src.weights_id, src.provenance, rc, iw)
+            }
+        };
+    let settings = SamRefinerSettings::from_config(&refiner_cfg, Some(&provenance))?;
+    let mut model = Phase3Model::new(
+        mcfg,
+        &tu_tensors,
+        &sam_weights,
+        settings,
+        &device,
+        encoder_dtype,
+    )?;
+    drop(sam_weights);
+    model.ultra.transunet_grad_scale = o.transunet_grad_scale;
+    let n = model.ultra.refiner.img_size();
+    let loss_size = RefinedLossSize::from_flag(o.refined_loss_size.unwrap_or(n), s, n)?;
+    let step_cfg = StepConfig {
+        loss: Phase3LossConfig {
+            coarse_weight: o.coarse_loss_weight,
+            refined_weight: o.refined_loss_weight,
+        },
+        loss_size,
+        grad_clip: o.grad_clip,
+        anchor_beta: o.transunet_weight_reg,
+    };
+    let mut opt = AdamW::new(model.param_groups(o.transunet_lr, o.sam_lr, o.weight_decay)?)?;
+    let all_keys = step::all_keys(&opt);
+    let mut schedule = Schedule::cosine(o.min_lr, r.max_epochs);
+    let cache = EmbeddingCache::new(
+        None,
+        &format!("{weights_id}-{}", refiner_cfg.sam_normalization),
+        o.embed_cache_mem,
+    )?;
+    let train_cache = (o.embed_cache || o.no_augment).then_some(&cache);
+
+    let training = training_json(o, r);
+    let model_json = serde_json::to_value(mcfg).map_err(|e| Error::msg(e.to_string()))?;
+    let refiner_json = serde_json::to_value(&refiner_cfg).map_err(|e| Error::msg(e.to_string()))?;
+    let config_json = serde_json::json!({
+        "preset": r.cfg.preset, "model": model_json, "refiner": refiner_json,
+        "data": { "datasets": r.datasets, "fold": o.fold, "n_splits": o.n_splits, "data_root": o.data_root,
+                  "img_size": s },
+        "training": training,
+        "cli": { "config": o.config, "output_dir": o.output_dir, "exp_name": r.exp_name,
+                 "device": device_spec.to_string(), "num_workers": o.num_workers, "save_every": o.save_every,
+                 "transunet_checkpoint": r.transunet_checkpoint, "sam_checkpoint": o.sam_checkpoint },
+    });
+    let data_id = DataIdentity {
+        datasets: r.datasets.clone(),
+        fold: Some(o.fold),
+        n_splits: Some(o.n_splits),
+        splits_sha256: Some(splits_identity(&o.data_root, &r.datasets)?),
+        manifest_sha256: None,
+    };
+
+    let mut best = Best::new("val_dice");
+    let mut history: Vec<HistoryRow> = Vec::new();
+    let mut start_epoch = 0u64;
+    let mut global_step = 0u64;
+    let mut pending_note: Option<String> = None;
+    let mut baseline: Option<Baseline> = None;
+    if let Some(ck) = &resume_ck {
+        let sc = &ck.sidecar;
+        let path = &ck.safetensors_path;
+        if json_norm(&sc.config["model"]) != json_norm(&config_json["model"]) {
+            return Err(Error::file(
+                path,
+                "its model configuration differs from this run's (--config / --img-size …)",
+            ));
+        }
+        if sc.data != data_id {
+            return Err(Error::file(
+                path,
+                format!(
+                    "was trained on other data ({:?} fold {:?}); this run uses {:?} fold {}",
+                    sc.data.datasets, sc.data.fold, data_id.datasets, o.fold
+                ),
+            ));
+        }
+        if json_norm(&sc.config["training"]) != json_norm(&training) {
+            if !o.allow_config_change {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "training hyper-parameters differ from the checkpoint's ({} vs {}); pass --allow-config-change to resume anyway",
+                        sc.config["training"], training
+                    ),
+                ));
+            }
+            pending_note = Some(format!(
+                "config changed on resume: {} -> {}",
+                sc.config["training"], training
+            ));
+        }
+        check_groups_match(&opt, &sc.optimizer)?;
+        opt.load_state(&ck.optim)?;
+        if let Schedule::Cosine { position, .. } = sc.scheduler {
+            if let Schedule::Cosine { position: p, .. } = &mut schedule {
+                *p = position;
+            }
+        }
+        start_epoch = sc.epoch + 1;
+        global_step = sc.global_step;
+        best = sc.best.clone();
+        history = sc.history.clone();
+        baseline = sc.baseline;
+        console.log_only(&format!(
+            "resumed from {} after epoch {}",
+            path.display(),
+            sc.epoch + 1
+        ));
+    }
+
+    // Weight anchor θ₁ (§9.3): the Phase 1 weights, re-read on resume and verified by SHA-256.
+    let anchor = if o.transunet_weight_reg > 0.0 {
+        Some(match &resume_ck {
+            None => AnchorSnapshot::take(&model)?,
+            Some(_) => {
+                let src = init_weights
+                    .iter()
+                    .find(|w| w.role == "transunet")
+                    .ok_or_else(|| {
+                        Error::msg(
+                            "resume: the sidecar records no TransUNet source for the weight anchor",
+                        )
+                    })?;
+                let p = PathBuf::from(&src.path);
+                let sha = sha256_file(&p)?;
+                if src.sha256.as_deref() != Some(sha.as_str()) {
+                    return Err(Error::file(
+                        &p,
+                        "SHA-256 differs from the Phase 1 weights recorded in the checkpoint (weight anchor θ₁)",
+                    ));
+                }
+                let t = load_transunet(&p, s)?;
+                AnchorSnapshot {
+                    tensors: t
+                        .into_iter()
+                        .map(|(k, v)| (format!("{}{k}", freeze::TRANSUNET_PREFIX), v))
+                        .collect(),
+                }
+            }
+        })
+    } else {
+        None
+    };
+
+    if resume_ck.is_none() {
+        run.write_config(&r.cfg.to_toml_string()?)?;
+    }
+    let exp_label = if r.combined {
+        format!("combined_fold{}", o.fold)
+    } else {
+        format!("{}_fold{}", r.datasets[0], o.fold)
+    };
+    say(&run_header(
+        &RunHeader {
+            experiment: exp_label.clone(),
+            dataset: if r.combined {
+                crate::data::combined_name(&r.datasets)
+            } else {
+                r.datasets[0].clone()
+            },
+            fold: Some((o.fold, o.n_splits)),
+            n_train,
+            n_val,
+            extra: vec![
+                (
+                    "Model".into(),
+                    format!(
+                        "TransUNet + SAM refiner ({}), end-to-end; {}",
+                        o.config,
+                        if o.no_augment {
+                            "no augmentation".into()
+                        } else {
+                            rotation.describe()
+                        }
+                    ),
+                ),
+                (
+                    "Weights".into(),
+                    format!(
+                        "{} + {}",
+                        r.transunet_checkpoint.display(),
+                        if o.sam_checkpoint == "random" {
+                            "RANDOM SAM (demo/test only)".to_string()
+                        } else {
+                            o.sam_checkpoint.clone()
+                        }
+                    ),
+                ),
+                ("Device".into(), crate::device::device_name(&device)),
+            ],
+        },
+        &style,
+    ));
+    run.write_summary(&summary(
+        RunStatus::Running,
+        r,
+        &best,
+        &history,
+        started,
+        device_spec,
+        None,
+    ))?;
+
+    // Baseline (§11.4.1 step 3): the loaded TransUNet on the validation fold.
+    let baseline = match baseline {
+        Some(b) => b,
+        None => {
+            let v = super::phase1::validate(&model.ultra.transunet, &val_loader, &device, None)?;
+            Baseline {
+                dice: v.metrics.dice,
+                dice_img: v.dice_img,
+                iou: Some(v.metrics.iou),
+            }
+        }
+    };
+    say(&format!(
+        "Baseline (Phase 1 TransUNet on the validation fold): Dice {:.4} (per-image {:.4})",
+        baseline.dice, baseline.dice_img
+    ));
+
+    let make_sidecar =
+        |epoch: u64, gs: u64, best: &Best, opt: &AdamW, sched: &Schedule, hist: &[HistoryRow]| {
+            let mut sc = Sidecar::new(
+                Phase::Phase3,
+                epoch,
+                gs,
+                best.clone(),
+                config_json.clone(),
+                data_id.clone(),
+                opt.info(),
+                sched.clone(),
+                RngState {
+                    seed: o.seed,
+                    next_epoch: epoch + 1,
+                },
+                hist.to_vec(),
+            );
+            sc.baseline = Some(baseline);
+            sc.init_weights = init_weights.clone();
+            sc.extra = serde_json::json!({"weights_id": weights_id, "provenance": provenance});
+            sc
+        };
+    let save = |stem: &str, sc: &Sidecar, opt: &AdamW| -> Result<()> {
+        save_checkpoint(
+            run.root(),
+            stem,
+            &model.checkpoint_tensors()?,
+            &opt.state_tensors()?,
+            sc,
+        )?;
+        Ok(())
+    };
+    let interrupted = |epochs_done: u64,
+                       best: &Best,
+                       history: &[HistoryRow],
+                       why: &str|
+     -> Result<Phase3Outcome> {
+        say(&format!(
+            "stopped ({why}); latest holds epoch {epochs_done}: resume with --resume auto"
+        ));
+        run.write_summary(&summary(
+            RunStatus::Interrupted,
+            r,
+            best,
+            history,
+            started,
+            device_spec,
+            Some(why.into()),
+        ))?;
+        Ok(Phase3Outcome::Interrupted {
+            run_dir: run.root().to_path_buf(),
+            epochs_done,
+        })
+    };
+    let stop_requested = || o.stop.as_ref().is_some_and(|s| s.is_set());
+
+    for epoch in start_epoch..r.max_epochs {
+        if o.stop_after_epochs.is_some_and(|k| epoch >= k) {
+            return interrupted(
+                epoch,
+                &best,
+                &history,
+                "stop requested after a completed epoch",
+            );
+        }
+        let t0 = Instant::now();
+        let e1 = epoch + 1;
+        let trainable = plan.at(epoch, &all_keys);
+        if trainable.is_empty() {
+            return Err(Error::Arg(format!(
+                "epoch {e1}: every parameter is frozen (check the --freeze-* flags)"
+            )));
+        }
+        console.log_only(&format!("epoch {e1}: {}", trainable.describe(&all_keys)));
+        schedule.start_epoch(epoch, &mut opt);
+        let lrs = opt.lrs();
+        let mut tr = MeanTracker::new();
+        let mut bar = (!o.quiet).then(|| {
+            console.progress(
+                "train",
+                Some((e1, r.max_epochs)),
+                (steps * o.grad_accum) as u64,
+            )
+        });
+        let mut pending: Vec<MicroBatch> = Vec::with_capacity(o.grad_accum);
+        for (i, batch) in train_loader
+            .epoch(epoch)
+            .take(steps * o.grad_accum)
+            .enumerate()
+        {
+            if stop_requested() {
+                return interrupted(epoch, &best, &history, "signal");
+            }
+            let batch = batch?.to_device(&device)?;
+            pending.push(MicroBatch {
+                images: batch.images,
+                masks: batch.masks,
+                embeddings: None,
+                dropout_seed: Some(crate::rng::mix(o.seed, "dropout", &[epoch, i as u64])),
+            });
+            if pending.len() < o.grad_accum {
+                continue;
+            }
+            let out = train_step(
+                &model,
+                &mut opt,
+                &pending,
+                &trainable,
+                &step_cfg,
+                train_cache,
+                anchor.as_ref(),
+            )?;
+            pending.clear();
+            global_step += 1;
+            if !out.loss.is_finite() {
+                return Err(Error::msg(format!(
+                    "training loss is {} at epoch {e1} step {}",
+                    out.loss, global_step
+                )));
+            }
+            tr.add("loss", out.loss);
+            for (k, v) in &out.components {
+                tr.add(k, *v);
+            }
+            for m in &out.refined {
+                tr.add_pooled("", m);
+            }
+            for m in &out.coarse {
+                tr.add_pooled("coarse_", m);
+            }
+            if let Some(b) = bar.as_mut() {
+                for _ in 0..o.grad_accum {
+                    b.step(Some(out.loss));
+                }
+            }
+        }
+        if let Some(b) = bar {
+            b.finish();
+        }
+        if stop_requested() {
+            return interrupted(epoch, &best, &history, "signal");
+        }
+        let do_val = e1 % o.val_every == 0 || e1 == r.max_epochs;
+        let val = if do_val {
+            Some(validate(
+                &model,
+                &val_loader,
+                &device,
+                &step_cfg,
+                Some(&cache),
+                (!o.quiet).then_some((&console, e1, r.max_epochs)),
+            )?)
+        } else {
+            None
+        };
+        let is_best = val.is_some_and(|v| best.update(v.refined.dice, epoch));
+        let m = |k: &str| tr.mean(k);
+        let comp_names = [
+            ("coarse", "Coarse"),
+            ("refined", "Refined"),
+            ("anchor", "Anchor"),
+        ];
+        let mut row = HistoryRow {
+            epoch: e1,
+            time_s: t0.elapsed().as_secs_f64(),
+            lr: Named(lrs.clone()),
+            train_loss: m("loss"),
+            components: Named(
+                comp_names
+                    .iter()
+                    .filter_map(|(k, _)| m(k).map(|v| (k.to_string(), v)))
+                    .collect(),
+            ),
+            train_dice: m("dice"),
+            train_iou: m("iou"),
+            val_loss: val.map(|v| v.loss),
+            val_dice: val.map(|v| v.refined.dice),
+            val_iou: val.map(|v| v.refined.iou),
+            val_precision: val.map(|v| v.refined.precision),
+            val_recall: val.map(|v| v.refined.recall),
+            val_accuracy: val.map(|v| v.refined.accuracy),
+            val_specificity: val.map(|v| v.refined.specificity),
+            val_dice_img: val.map(|v| v.refined_dice_img),
+            extra: Named::new(),
+            is_best,
+            note: pending_note.take(),
+        };
+        if let Some(v) = &val {
+            row.extra.set("val_coarse_dice", v.coarse.dice);
+            row.extra.set("val_coarse_iou", v.coarse.iou);
+        }
+        row.extra.set("baseline_dice", baseline.dice);
+        history.push(row);
+        let sc = make_sidecar(epoch, global_step, &best, &opt, &schedule, &history);
+        if is_best {
+            save(BEST, &sc, &opt)?;
+        }
+        if o.save_every > 0 && e1 % o.save_every == 0 {
+            save(&epoch_stem(e1), &sc, &opt)?;
+        }
+        save(LATEST, &sc, &opt)?;
+        run.write_metrics_csv(&history)?;
+        if let Err(e) = run.write_progress_png(&history, &exp_label) {
+            tracing::warn!("progress.png not written: {e}");
+        }
+        run.write_summary(&summary(
+            RunStatus::Running,
+            r,
+            &best,
+            &history,
+            started,
+            device_spec,
+            None,
+        ))?;
+        say(&epoch_report(
+            &EpochReport {
+                epoch: e1,
+                epochs: r.max_epochs,
+                train: TrainReport {
+                    loss: m("loss").unwrap_or(f64::NAN),
+                    components: comp_names
+                        .iter()
+                        .filter_map(|(k, l)| m(k).map(|v| (l.to_string(), v)))
+                        .collect(),
+                    dice: m("dice"),
+                    iou: m("iou"),
+                    lrs,
+                },
+                validation: val.map(|v| {
+                    ValidationTable::Compare(vec![
+                        ("Dice".into(), v.coarse.dice, v.refined.dice),
+                        ("IoU".into(), v.coarse.iou, v.refined.iou),
+                        ("Precision".into(), v.coarse.precision, v.refined.precision),
+                        ("Recall".into(), v.coarse.recall, v.refined.recall),
+                        ("Accuracy".into(), v.coarse.accuracy, v.refined.accuracy),
+                        ("Dice (img)".into(), v.coarse_dice_img, v.refined_dice_img),
+                    ])
+                }),
+                is_best,
+                comparison: val.map(|v| PerformanceComparison {
+                    baseline: baseline.dice,
+                    coarse: v.coarse.dice,
+                    refined: v.refined.dice,
+                }),
+            },
+            &style,
+        ));
+    }
+
+    let last = r.max_epochs.saturating_sub(1);
+    let sc = make_sidecar(last, global_step, &best, &opt, &schedule, &history);
+    save(FINAL, &sc, &opt)?;
+    run.write_metrics_csv(&history)?;
+    run.write_summary(&summary(
+        RunStatus::Complete,
+        r,
+        &best,
+        &history,
+        started,
+        device_spec,
+        None,
+    ))?;
+    say(&end_of_run(
+        "Best refined Dice",
+        best.value,
+        best.epoch.map(|e| e + 1),
+        &run.checkpoint(BEST).0,
+        &style,
+    ));
+    Ok(Phase3Outcome::Complete {
+        run_dir: run.root().to_path_buf(),
+        best,
+        epochs: history.len() as u64,
+    })
+}
