@@ -94,6 +94,12 @@ pub fn workloads() -> Vec<(&'static str, &'static str, Setup)> {
             "TransUNet eval-mode forward (random init; default batch 4)",
             transunet_forward,
         ),
+        (
+            "infer-per-image",
+            "`infer` per-image path on a 500×400 grey image: resize to S, TransUNet + frozen SAM encoder + refiner, \
+             probabilities back to the original size, threshold (batch 1; random init)",
+            infer_per_image,
+        ),
     ]
 }
 
@@ -319,6 +325,57 @@ fn transunet_forward(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
     })
 }
 
+/// `infer` per image: the library's [`crate::eval::infer::predict_images`] on one odd-sized grey image with a
+/// randomly initialised end-to-end model (frozen encoder in bf16 on CUDA, f32 on CPU).
+fn infer_per_image(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
+    use crate::eval::infer::predict_images;
+    use crate::eval::model::{EnsembleMode, EvalModel, Member, ModelSource};
+    use crate::eval::postprocess::PostProcess;
+    use crate::refiner::sam_refiner::{SamRefiner, SamRefinerSettings};
+    use crate::refiner::ultra::UltraRefiner;
+    let b = opts.batch.unwrap_or(1);
+    let dev = &opts.device;
+    let tvm = candle_nn::VarMap::new();
+    let transunet = crate::train::phase1::build_model(&cfg.model.transunet, &tvm, 42, dev, None)?;
+    let (sam, _svm) = random_sam(cfg, dev)?;
+    let refiner = SamRefiner::new(sam, SamRefinerSettings::from_config(&cfg.refiner, None)?);
+    let model = EvalModel {
+        members: vec![Member::Full(Box::new(UltraRefiner::new(
+            transunet, refiner,
+        )))],
+        img_size: cfg.model.transunet.img_size,
+        model_config: cfg.model.clone(),
+        refiner: Some(cfg.refiner.clone()),
+        source: ModelSource::Phase3 {
+            checkpoint: "random-init".into(),
+        },
+        ensemble_mode: EnsembleMode::Mean,
+        device: dev.clone(),
+    };
+    let (h, w) = (400usize, 500usize);
+    let images: Vec<crate::data::pixels::Gray> = (0..b)
+        .map(|k| {
+            let data = (0..h * w)
+                .map(|i| ((i * 37 + k * 101 + (i / w) * 13) % 251) as u8)
+                .collect();
+            crate::data::pixels::Gray::new(w, h, data)
+        })
+        .collect();
+    let post = PostProcess::default();
+    Ok(Prepared {
+        batch: b,
+        items: Some(b),
+        step: Box::new(move || {
+            let refs: Vec<&crate::data::pixels::Gray> = images.iter().collect();
+            let p = predict_images(&model, &refs, false, &post, 0.5)?;
+            if p.len() != refs.len() {
+                return Err(Error::msg("infer-per-image: wrong number of predictions"));
+            }
+            Ok(())
+        }),
+    })
+}
+
 /// A randomly initialised SAM of the preset (frozen encoder as plain tensors, prompt encoder and decoder as Vars).
 fn random_sam(
     cfg: &Config,
@@ -506,6 +563,7 @@ mod tests {
             "e2e-train-step",
             "e2e-train-step-uncached",
             "bilinear-224-1024-fwd-bwd",
+            "infer-per-image",
         ] {
             let opts = BenchOptions {
                 workload: w.into(),
