@@ -483,11 +483,19 @@ fn histogram(
     }
     for ((name, v, col), c) in series.iter().zip(&counts) {
         let col = *col;
-        let fill = col.mix(0.45).filled();
+        // Translucent fill plus a solid outline, so overlapping histograms stay distinguishable.
+        let fill = col.mix(0.35).filled();
+        let outline = ShapeStyle::from(&col).stroke_width(2);
         chart
             .draw_series(c.iter().enumerate().filter(|(_, &n)| n > 0).map(|(i, &n)| {
                 let x0 = lo + i as f64 * width;
                 Rectangle::new([(x0, 0.0), (x0 + width, n as f64)], fill)
+            }))
+            .map_err(perr)?;
+        chart
+            .draw_series(c.iter().enumerate().filter(|(_, &n)| n > 0).map(|(i, &n)| {
+                let x0 = lo + i as f64 * width;
+                Rectangle::new([(x0, 0.0), (x0 + width, n as f64)], outline)
             }))
             .map_err(perr)?;
         let finite: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
