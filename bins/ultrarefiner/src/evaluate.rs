@@ -113,7 +113,7 @@ impl LoadArgs {
 #[command(after_help = "Model sources (exactly one):\n  \
 --checkpoint P3.safetensors                      Phase 3 end-to-end file (keys transunet.* + sam.*; refiner settings from P3.json)\n  \
 --transunet-checkpoint T --sam-checkpoint S       Phase 1 TransUNet + Phase 2 best_sam (or a pretrained SAM/MedSAM: skip Phase 2)\n  \
---transunet-checkpoint T --transunet-only         coarse path alone (no refined metrics)\n  \
+--transunet-checkpoint T [--transunet-only]       coarse path alone (no refined metrics); also --checkpoint of a Phase 1 file\n  \
 --ensemble 'dir/fold_{k}/best.safetensors' --folds 0,1,2,3,4   fold ensemble (mean of probabilities)\n\n\
 Outputs: <out>/<DS>/<split>[_fold<k>]_result.json, <out>/<DS>/per_case.csv, <out>/summary.{json,csv,png},\n\
 and with --visualize <out>/<DS>/visualizations/sample_<idx>_imp<+d>.png.\n\n\
@@ -229,9 +229,8 @@ pub fn model_source(
     match (transunet, sam, transunet_only) {
         (Some(t), _, true) => Ok(ModelSource::TransUnetOnly { transunet: t }),
         (Some(t), Some(s), false) => Ok(ModelSource::Pair { transunet: t, sam: s }),
-        (Some(_), None, false) => {
-            bail!("--transunet-checkpoint needs --sam-checkpoint (or --transunet-only for the coarse path alone)")
-        }
+        // A Phase 1 checkpoint alone evaluates the coarse path (as --transunet-only).
+        (Some(t), None, false) => Ok(ModelSource::TransUnetOnly { transunet: t }),
         _ => bail!(
             "no model given: use --checkpoint, --transunet-checkpoint with --sam-checkpoint or --transunet-only, \
              or --ensemble with --folds"

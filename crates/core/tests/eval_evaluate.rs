@@ -269,16 +269,36 @@ fn evaluate_pair_transunet_only_and_phase3() {
         o2.resolved_output_dir(),
         PathBuf::from("./results/test_evaluation")
     );
-    // A Phase 1 file is not a Phase 3 checkpoint.
-    let e = evaluate::run(&eval_opts(
+    // A Phase 1 file given as --checkpoint evaluates the coarse path alone, with the same coarse metrics as
+    // --transunet-only.
+    let r1 = evaluate::run(&eval_opts(
         &f,
         ModelSource::Phase3 {
             checkpoint: f.transunet.clone(),
         },
+        "p1_as_checkpoint",
+    ))
+    .unwrap();
+    assert!(r1.refined.is_none());
+    assert!(evaluate::console_table(&r1).contains("coarse (TransUNet) path only"));
+    let r2 = evaluate::run(&eval_opts(
+        &f,
+        ModelSource::TransUnetOnly {
+            transunet: f.transunet.clone(),
+        },
+        "p1_only",
+    ))
+    .unwrap();
+    assert_eq!(r1.mean_coarse_dice(), r2.mean_coarse_dice());
+    let e = evaluate::run(&eval_opts(
+        &f,
+        ModelSource::Phase3 {
+            checkpoint: f.root.join("missing.safetensors"),
+        },
         "bad",
     ))
     .unwrap_err();
-    assert!(e.to_string().contains("transunet"), "{e}");
+    assert!(e.to_string().contains("missing.safetensors"), "{e}");
 }
 
 fn write_png(path: &Path, data: &[u8], w: usize, h: usize, c: image::ExtendedColorType) {

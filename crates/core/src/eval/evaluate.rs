@@ -431,6 +431,9 @@ pub fn console_table(r: &EvaluateReport) -> String {
             None => s.push_str(&format!("{name:<14}{cs:>22}{:>22}{:>10}\n", "-", "-")),
         }
     }
+    if r.refined.is_none() {
+        s.push_str("model has no SAM refiner: coarse (TransUNet) path only\n");
+    }
     s.push_str(&format!(
         "empty predictions: coarse {}{}; empty ground truth: {}\n",
         r.coarse.all.n_pred_empty,

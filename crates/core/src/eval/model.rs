@@ -460,9 +460,32 @@ impl EvalModel {
                         cfg = m;
                     }
                 }
-                let (m, r) = load_phase3(&cfg, checkpoint, &default_refiner, false, opts, device)?;
-                members.push(m);
-                refiner = Some(r);
+                check_file(checkpoint, "checkpoint")?;
+                if !file_has_prefix(checkpoint, "transunet")? {
+                    // A Phase 1 file given as --checkpoint: the coarse path alone.
+                    members.push(Member::Coarse(TransUnet::from_checkpoint(
+                        &cfg.transunet,
+                        checkpoint,
+                        "",
+                        DType::F32,
+                        device,
+                    )?));
+                } else {
+                    // `transunet.*` without `sam.*` (e.g. a Phase 3 file saved before SAM was attached): coarse only.
+                    let coarse_only = !file_has_prefix(checkpoint, "sam")?;
+                    let (m, r) = load_phase3(
+                        &cfg,
+                        checkpoint,
+                        &default_refiner,
+                        coarse_only,
+                        opts,
+                        device,
+                    )?;
+                    if !coarse_only {
+                        refiner = Some(r);
+                    }
+                    members.push(m);
+                }
             }
             ModelSource::Ensemble {
                 pattern,
