@@ -331,18 +331,11 @@ fn infer_per_image(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
     use crate::eval::infer::predict_images;
     use crate::eval::model::{EnsembleMode, EvalModel, Member, ModelSource};
     use crate::eval::postprocess::PostProcess;
-    use crate::refiner::sam_refiner::{SamRefiner, SamRefinerSettings};
-    use crate::refiner::ultra::UltraRefiner;
     let b = opts.batch.unwrap_or(1);
     let dev = &opts.device;
-    let tvm = candle_nn::VarMap::new();
-    let transunet = crate::train::phase1::build_model(&cfg.model.transunet, &tvm, 42, dev, None)?;
-    let (sam, _svm) = random_sam(cfg, dev)?;
-    let refiner = SamRefiner::new(sam, SamRefinerSettings::from_config(&cfg.refiner, None)?);
+    let (ultra, _, _) = random_ultra(cfg, dev)?;
     let model = EvalModel {
-        members: vec![Member::Full(Box::new(UltraRefiner::new(
-            transunet, refiner,
-        )))],
+        members: vec![Member::Full(Box::new(ultra))],
         img_size: cfg.model.transunet.img_size,
         model_config: cfg.model.clone(),
         refiner: Some(cfg.refiner.clone()),
@@ -424,18 +417,34 @@ fn e2e_train_step_uncached(opts: &BenchOptions, cfg: &Config) -> Result<Prepared
     e2e_step(opts, cfg, false)
 }
 
-fn e2e_step(opts: &BenchOptions, cfg: &Config, cached: bool) -> Result<Prepared> {
+/// A randomly initialised end-to-end model of the preset and the VarMaps of its TransUNet and SAM parts.
+fn random_ultra(
+    cfg: &Config,
+    dev: &Device,
+) -> Result<(
+    crate::refiner::ultra::UltraRefiner,
+    candle_nn::VarMap,
+    candle_nn::VarMap,
+)> {
     use crate::refiner::sam_refiner::{SamRefiner, SamRefinerSettings};
-    use crate::refiner::ultra::{ForwardOptions, UltraRefiner};
-    use crate::train::losses::{nearest_target, phase3_loss, Phase3LossConfig};
-    use crate::train::optim::{AdamW, Grads, Optimizer, ParamGroup};
-    let b = opts.batch.unwrap_or(2);
-    let dev = &opts.device;
     let tvm = candle_nn::VarMap::new();
     let transunet = crate::train::phase1::build_model(&cfg.model.transunet, &tvm, 42, dev, None)?;
     let (sam, svm) = random_sam(cfg, dev)?;
     let refiner = SamRefiner::new(sam, SamRefinerSettings::from_config(&cfg.refiner, None)?);
-    let model = UltraRefiner::new(transunet, refiner);
+    Ok((
+        crate::refiner::ultra::UltraRefiner::new(transunet, refiner),
+        tvm,
+        svm,
+    ))
+}
+
+fn e2e_step(opts: &BenchOptions, cfg: &Config, cached: bool) -> Result<Prepared> {
+    use crate::refiner::ultra::ForwardOptions;
+    use crate::train::losses::{nearest_target, phase3_loss, Phase3LossConfig};
+    use crate::train::optim::{AdamW, Grads, Optimizer, ParamGroup};
+    let b = opts.batch.unwrap_or(2);
+    let dev = &opts.device;
+    let (model, tvm, svm) = random_ultra(cfg, dev)?;
     let mut opt = AdamW::new(vec![
         ParamGroup::new("transunet", 1e-5, 0.01, sorted_vars(&tvm)?),
         ParamGroup::new("sam", 1e-5, 0.01, sorted_vars(&svm)?),

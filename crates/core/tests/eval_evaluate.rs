@@ -207,6 +207,9 @@ fn evaluate_pair_transunet_only_and_phase3() {
         std::fs::create_dir_all(&d).unwrap();
         std::fs::copy(out.join("summary.png"), d.join("summary.png")).unwrap();
         std::fs::copy(&vis[0], d.join("overlay.png")).unwrap();
+        // tiny random models for CLI smoke runs
+        std::fs::copy(&f.transunet, d.join("transunet_tiny.safetensors")).unwrap();
+        std::fs::copy(&f.sam, d.join("sam_tiny.safetensors")).unwrap();
     }
 
     // --- TransUNet only: no refined metrics anywhere
@@ -451,17 +454,7 @@ fn infer_odd_sizes_and_modes_and_ensemble() {
     let cfg = Config::tiny();
     let dev = Device::Cpu;
     let pattern = format!("{}/fold_{{k}}/best.safetensors", ens_dir.display());
-    let ens = EvalModel::load(
-        &ModelSource::Ensemble {
-            pattern: pattern.clone(),
-            folds: vec![0, 1],
-            sam: Some(f.sam.clone()),
-            transunet_only: false,
-        },
-        &cfg,
-        &dev,
-    )
-    .unwrap();
+    let ens = EvalModel::load(&two_folds(&pattern, &f), &cfg, &dev).unwrap();
     let a = EvalModel::load(
         &ModelSource::Pair {
             transunet: f.transunet.clone(),
@@ -525,16 +518,21 @@ fn infer_odd_sizes_and_modes_and_ensemble() {
     }
     // ensemble through infer as well
     let o3 = InferOptions {
-        source: ModelSource::Ensemble {
-            pattern,
-            folds: vec![0, 1],
-            sam: Some(f.sam.clone()),
-            transunet_only: false,
-        },
+        source: two_folds(&pattern, &f),
         output: f.root.join("pred_ens"),
         ..opts.clone()
     };
     assert_eq!(infer::run(&o3).unwrap().rows.len(), sizes.len());
+}
+
+/// Folds 0 and 1 of `pattern` (Phase 1 files) with the fixture's shared SAM.
+fn two_folds(pattern: &str, f: &Fixture) -> ModelSource {
+    ModelSource::Ensemble {
+        pattern: pattern.to_string(),
+        folds: vec![0, 1],
+        sam: Some(f.sam.clone()),
+        transunet_only: false,
+    }
 }
 
 /// `(shape, data)` of a 2-D little-endian f32 `.npy`.
@@ -624,16 +622,7 @@ fn infer_ensemble_equals_mean_of_folds_and_errors_name_files() {
             mode,
             &format!("b_{tag}"),
         );
-        let e = prob(
-            ModelSource::Ensemble {
-                pattern: pattern.clone(),
-                folds: vec![0, 1],
-                sam: Some(f.sam.clone()),
-                transunet_only: false,
-            },
-            mode,
-            &format!("e_{tag}"),
-        );
+        let e = prob(two_folds(&pattern, &f), mode, &format!("e_{tag}"));
         // independent definition: the element-wise mean of the two single-fold probabilities (bilinear resampling
         // to the original size is linear, so the mean commutes with it)
         let mean: Vec<f32> = a.iter().zip(&b).map(|(x, y)| 0.5 * (x + y)).collect();
@@ -658,12 +647,7 @@ fn infer_ensemble_equals_mean_of_folds_and_errors_name_files() {
     let cfg = Config::tiny();
     let dev = Device::Cpu;
     let ctr = EvalModel::load_with(
-        &ModelSource::Ensemble {
-            pattern: pattern.clone(),
-            folds: vec![0, 1],
-            sam: Some(f.sam.clone()),
-            transunet_only: false,
-        },
+        &two_folds(&pattern, &f),
         &cfg,
         &dev,
         &LoadOptions {

@@ -370,12 +370,12 @@ pub fn console_table(r: &EvaluateReport) -> String {
         "", r.label
     ));
     s.push_str(&format!(
-        "{:<16}{:>8} | {:>8}{:>8}{:>8} | {:>8}{:>8}{:>8} | {:>9}{:>9}\n",
-        "Dataset", "Samples", "Dice", "IoU", "HD95", "Dice", "IoU", "HD95", "ΔDice", "ΔHD95"
+        "{:<16}{:>8} | {:^24} | {:^24} | {:^18}\n",
+        "", "", "Coarse", "Refined", "Refined - Coarse"
     ));
     s.push_str(&format!(
-        "{:<16}{:>8} | {:^24} | {:^24} |\n",
-        "", "", "Coarse", "Refined"
+        "{:<16}{:>8} | {:>8}{:>8}{:>8} | {:>8}{:>8}{:>8} | {:>9}{:>9}\n",
+        "Dataset", "Samples", "Dice", "IoU", "HD95", "Dice", "IoU", "HD95", "ΔDice", "ΔHD95"
     ));
     s.push_str(&format!("{thin}\n"));
     let row = |name: &str, n: usize, c: &AggregateRow, rf: Option<&AggregateRow>| -> String {
