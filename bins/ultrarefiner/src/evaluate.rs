@@ -3,14 +3,117 @@ use anyhow::{bail, Result};
 use clap::Parser;
 use std::path::PathBuf;
 use ultrarefiner::device::DeviceSpec;
-use ultrarefiner::eval::evaluate::{self, EvalSplit, EvaluateOptions, DEFAULT_DATASETS};
-use ultrarefiner::eval::model::{parse_folds, ModelSource};
+use ultrarefiner::eval::evaluate::{self, EvalSize, EvalSplit, EvaluateOptions, DEFAULT_DATASETS};
+use ultrarefiner::eval::model::{
+    parse_folds, EncoderDtype, EnsembleMode, LoadOptions, ModelSource, RefinerFlags,
+};
+use ultrarefiner::eval::postprocess::PostProcess;
+
+/// §13.4 post-processing flags (shared by `evaluate` and `infer`).
+#[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Post-processing (SPEC §13.4; per image at S, on probabilities)")]
+pub struct PostArgs {
+    /// Fall back to the coarse map when the refinement looks implausible (IoU, area ratio, components).
+    #[arg(long)]
+    use_rejection_rules: bool,
+    /// Reject when IoU(coarse, refined) at 0.5 is below this.
+    #[arg(long, default_value_t = 0.5)]
+    reject_iou_threshold: f64,
+    /// Reject when refined/coarse area is below this (coarse area > 0).
+    #[arg(long, default_value_t = 0.3)]
+    reject_area_ratio_min: f64,
+    /// Reject when refined/coarse area is above this (coarse area > 0).
+    #[arg(long, default_value_t = 3.0)]
+    reject_area_ratio_max: f64,
+    /// Reject when the refined mask has more 4-connected components than this.
+    #[arg(long, default_value_t = 5)]
+    reject_max_components: usize,
+    /// Take the refined probability only in a band around the coarse boundary, the coarse one elsewhere.
+    #[arg(long)]
+    use_boundary_fusion: bool,
+    /// Width of the fusion band in pixels at S (3×3 dilation/erosion applied width/2 times).
+    #[arg(long, default_value_t = 15)]
+    boundary_band_width: usize,
+}
+
+impl PostArgs {
+    pub fn to_post(&self) -> PostProcess {
+        PostProcess {
+            use_rejection_rules: self.use_rejection_rules,
+            reject_iou_threshold: self.reject_iou_threshold,
+            reject_area_ratio_min: self.reject_area_ratio_min,
+            reject_area_ratio_max: self.reject_area_ratio_max,
+            reject_max_components: self.reject_max_components,
+            use_boundary_fusion: self.use_boundary_fusion,
+            boundary_band_width: self.boundary_band_width,
+        }
+    }
+}
+
+/// Model-loading flags beyond the source (shared by `evaluate` and `infer`).
+#[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Model loading and refiner settings")]
+pub struct LoadArgs {
+    /// Frozen SAM image encoder dtype: auto (bf16 on CUDA, f32 on CPU), f32, bf16, f16.
+    #[arg(long, default_value = "auto")]
+    encoder_dtype: String,
+    /// Fold ensembling: mean (every fold runs the full pipeline; probabilities averaged) or coarse-then-refine
+    /// (Phase 1 folds + one shared --sam-checkpoint: mean TransUNet probability, SAM once).
+    #[arg(long, default_value = "mean")]
+    ensemble_mode: String,
+    /// Let the refiner flags below replace the settings recorded in the checkpoint's sidecar.
+    #[arg(long)]
+    override_refiner: bool,
+    /// Mask prompt style: direct | gaussian | distance.
+    #[arg(long)]
+    mask_prompt_style: Option<String>,
+    #[arg(long)]
+    no_point_prompt: bool,
+    #[arg(long)]
+    no_box_prompt: bool,
+    #[arg(long)]
+    no_mask_prompt: bool,
+    #[arg(long)]
+    no_negative_point: bool,
+    /// Sharpen the coarse probability before prompting (σ((P − 0.5)·T)).
+    #[arg(long)]
+    sharpen_coarse_mask: bool,
+    #[arg(long)]
+    sharpen_temperature: Option<f64>,
+    /// Soft multimask selection temperature.
+    #[arg(long)]
+    selection_temperature: Option<f64>,
+    /// SAM input normalisation: sam | medsam.
+    #[arg(long)]
+    sam_normalization: Option<String>,
+}
+
+impl LoadArgs {
+    pub fn to_load(&self) -> Result<LoadOptions> {
+        Ok(LoadOptions {
+            encoder_dtype: self.encoder_dtype.parse::<EncoderDtype>()?,
+            ensemble_mode: self.ensemble_mode.parse::<EnsembleMode>()?,
+            refiner_flags: RefinerFlags {
+                mask_prompt_style: self.mask_prompt_style.clone(),
+                no_point_prompt: self.no_point_prompt,
+                no_box_prompt: self.no_box_prompt,
+                no_mask_prompt: self.no_mask_prompt,
+                no_negative_point: self.no_negative_point,
+                sharpen_coarse_mask: self.sharpen_coarse_mask,
+                sharpen_temperature: self.sharpen_temperature,
+                selection_temperature: self.selection_temperature,
+                sam_normalization: self.sam_normalization.clone(),
+                override_sidecar: self.override_refiner,
+            },
+        })
+    }
+}
 
 #[derive(Parser)]
 #[command(after_help = "Model sources (exactly one):\n  \
 --checkpoint P3.safetensors                      Phase 3 end-to-end file (keys transunet.* + sam.*; refiner settings from P3.json)\n  \
 --transunet-checkpoint T --sam-checkpoint S       Phase 1 TransUNet + Phase 2 best_sam (or a pretrained SAM/MedSAM: skip Phase 2)\n  \
---transunet-checkpoint T --transunet-only         coarse path alone (no refined metrics)\n  \
+--transunet-checkpoint T [--transunet-only]       coarse path alone (no refined metrics); also --checkpoint of a Phase 1 file\n  \
 --ensemble 'dir/fold_{k}/best.safetensors' --folds 0,1,2,3,4   fold ensemble (mean of probabilities)\n\n\
 Outputs: <out>/<DS>/<split>[_fold<k>]_result.json, <out>/<DS>/per_case.csv, <out>/summary.{json,csv,png},\n\
 and with --visualize <out>/<DS>/visualizations/sample_<idx>_imp<+d>.png.\n\n\
@@ -58,6 +161,13 @@ pub struct Args {
     /// Binarisation threshold (strict `>`).
     #[arg(long, default_value_t = 0.5)]
     threshold: f32,
+    /// Metric grid: the TransUNet size (224) or `original` (probabilities resampled bilinearly to the processed
+    /// image size and compared with the processed mask).
+    #[arg(long, default_value = "224")]
+    eval_size: String,
+    /// CSV `dataset,name,spacing_x_mm,spacing_y_mm` (original resolution): adds HD95/ASSD in mm.
+    #[arg(long)]
+    spacing_csv: Option<PathBuf>,
     /// Preset (paper, narrow, tiny) or TOML path: model geometry and default refiner settings.
     #[arg(long, default_value = "paper")]
     config: String,
@@ -76,9 +186,13 @@ pub struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long)]
     device: Option<DeviceSpec>,
-    /// Print only the result table (no progress lines).
+    /// Print only the result table (no progress bar or lines).
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    post: PostArgs,
+    #[command(flatten)]
+    load: LoadArgs,
 }
 
 /// Resolves the model-source flags shared by `evaluate` and `infer`.
@@ -115,9 +229,8 @@ pub fn model_source(
     match (transunet, sam, transunet_only) {
         (Some(t), _, true) => Ok(ModelSource::TransUnetOnly { transunet: t }),
         (Some(t), Some(s), false) => Ok(ModelSource::Pair { transunet: t, sam: s }),
-        (Some(_), None, false) => {
-            bail!("--transunet-checkpoint needs --sam-checkpoint (or --transunet-only for the coarse path alone)")
-        }
+        // A Phase 1 checkpoint alone evaluates the coarse path (as --transunet-only).
+        (Some(t), None, false) => Ok(ModelSource::TransUnetOnly { transunet: t }),
         _ => bail!(
             "no model given: use --checkpoint, --transunet-checkpoint with --sam-checkpoint or --transunet-only, \
              or --ensemble with --folds"
@@ -159,6 +272,10 @@ pub fn run(a: Args) -> Result<()> {
         n_splits: a.n_splits,
         batch_size: a.batch_size,
         threshold: a.threshold,
+        eval_size: a.eval_size.parse::<EvalSize>()?,
+        spacing_csv: a.spacing_csv,
+        post: a.post.to_post(),
+        load: a.load.to_load()?,
         output_dir: a.output_dir,
         visualize: a.visualize,
         num_visualize: a.num_visualize,

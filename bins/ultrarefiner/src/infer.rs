@@ -7,15 +7,17 @@ use ultrarefiner::eval::infer::{self, InferMode, InferOptions};
 
 #[derive(Parser)]
 #[command(
-    after_help = "Per image (any PNG mode: grey, 16-bit, RGB, RGBA, palette): grey → [0,1] → bilinear to S → model →\n\
-probabilities → bilinear back to the original size → threshold. Writes <name>_coarse.png, <name>_refined.png (0/255),\n\
-<name>_overlay.png (refined mask green, α = 0.5, 2-px contour) and predictions.csv.\n\n\
+    after_help = "Inputs: PNG (any mode: grey, 16-bit, grey+alpha, RGB, RGBA, palette), JPEG, BMP, TIFF.\n\
+Per image: grey → [0,1] → bilinear to S → model → probabilities at S → optional post-processing (§13.4) →\n\
+bilinear back to the original size → threshold. Writes <name>_coarse.png, <name>_refined.png (0/255),\n\
+<name>_overlay.png (refined mask green, α = 0.5, 2-px contour), with --save-prob <name>_prob.npy (f32, original\n\
+size) and predictions.csv (name, width, height, areas, mean prob, IoU coarse/refined, components, rejected, fused, ms).\n\n\
 Model sources as for `evaluate`: --checkpoint P3 | --transunet-checkpoint T --sam-checkpoint S |\n\
 --transunet-checkpoint T --mode transunet | --ensemble 'dir/fold_{k}/best.safetensors' --folds 0-4.\n\n\
 Example:\n  ultrarefiner infer --config tiny --input scans/ --output preds/ --checkpoint checkpoints/ultra_refiner/PHANTOM/fold_0/best.safetensors"
 )]
 pub struct Args {
-    /// A PNG file or a folder of PNGs.
+    /// An image file or a folder of images.
     #[arg(long)]
     input: PathBuf,
     /// Output folder.
@@ -47,14 +49,22 @@ pub struct Args {
     /// Descend into sub-folders of --input.
     #[arg(long)]
     recursive: bool,
+    /// Also write <name>_prob.npy: the final (refined, or coarse in transunet mode) probability at the original size.
+    #[arg(long)]
+    save_prob: bool,
     /// Preset (paper, narrow, tiny) or TOML path: model geometry.
     #[arg(long, default_value = "paper")]
     config: String,
     /// cpu, cuda or cuda:N.
     #[arg(long)]
     device: Option<DeviceSpec>,
+    /// No progress bar or lines.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    post: crate::evaluate::PostArgs,
+    #[command(flatten)]
+    load: crate::evaluate::LoadArgs,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -82,6 +92,9 @@ pub fn run(a: Args) -> Result<()> {
         threshold: a.threshold,
         batch_size: a.batch_size,
         recursive: a.recursive,
+        save_prob: a.save_prob,
+        post: a.post.to_post(),
+        load: a.load.to_load()?,
         device,
         verbose: !a.quiet,
     };

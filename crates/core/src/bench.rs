@@ -99,6 +99,12 @@ pub fn workloads() -> Vec<(&'static str, &'static str, Setup)> {
             "TransUNet eval-mode forward (random init; default batch 4)",
             transunet_forward,
         ),
+        (
+            "infer-per-image",
+            "`infer` per-image path on a 500×400 grey image: resize to S, TransUNet + frozen SAM encoder + refiner, \
+             probabilities back to the original size, threshold (batch 1; random init)",
+            infer_per_image,
+        ),
     ]
 }
 
@@ -324,6 +330,50 @@ fn transunet_forward(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
     })
 }
 
+/// `infer` per image: the library's [`crate::eval::infer::predict_images`] on one odd-sized grey image with a
+/// randomly initialised end-to-end model (frozen encoder in bf16 on CUDA, f32 on CPU).
+fn infer_per_image(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
+    use crate::eval::infer::predict_images;
+    use crate::eval::model::{EnsembleMode, EvalModel, Member, ModelSource};
+    use crate::eval::postprocess::PostProcess;
+    let b = opts.batch.unwrap_or(1);
+    let dev = &opts.device;
+    let (ultra, _, _) = random_ultra(cfg, dev)?;
+    let model = EvalModel {
+        members: vec![Member::Full(Box::new(ultra))],
+        img_size: cfg.model.transunet.img_size,
+        model_config: cfg.model.clone(),
+        refiner: Some(cfg.refiner.clone()),
+        source: ModelSource::Phase3 {
+            checkpoint: "random-init".into(),
+        },
+        ensemble_mode: EnsembleMode::Mean,
+        device: dev.clone(),
+    };
+    let (h, w) = (400usize, 500usize);
+    let images: Vec<crate::data::pixels::Gray> = (0..b)
+        .map(|k| {
+            let data = (0..h * w)
+                .map(|i| ((i * 37 + k * 101 + (i / w) * 13) % 251) as u8)
+                .collect();
+            crate::data::pixels::Gray::new(w, h, data)
+        })
+        .collect();
+    let post = PostProcess::default();
+    Ok(Prepared {
+        batch: b,
+        items: Some(b),
+        step: Box::new(move || {
+            let refs: Vec<&crate::data::pixels::Gray> = images.iter().collect();
+            let p = predict_images(&model, &refs, false, &post, 0.5)?;
+            if p.len() != refs.len() {
+                return Err(Error::msg("infer-per-image: wrong number of predictions"));
+            }
+            Ok(())
+        }),
+    })
+}
+
 /// A randomly initialised SAM of the preset (frozen encoder as plain tensors, prompt encoder and decoder as Vars).
 fn random_sam(
     cfg: &Config,
@@ -372,18 +422,34 @@ fn e2e_train_step_uncached(opts: &BenchOptions, cfg: &Config) -> Result<Prepared
     e2e_step(opts, cfg, false)
 }
 
-fn e2e_step(opts: &BenchOptions, cfg: &Config, cached: bool) -> Result<Prepared> {
+/// A randomly initialised end-to-end model of the preset and the VarMaps of its TransUNet and SAM parts.
+fn random_ultra(
+    cfg: &Config,
+    dev: &Device,
+) -> Result<(
+    crate::refiner::ultra::UltraRefiner,
+    candle_nn::VarMap,
+    candle_nn::VarMap,
+)> {
     use crate::refiner::sam_refiner::{SamRefiner, SamRefinerSettings};
-    use crate::refiner::ultra::{ForwardOptions, UltraRefiner};
-    use crate::train::losses::{nearest_target, phase3_loss, Phase3LossConfig};
-    use crate::train::optim::{AdamW, Grads, Optimizer, ParamGroup};
-    let b = opts.batch.unwrap_or(2);
-    let dev = &opts.device;
     let tvm = candle_nn::VarMap::new();
     let transunet = crate::train::phase1::build_model(&cfg.model.transunet, &tvm, 42, dev, None)?;
     let (sam, svm) = random_sam(cfg, dev)?;
     let refiner = SamRefiner::new(sam, SamRefinerSettings::from_config(&cfg.refiner, None)?);
-    let model = UltraRefiner::new(transunet, refiner);
+    Ok((
+        crate::refiner::ultra::UltraRefiner::new(transunet, refiner),
+        tvm,
+        svm,
+    ))
+}
+
+fn e2e_step(opts: &BenchOptions, cfg: &Config, cached: bool) -> Result<Prepared> {
+    use crate::refiner::ultra::ForwardOptions;
+    use crate::train::losses::{nearest_target, phase3_loss, Phase3LossConfig};
+    use crate::train::optim::{AdamW, Grads, Optimizer, ParamGroup};
+    let b = opts.batch.unwrap_or(2);
+    let dev = &opts.device;
+    let (model, tvm, svm) = random_ultra(cfg, dev)?;
     let mut opt = AdamW::new(vec![
         ParamGroup::new("transunet", 1e-5, 0.01, sorted_vars(&tvm)?),
         ParamGroup::new("sam", 1e-5, 0.01, sorted_vars(&svm)?),
@@ -571,6 +637,7 @@ mod tests {
             "e2e-train-step-uncached",
             "phase3-step",
             "bilinear-224-1024-fwd-bwd",
+            "infer-per-image",
         ] {
             let opts = BenchOptions {
                 workload: w.into(),

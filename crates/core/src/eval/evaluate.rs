@@ -5,21 +5,24 @@
 //! let report = eval::evaluate::run(&EvaluateOptions { source, datasets: vec!["PHANTOM".into()], ..Default::default() })?;
 //! println!("{}", eval::evaluate::demo_summary_line(&report)); // demo: coarse Dice 0.xxxx, refined Dice 0.yyyy
 //! ```
+use super::infer::prob_to_original;
 use super::metrics::{
     aggregate, binarize, image_metrics, AggregateReport, AggregateRow, ImageMetrics,
 };
-use super::model::{EvalModel, ModelSource};
+use super::model::{EvalModel, LoadOptions, ModelSource};
+use super::postprocess::{self, PostProcess};
 use super::visualize::{change_counts, overlay_png, summary_png, OverlayCase};
 use crate::config::Config;
 use crate::data::dataset::{Dataset, SegDataset, Split};
 use crate::data::loader::Batch;
 use crate::train::checkpoint::atomic_write_json;
+use crate::train::console::{Console, Style};
 use crate::{Error, Result};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 use serde_json::json;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 /// The five training datasets (default of `--datasets`).
 pub const DEFAULT_DATASETS: [&str; 5] = ["BUSI", "BUSBRA", "BUS", "BUS_UC", "BUS_UCLM"];
@@ -63,6 +66,100 @@ impl std::str::FromStr for EvalSplit {
     }
 }
 
+/// `--eval-size`: the grid the metrics are computed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EvalSize {
+    /// The TransUNet grid `S×S` (prediction and the nearest-resized processed mask).
+    #[default]
+    S,
+    /// The processed image size: probabilities resampled with `bilinear(ac=false)`, compared with the processed mask.
+    Original,
+}
+
+impl std::str::FromStr for EvalSize {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "original" | "orig" => Ok(EvalSize::Original),
+            "s" => Ok(EvalSize::S),
+            v if v.parse::<usize>().is_ok() => Ok(EvalSize::S),
+            _ => Err(Error::Arg(format!(
+                "--eval-size `{s}` is not `original` or the TransUNet size (e.g. 224)"
+            ))),
+        }
+    }
+}
+
+/// Pixel spacings `(s_y, s_x)` in mm at the original resolution, keyed by `(dataset, name)` (`--spacing-csv`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Spacings(HashMap<(String, String), (f64, f64)>);
+
+impl Spacings {
+    /// Reads a CSV with the columns `dataset,name,spacing_x_mm,spacing_y_mm` (other columns ignored).
+    pub fn load(path: &Path) -> Result<Self> {
+        let mut r = csv::Reader::from_path(path).map_err(|e| Error::file(path, e.to_string()))?;
+        let hdr = r
+            .headers()
+            .map_err(|e| Error::file(path, e.to_string()))?
+            .clone();
+        let col = |n: &str| {
+            hdr.iter().position(|h| h.trim() == n).ok_or_else(|| {
+                Error::file(
+                    path,
+                    format!("missing column `{n}` (need dataset,name,spacing_x_mm,spacing_y_mm)"),
+                )
+            })
+        };
+        let (cd, cn, cx, cy) = (
+            col("dataset")?,
+            col("name")?,
+            col("spacing_x_mm")?,
+            col("spacing_y_mm")?,
+        );
+        let mut map = HashMap::new();
+        for (i, rec) in r.records().enumerate() {
+            let rec = rec.map_err(|e| Error::file(path, e.to_string()))?;
+            let num = |c: usize, what: &str| -> Result<f64> {
+                let v = rec.get(c).unwrap_or("").trim();
+                v.parse::<f64>()
+                    .ok()
+                    .filter(|x| x.is_finite() && *x > 0.0)
+                    .ok_or_else(|| {
+                        Error::file(
+                            path,
+                            format!("row {}: {what} `{v}` is not a positive number", i + 2),
+                        )
+                    })
+            };
+            let (sx, sy) = (num(cx, "spacing_x_mm")?, num(cy, "spacing_y_mm")?);
+            let ds = rec.get(cd).unwrap_or("").trim().to_string();
+            let name = rec.get(cn).unwrap_or("").trim().to_string();
+            map.insert((ds, name), (sy, sx));
+        }
+        Ok(Spacings(map))
+    }
+
+    /// `(s_y, s_x)` of an image, matching the name with or without its extension.
+    pub fn get(&self, dataset: &str, name: &str) -> Option<(f64, f64)> {
+        let stem = Path::new(name)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| name.to_string());
+        self.0
+            .get(&(dataset.to_string(), name.to_string()))
+            .or_else(|| self.0.get(&(dataset.to_string(), stem.clone())))
+            .or_else(|| {
+                self.0.iter().find_map(|((d, n), v)| {
+                    (d == dataset
+                        && Path::new(n).file_stem().map(|s| s.to_string_lossy())
+                            == Some(stem.as_str().into()))
+                    .then_some(v)
+                })
+            })
+            .copied()
+    }
+}
+
 /// Everything `evaluate` needs.
 #[derive(Debug, Clone)]
 pub struct EvaluateOptions {
@@ -83,8 +180,16 @@ pub struct EvaluateOptions {
     /// Number of overlays per dataset (0 or negative = all).
     pub num_visualize: i64,
     pub visualize_best_worst: bool,
+    /// Grid of the metrics (`--eval-size 224|original`).
+    pub eval_size: EvalSize,
+    /// `--spacing-csv`: adds HD95/ASSD in mm.
+    pub spacing_csv: Option<PathBuf>,
+    /// §13.4 post-processing of the refined probabilities.
+    pub post: PostProcess,
+    /// Encoder dtype, ensemble mode, refiner flags.
+    pub load: LoadOptions,
     pub device: Device,
-    /// Print progress lines to stderr.
+    /// Progress bar (TTY) or progress lines on stdout.
     pub verbose: bool,
 }
 
@@ -106,6 +211,10 @@ impl Default for EvaluateOptions {
             visualize: false,
             num_visualize: 10,
             visualize_best_worst: false,
+            eval_size: EvalSize::S,
+            spacing_csv: None,
+            post: PostProcess::default(),
+            load: LoadOptions::default(),
             device: Device::Cpu,
             verbose: false,
         }
@@ -152,7 +261,12 @@ impl EvaluateOptions {
             "n_splits": self.n_splits,
             "batch_size": self.batch_size,
             "threshold": self.threshold,
-            "eval_size": "S",
+            "eval_size": match self.eval_size { EvalSize::S => "S", EvalSize::Original => "original" },
+            "spacing_csv": self.spacing_csv.as_ref().map(|p| p.display().to_string()),
+            "post_processing": serde_json::to_value(&self.post).unwrap_or_default(),
+            "encoder_dtype": format!("{:?}", self.load.encoder_dtype).to_lowercase(),
+            "ensemble_mode": format!("{:?}", self.load.ensemble_mode),
+            "override_refiner": self.load.refiner_flags.override_sidecar,
             "visualize": self.visualize,
             "num_visualize": self.num_visualize,
             "visualize_best_worst": self.visualize_best_worst,
@@ -169,6 +283,10 @@ pub struct CaseResult {
     pub index: usize,
     pub coarse: ImageMetrics,
     pub refined: Option<ImageMetrics>,
+    /// §13.4: the refinement was rejected (refined = coarse).
+    pub rejected: bool,
+    /// §13.4: boundary fusion was applied.
+    pub fused: bool,
 }
 
 impl CaseResult {
@@ -186,6 +304,9 @@ impl CaseResult {
 pub struct DatasetResult {
     pub name: String,
     pub cases: Vec<CaseResult>,
+    /// Cases whose refinement was rejected / fused (§13.4).
+    pub n_rejected: usize,
+    pub n_fused: usize,
     /// Paths of the overlays written.
     pub visualizations: Vec<PathBuf>,
 }
@@ -249,12 +370,12 @@ pub fn console_table(r: &EvaluateReport) -> String {
         "", r.label
     ));
     s.push_str(&format!(
-        "{:<16}{:>8} | {:>8}{:>8}{:>8} | {:>8}{:>8}{:>8} | {:>9}{:>9}\n",
-        "Dataset", "Samples", "Dice", "IoU", "HD95", "Dice", "IoU", "HD95", "ΔDice", "ΔHD95"
+        "{:<16}{:>8} | {:^24} | {:^24} | {:^18}\n",
+        "", "", "Coarse", "Refined", "Refined - Coarse"
     ));
     s.push_str(&format!(
-        "{:<16}{:>8} | {:^24} | {:^24} |\n",
-        "", "", "Coarse", "Refined"
+        "{:<16}{:>8} | {:>8}{:>8}{:>8} | {:>8}{:>8}{:>8} | {:>9}{:>9}\n",
+        "Dataset", "Samples", "Dice", "IoU", "HD95", "Dice", "IoU", "HD95", "ΔDice", "ΔHD95"
     ));
     s.push_str(&format!("{thin}\n"));
     let row = |name: &str, n: usize, c: &AggregateRow, rf: Option<&AggregateRow>| -> String {
@@ -310,6 +431,9 @@ pub fn console_table(r: &EvaluateReport) -> String {
             None => s.push_str(&format!("{name:<14}{cs:>22}{:>22}{:>10}\n", "-", "-")),
         }
     }
+    if r.refined.is_none() {
+        s.push_str("model has no SAM refiner: coarse (TransUNet) path only\n");
+    }
     s.push_str(&format!(
         "empty predictions: coarse {}{}; empty ground truth: {}\n",
         r.coarse.all.n_pred_empty,
@@ -319,6 +443,15 @@ pub fn console_table(r: &EvaluateReport) -> String {
             .unwrap_or_default(),
         r.coarse.all.n_gt_empty
     ));
+    let (nrej, nfus): (usize, usize) = r
+        .datasets
+        .iter()
+        .fold((0, 0), |(a, b), d| (a + d.n_rejected, b + d.n_fused));
+    if nrej + nfus > 0 {
+        s.push_str(&format!(
+            "post-processing: refinement rejected in {nrej} case(s) (coarse kept), boundary fusion in {nfus}\n"
+        ));
+    }
     if let (Some(_), true) = (&r.refined, r.n_images() > 0) {
         let c: Vec<f64> = r
             .datasets
@@ -399,12 +532,23 @@ fn metric_value(m: &ImageMetrics, k: &str) -> f64 {
     }
 }
 
-fn write_per_case(path: &Path, cases: &[CaseResult], refined: bool) -> Result<()> {
+fn mm_cells(m: &ImageMetrics) -> [String; 2] {
+    let f = |v: Option<f64>| v.map(|x| format!("{x:.6}")).unwrap_or_default();
+    [f(m.hd95_mm), f(m.assd_mm)]
+}
+
+fn write_per_case(path: &Path, cases: &[CaseResult], refined: bool, mm: bool) -> Result<()> {
     let mut w = csv::Writer::from_writer(Vec::new());
     let mut header: Vec<String> = vec!["name".into(), "index".into()];
     header.extend(CASE_METRICS.iter().map(|k| format!("coarse_{k}")));
+    if mm {
+        header.extend(["coarse_hd95_mm".to_string(), "coarse_assd_mm".to_string()]);
+    }
     if refined {
         header.extend(CASE_METRICS.iter().map(|k| format!("refined_{k}")));
+        if mm {
+            header.extend(["refined_hd95_mm".to_string(), "refined_assd_mm".to_string()]);
+        }
         header.extend(
             ["delta_dice", "delta_iou", "delta_hd95"]
                 .iter()
@@ -429,17 +573,27 @@ fn write_per_case(path: &Path, cases: &[CaseResult], refined: bool) -> Result<()
                 .iter()
                 .map(|k| format!("{:.6}", metric_value(&c.coarse, k))),
         );
+        if mm {
+            rec.extend(mm_cells(&c.coarse));
+        }
         if let Some(r) = &c.refined {
             rec.extend(
                 CASE_METRICS
                     .iter()
                     .map(|k| format!("{:.6}", metric_value(r, k))),
             );
+            if mm {
+                rec.extend(mm_cells(r));
+            }
             rec.push(format!("{:.6}", r.dice - c.coarse.dice));
             rec.push(format!("{:.6}", r.iou - c.coarse.iou));
             rec.push(format!("{:.6}", r.hd95 - c.coarse.hd95));
         } else if refined {
-            rec.extend(std::iter::repeat_n(String::new(), CASE_METRICS.len() + 3));
+            let extra = if mm { 5 } else { 3 };
+            rec.extend(std::iter::repeat_n(
+                String::new(),
+                CASE_METRICS.len() + extra,
+            ));
         }
         rec.push((c.coarse.gt_empty as u8).to_string());
         rec.push((c.coarse.pred_empty as u8).to_string());
@@ -451,8 +605,8 @@ fn write_per_case(path: &Path, cases: &[CaseResult], refined: bool) -> Result<()
                     .unwrap_or_default(),
             );
         }
-        rec.push("0".into());
-        rec.push("0".into());
+        rec.push((c.rejected as u8).to_string());
+        rec.push((c.fused as u8).to_string());
         w.write_record(&rec).map_err(werr)?;
     }
     let bytes = w
@@ -564,6 +718,54 @@ pub fn select_cases(cases: &[CaseResult], n: i64, best_worst: bool) -> Vec<usize
     out
 }
 
+/// Coarse and (post-processed) refined probabilities at `S` of one image, with the §13.4 flags.
+#[derive(Debug, Clone)]
+pub struct CaseMaps {
+    pub coarse: Vec<f32>,
+    pub refined: Option<Vec<f32>>,
+    pub rejected: bool,
+    pub fused: bool,
+}
+
+/// Model probabilities of a batch `(B,1,S,S)` at `S`, with §13.4 post-processing applied to the refined maps.
+pub fn predict_maps(
+    model: &EvalModel,
+    images: &Tensor,
+    post: &PostProcess,
+) -> Result<Vec<CaseMaps>> {
+    let s = model.img_size;
+    let px = s * s;
+    let pred = model.predict(images, false)?;
+    let coarse: Vec<f32> = pred.coarse.flatten_all()?.to_vec1()?;
+    let refined: Option<Vec<f32>> = match &pred.refined {
+        Some(r) => Some(r.flatten_all()?.to_vec1()?),
+        None => None,
+    };
+    let b = coarse.len() / px;
+    Ok((0..b)
+        .map(|i| {
+            let c = coarse[i * px..(i + 1) * px].to_vec();
+            match &refined {
+                Some(r) => {
+                    let o = postprocess::apply(post, &c, &r[i * px..(i + 1) * px], s, s);
+                    CaseMaps {
+                        coarse: c,
+                        refined: Some(o.refined),
+                        rejected: o.rejected.is_some(),
+                        fused: o.fused,
+                    }
+                }
+                None => CaseMaps {
+                    coarse: c,
+                    refined: None,
+                    rejected: false,
+                    fused: false,
+                },
+            }
+        })
+        .collect())
+}
+
 /// Runs the evaluation and writes every artefact; returns the report (the CLI prints [`console_table`]).
 pub fn run(opts: &EvaluateOptions) -> Result<EvaluateReport> {
     if opts.batch_size == 0 {
@@ -586,24 +788,33 @@ pub fn run(opts: &EvaluateOptions) -> Result<EvaluateReport> {
     if opts.datasets.is_empty() {
         return Err(Error::Arg("no dataset given (--datasets)".into()));
     }
+    opts.post.validate()?;
+    let spacings = match &opts.spacing_csv {
+        Some(p) => Some(Spacings::load(p)?),
+        None => None,
+    };
     let config = Config::load(&opts.config)?;
-    let model = EvalModel::load(&opts.source, &config, &opts.device)?;
+    let model = EvalModel::load_with(&opts.source, &config, &opts.device, &opts.load)?;
     let s = model.img_size;
     let out_dir = opts.resolved_output_dir();
     std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
     let label = opts.label();
+    let console = Console::new(Style::detect(false, false));
     let mut results = Vec::new();
+    let mut missing_spacing = 0usize;
     for ds_name in &opts.datasets {
-        let ds = SegDataset::open(&opts.data_root, &[ds_name.as_str()], opts.data_split(), s)?;
+        let ds = SegDataset::open(&opts.data_root, &[ds_name.as_str()], opts.data_split(), s)?
+            .without_cache();
         let n = ds.len();
         if n == 0 {
             return Err(Error::Arg(format!(
                 "dataset {ds_name}: split {label} has no images"
             )));
         }
-        let t0 = Instant::now();
+        let mut progress = opts
+            .verbose
+            .then(|| console.progress(&format!("evaluate {ds_name}"), None, n as u64));
         let mut cases: Vec<CaseResult> = Vec::with_capacity(n);
-        let mut next_report = 0usize;
         for start in (0..n).step_by(opts.batch_size) {
             let idx: Vec<usize> = (start..(start + opts.batch_size).min(n)).collect();
             let samples = idx
@@ -612,48 +823,73 @@ pub fn run(opts: &EvaluateOptions) -> Result<EvaluateReport> {
                 .collect::<Result<Vec<_>>>()?;
             let batch = Batch::from_samples(samples)?;
             let imgs = batch.images.to_device(&opts.device)?;
-            let pred = model.predict(&imgs, false)?;
-            let coarse: Vec<f32> = pred.coarse.flatten_all()?.to_vec1()?;
-            let refined: Option<Vec<f32>> = match &pred.refined {
-                Some(r) => Some(r.flatten_all()?.to_vec1()?),
-                None => None,
-            };
+            let maps = predict_maps(&model, &imgs, &opts.post)?;
             let gt: Vec<f32> = batch.masks.flatten_all()?.to_vec1()?;
             let px = s * s;
             let batch_cases = (0..idx.len())
                 .into_par_iter()
-                .map(|b| -> Result<CaseResult> {
-                    let g = binarize(&gt[b * px..(b + 1) * px], 0.5);
-                    let c = binarize(&coarse[b * px..(b + 1) * px], opts.threshold);
-                    let cm = image_metrics(&c, &g, s, s, None)?;
-                    let rm = match &refined {
-                        Some(r) => Some(image_metrics(
-                            &binarize(&r[b * px..(b + 1) * px], opts.threshold),
-                            &g,
+                .map(|b| -> Result<(CaseResult, bool)> {
+                    let m = &maps[b];
+                    let (h0, w0) = batch.original_sizes[b];
+                    let sp = spacings
+                        .as_ref()
+                        .and_then(|sp| sp.get(ds_name, &batch.names[b]));
+                    let (c, r, g, h, w, spacing) = match opts.eval_size {
+                        EvalSize::S => (
+                            binarize(&m.coarse, opts.threshold),
+                            m.refined.as_ref().map(|r| binarize(r, opts.threshold)),
+                            binarize(&gt[b * px..(b + 1) * px], 0.5),
                             s,
                             s,
-                            None,
-                        )?),
+                            sp.map(|(sy, sx)| {
+                                (sy * h0 as f64 / s as f64, sx * w0 as f64 / s as f64)
+                            }),
+                        ),
+                        EvalSize::Original => {
+                            let d = ds.decoded(idx[b])?;
+                            let (h, w) = (d.image.height, d.image.width);
+                            let g: Vec<bool> = d.mask.data.iter().map(|&v| v > 0).collect();
+                            (
+                                binarize(&prob_to_original(&m.coarse, s, h, w), opts.threshold),
+                                m.refined.as_ref().map(|r| {
+                                    binarize(&prob_to_original(r, s, h, w), opts.threshold)
+                                }),
+                                g,
+                                h,
+                                w,
+                                sp,
+                            )
+                        }
+                    };
+                    let cm = image_metrics(&c, &g, h, w, spacing)?;
+                    let rm = match &r {
+                        Some(r) => Some(image_metrics(r, &g, h, w, spacing)?),
                         None => None,
                     };
-                    Ok(CaseResult {
-                        dataset: ds_name.clone(),
-                        name: batch.names[b].clone(),
-                        index: idx[b],
-                        coarse: cm,
-                        refined: rm,
-                    })
+                    Ok((
+                        CaseResult {
+                            dataset: ds_name.clone(),
+                            name: batch.names[b].clone(),
+                            index: idx[b],
+                            coarse: cm,
+                            refined: rm,
+                            rejected: m.rejected,
+                            fused: m.fused,
+                        },
+                        spacings.is_some() && sp.is_none(),
+                    ))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            cases.extend(batch_cases);
-            if opts.verbose && (cases.len() * 10 >= next_report * n || cases.len() == n) {
-                eprintln!(
-                    "[evaluate] {ds_name} {}/{n} images {:.1} it/s",
-                    cases.len(),
-                    cases.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9)
-                );
-                next_report = cases.len() * 10 / n + 1;
+            for (c, miss) in batch_cases {
+                missing_spacing += miss as usize;
+                cases.push(c);
+                if let Some(p) = progress.as_mut() {
+                    p.step(None);
+                }
             }
+        }
+        if let Some(p) = progress {
+            p.finish();
         }
         let ds_dir = out_dir.join(ds_name);
         std::fs::create_dir_all(&ds_dir).map_err(|e| Error::io(&ds_dir, e))?;
@@ -664,24 +900,11 @@ pub fn run(opts: &EvaluateOptions) -> Result<EvaluateReport> {
             for ci in select_cases(&cases, opts.num_visualize, opts.visualize_best_worst) {
                 let case = &cases[ci];
                 let sample = ds.get_eval(case.index)?;
-                let img = candle_core::Tensor::from_vec(
-                    sample.image.clone(),
-                    (1, 1, s, s),
-                    &candle_core::Device::Cpu,
-                )?
-                .to_device(&opts.device)?;
-                let pred = model.predict(&img, false)?;
-                let coarse = binarize(
-                    &pred.coarse.flatten_all()?.to_vec1::<f32>()?,
-                    opts.threshold,
-                );
-                let refined = match &pred.refined {
-                    Some(r) => Some(binarize(
-                        &r.flatten_all()?.to_vec1::<f32>()?,
-                        opts.threshold,
-                    )),
-                    None => None,
-                };
+                let img = Tensor::from_vec(sample.image.clone(), (1, 1, s, s), &Device::Cpu)?
+                    .to_device(&opts.device)?;
+                let m = predict_maps(&model, &img, &opts.post)?.remove(0);
+                let coarse = binarize(&m.coarse, opts.threshold);
+                let refined = m.refined.as_ref().map(|r| binarize(r, opts.threshold));
                 let gt = binarize(&sample.mask, 0.5);
                 let grey: Vec<u8> = sample
                     .image
@@ -690,6 +913,19 @@ pub fn run(opts: &EvaluateOptions) -> Result<EvaluateReport> {
                     .collect();
                 let imp = case.dice_improvement();
                 let path = vis_dir.join(format!("sample_{:04}_imp{imp:+.4}.png", case.index));
+                let mut notes = Vec::new();
+                if opts.eval_size == EvalSize::Original {
+                    notes.push(format!(
+                        "metrics at {}x{} (shown at {s}x{s})",
+                        sample.original_size.1, sample.original_size.0
+                    ));
+                }
+                if case.rejected {
+                    notes.push("refinement rejected (coarse kept)".into());
+                }
+                if case.fused {
+                    notes.push("boundary fusion applied".into());
+                }
                 overlay_png(
                     &path,
                     &OverlayCase {
@@ -701,16 +937,27 @@ pub fn run(opts: &EvaluateOptions) -> Result<EvaluateReport> {
                         size: s,
                         coarse_m: (case.coarse.dice, case.coarse.iou, case.coarse.hd95),
                         refined_m: case.refined.as_ref().map(|r| (r.dice, r.iou, r.hd95)),
+                        notes,
                     },
                 )?;
                 visualizations.push(path);
             }
         }
+        let n_rejected = cases.iter().filter(|c| c.rejected).count();
+        let n_fused = cases.iter().filter(|c| c.fused).count();
         results.push(DatasetResult {
             name: ds_name.clone(),
             cases,
+            n_rejected,
+            n_fused,
             visualizations,
         });
+    }
+    if missing_spacing > 0 {
+        eprintln!(
+            "warning: {missing_spacing} image(s) have no row in --spacing-csv; the mm columns cover only datasets \
+             where every image has a spacing"
+        );
     }
 
     // Aggregation (§10.4).
@@ -768,19 +1015,23 @@ pub fn run(opts: &EvaluateOptions) -> Result<EvaluateReport> {
             "n_pred_empty": {"coarse": c.n_pred_empty, "refined": r.map(|x| x.n_pred_empty)},
             "n_gt_empty": c.n_gt_empty,
             "hd95_excl": {"coarse": finite(mean_of(c, "hd95_excl")), "refined": r.map(|x| finite(mean_of(x, "hd95_excl")))},
-            "stabilization": {"rejected": 0, "fused": 0},
+            "stabilization": {"rejected": d.n_rejected, "fused": d.n_fused},
         });
         atomic_write_json(&ds_dir.join(format!("{label}_result.json")), &result)?;
         write_per_case(
             &ds_dir.join("per_case.csv"),
             &d.cases,
             report.refined.is_some(),
+            opts.spacing_csv.is_some(),
         )?;
     }
     // Summary files.
     let mut ds_rows = Vec::new();
     for (i, c) in report.coarse.datasets.iter().enumerate() {
-        ds_rows.push(row_json(c, report.refined.as_ref().map(|x| &x.datasets[i])));
+        let mut row = row_json(c, report.refined.as_ref().map(|x| &x.datasets[i]));
+        let d = &report.datasets[i];
+        row["stabilization"] = json!({"rejected": d.n_rejected, "fused": d.n_fused});
+        ds_rows.push(row);
     }
     let summary = json!({
         "split": opts.split.as_str(),

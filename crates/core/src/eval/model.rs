@@ -13,6 +13,8 @@
 use crate::config::{Config, ModelConfig, RefinerConfig};
 use crate::models::sam::{load_sam_weights, Sam};
 use crate::models::transunet::TransUnet;
+use crate::refiner::prompts::sharpen;
+use crate::refiner::ultra::ForwardOptions;
 use crate::refiner::{SamRefiner, SamRefinerSettings, UltraRefiner};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -94,6 +96,166 @@ pub fn parse_folds(s: &str) -> Result<Vec<usize>> {
     Ok(out)
 }
 
+/// `--encoder-dtype`: the dtype of the frozen SAM image encoder (SPEC §15).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EncoderDtype {
+    /// bf16 on CUDA, f32 on CPU.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+impl std::str::FromStr for EncoderDtype {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(EncoderDtype::Auto),
+            "f32" | "fp32" | "float32" => Ok(EncoderDtype::F32),
+            "bf16" | "bfloat16" => Ok(EncoderDtype::Bf16),
+            "f16" | "fp16" | "float16" => Ok(EncoderDtype::F16),
+            _ => Err(Error::Arg(format!(
+                "--encoder-dtype `{s}` is not one of auto, f32, bf16, f16"
+            ))),
+        }
+    }
+}
+
+impl EncoderDtype {
+    /// The dtype on `device`; half precision on the CPU is an error (candle has no bf16/f16 convolution there).
+    pub fn resolve(&self, device: &Device) -> Result<DType> {
+        let d = match self {
+            EncoderDtype::Auto if device.is_cuda() => DType::BF16,
+            EncoderDtype::Auto | EncoderDtype::F32 => DType::F32,
+            EncoderDtype::Bf16 => DType::BF16,
+            EncoderDtype::F16 => DType::F16,
+        };
+        if d != DType::F32 && device.is_cpu() {
+            return Err(Error::Arg(format!(
+                "--encoder-dtype {} needs a CUDA device (candle has no half-precision convolution on the CPU); \
+                 use f32 or auto",
+                d.as_str()
+            )));
+        }
+        Ok(d)
+    }
+}
+
+/// `--ensemble-mode` (SPEC §13.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EnsembleMode {
+    /// Every fold runs the full pipeline; coarse and refined probabilities are averaged separately.
+    #[default]
+    Mean,
+    /// Phase 1 folds + one shared SAM: average the fold TransUNet probabilities, then run SAM once on the mean.
+    CoarseThenRefine,
+}
+
+impl std::str::FromStr for EnsembleMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "mean" | "full" => Ok(EnsembleMode::Mean),
+            "coarse-then-refine" | "coarse_then_refine" => Ok(EnsembleMode::CoarseThenRefine),
+            _ => Err(Error::Arg(format!(
+                "--ensemble-mode `{s}` is not one of mean, coarse-then-refine"
+            ))),
+        }
+    }
+}
+
+/// Refiner flags given on the command line (`None` = not given). They apply on top of the sidecar's settings only
+/// with `override_sidecar` (`--override-refiner`); without a sidecar they apply on top of the configuration.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RefinerFlags {
+    pub mask_prompt_style: Option<String>,
+    pub no_point_prompt: bool,
+    pub no_box_prompt: bool,
+    pub no_mask_prompt: bool,
+    pub no_negative_point: bool,
+    pub sharpen_coarse_mask: bool,
+    pub sharpen_temperature: Option<f64>,
+    pub selection_temperature: Option<f64>,
+    pub sam_normalization: Option<String>,
+    pub override_sidecar: bool,
+}
+
+impl RefinerFlags {
+    /// Whether any refiner flag was given.
+    pub fn any(&self) -> bool {
+        self.mask_prompt_style.is_some()
+            || self.no_point_prompt
+            || self.no_box_prompt
+            || self.no_mask_prompt
+            || self.no_negative_point
+            || self.sharpen_coarse_mask
+            || self.sharpen_temperature.is_some()
+            || self.selection_temperature.is_some()
+            || self.sam_normalization.is_some()
+    }
+
+    /// `base` with the given flags applied.
+    pub fn apply(&self, base: &RefinerConfig) -> RefinerConfig {
+        let mut r = base.clone();
+        if let Some(s) = &self.mask_prompt_style {
+            r.mask_prompt_style = s.clone();
+        }
+        if self.no_point_prompt {
+            r.use_point_prompt = false;
+        }
+        if self.no_box_prompt {
+            r.use_box_prompt = false;
+        }
+        if self.no_mask_prompt {
+            r.use_mask_prompt = false;
+        }
+        if self.no_negative_point {
+            r.add_negative_point = false;
+        }
+        if self.sharpen_coarse_mask {
+            r.sharpen_coarse_mask = true;
+        }
+        if let Some(t) = self.sharpen_temperature {
+            r.sharpen_temperature = t;
+        }
+        if let Some(t) = self.selection_temperature {
+            r.selection_temperature = t;
+        }
+        if let Some(n) = &self.sam_normalization {
+            r.sam_normalization = n.clone();
+        }
+        r
+    }
+
+    /// The settings in effect: the sidecar's (flags only with `--override-refiner`) or the configuration's.
+    fn resolve(
+        &self,
+        sidecar: Option<RefinerConfig>,
+        default: &RefinerConfig,
+        path: &Path,
+    ) -> Result<RefinerConfig> {
+        match sidecar {
+            Some(_) if self.any() && !self.override_sidecar => Err(Error::file(
+                path,
+                "refiner flags were given but the sidecar records the refiner settings used in training; \
+                 add --override-refiner to override them",
+            )),
+            Some(sc) if self.override_sidecar => Ok(self.apply(&sc)),
+            Some(sc) => Ok(sc),
+            None => Ok(self.apply(default)),
+        }
+    }
+}
+
+/// How to load an [`EvalModel`] beyond its source.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadOptions {
+    pub encoder_dtype: EncoderDtype,
+    pub ensemble_mode: EnsembleMode,
+    pub refiner_flags: RefinerFlags,
+}
+
 /// One loaded model.
 #[derive(Debug)]
 pub enum Member {
@@ -122,6 +284,10 @@ pub struct EvalModel {
     /// Refiner settings in effect (from the sidecar or the configuration), if any member refines.
     pub refiner: Option<RefinerConfig>,
     pub source: ModelSource,
+    /// How fold members are combined (§13.3).
+    pub ensemble_mode: EnsembleMode,
+    /// The device the weights live on (inputs are moved there).
+    pub device: Device,
 }
 
 /// The JSON sidecar next to a checkpoint (`X.safetensors` → `X.json`), loosely parsed, if present.
@@ -175,11 +341,11 @@ fn file_has_prefix(path: &Path, prefix: &str) -> Result<bool> {
     Ok(found)
 }
 
-fn load_sam(cfg: &ModelConfig, path: &Path, device: &Device) -> Result<Sam> {
+fn load_sam(cfg: &ModelConfig, path: &Path, enc: DType, device: &Device) -> Result<Sam> {
     let w = load_sam_weights(path, Some(&cfg.sam), device)
         .map_err(|e| Error::file(path, e.to_string()))?;
     let vb = w.var_builder(DType::F32, device);
-    Sam::new(&cfg.sam, vb.clone(), vb)
+    Sam::new_parts(&cfg.sam, w.var_builder(enc, device), vb.clone(), vb, None)
 }
 
 fn check_file(path: &Path, what: &str) -> Result<()> {
@@ -204,6 +370,7 @@ fn load_phase3(
     path: &Path,
     default_refiner: &RefinerConfig,
     coarse_only: bool,
+    opts: &LoadOptions,
     device: &Device,
 ) -> Result<(Member, RefinerConfig)> {
     check_file(path, "Phase 3 checkpoint")?;
@@ -211,7 +378,7 @@ fn load_phase3(
         Some(v) => sidecar_settings(&v, path)?,
         None => (None, None),
     };
-    let refiner = sc_ref.unwrap_or_else(|| default_refiner.clone());
+    let refiner = opts.refiner_flags.resolve(sc_ref, default_refiner, path)?;
     let tu = TransUnet::from_checkpoint(&cfg.transunet, path, "transunet", DType::F32, device)?;
     if coarse_only {
         return Ok((Member::Coarse(tu), refiner));
@@ -222,7 +389,7 @@ fn load_phase3(
             "no `sam.*` tensors: not a Phase 3 checkpoint (use --transunet-only?)",
         ));
     }
-    let sam = load_sam(cfg, path, device)?;
+    let sam = load_sam(cfg, path, opts.encoder_dtype.resolve(device)?, device)?;
     Ok((full(tu, sam, &refiner)?, refiner))
 }
 
@@ -230,6 +397,33 @@ impl EvalModel {
     /// Loads `source` with the geometry of `config` (a Phase 3 sidecar's `config.model` takes precedence) onto
     /// `device` in f32 (frozen plain tensors).
     pub fn load(source: &ModelSource, config: &Config, device: &Device) -> Result<Self> {
+        Self::load_with(source, config, device, &LoadOptions::default())
+    }
+
+    /// [`EvalModel::load`] with an encoder dtype, an ensemble mode and refiner flags.
+    pub fn load_with(
+        source: &ModelSource,
+        config: &Config,
+        device: &Device,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        let enc = opts.encoder_dtype.resolve(device)?;
+        if opts.ensemble_mode == EnsembleMode::CoarseThenRefine {
+            match source {
+                ModelSource::Ensemble {
+                    sam: Some(_),
+                    transunet_only: false,
+                    ..
+                } => {}
+                _ => {
+                    return Err(Error::Arg(
+                        "--ensemble-mode coarse-then-refine needs --ensemble over Phase 1 TransUNet files plus one \
+                         shared --sam-checkpoint"
+                            .into(),
+                    ))
+                }
+            }
+        }
         let mut cfg = config.model.clone();
         let default_refiner = config.refiner.clone();
         let mut members = Vec::new();
@@ -249,14 +443,14 @@ impl EvalModel {
                 check_file(transunet, "TransUNet checkpoint")?;
                 check_file(sam, "SAM checkpoint")?;
                 // A Phase 2 `best_sam.json` next to the SAM file carries the refiner settings used in training.
-                let r = match read_sidecar_json(sam)? {
+                let sc = match read_sidecar_json(sam)? {
                     Some(v) => sidecar_settings(&v, sam)?.0,
                     None => None,
-                }
-                .unwrap_or_else(|| default_refiner.clone());
+                };
+                let r = opts.refiner_flags.resolve(sc, &default_refiner, sam)?;
                 let tu =
                     TransUnet::from_checkpoint(&cfg.transunet, transunet, "", DType::F32, device)?;
-                let s = load_sam(&cfg, sam, device)?;
+                let s = load_sam(&cfg, sam, enc, device)?;
                 members.push(full(tu, s, &r)?);
                 refiner = Some(r);
             }
@@ -266,9 +460,32 @@ impl EvalModel {
                         cfg = m;
                     }
                 }
-                let (m, r) = load_phase3(&cfg, checkpoint, &default_refiner, false, device)?;
-                members.push(m);
-                refiner = Some(r);
+                check_file(checkpoint, "checkpoint")?;
+                if !file_has_prefix(checkpoint, "transunet")? {
+                    // A Phase 1 file given as --checkpoint: the coarse path alone.
+                    members.push(Member::Coarse(TransUnet::from_checkpoint(
+                        &cfg.transunet,
+                        checkpoint,
+                        "",
+                        DType::F32,
+                        device,
+                    )?));
+                } else {
+                    // `transunet.*` without `sam.*` (e.g. a Phase 3 file saved before SAM was attached): coarse only.
+                    let coarse_only = !file_has_prefix(checkpoint, "sam")?;
+                    let (m, r) = load_phase3(
+                        &cfg,
+                        checkpoint,
+                        &default_refiner,
+                        coarse_only,
+                        opts,
+                        device,
+                    )?;
+                    if !coarse_only {
+                        refiner = Some(r);
+                    }
+                    members.push(m);
+                }
             }
             ModelSource::Ensemble {
                 pattern,
@@ -281,10 +498,16 @@ impl EvalModel {
                         "--ensemble needs --folds (e.g. 0,1,2,3,4)".into(),
                     ));
                 }
+                // The shared SAM is loaded once; members hold cheap clones (tensors are reference-counted).
                 let shared_sam = match (sam, transunet_only) {
                     (Some(p), false) => {
                         check_file(p, "SAM checkpoint")?;
-                        Some(p.clone())
+                        let sc = match read_sidecar_json(p)? {
+                            Some(v) => sidecar_settings(&v, p)?.0,
+                            None => None,
+                        };
+                        let r = opts.refiner_flags.resolve(sc, &default_refiner, p)?;
+                        Some((load_sam(&cfg, p, enc, device)?, r))
                     }
                     _ => None,
                 };
@@ -292,8 +515,15 @@ impl EvalModel {
                     let p = ensemble_path(pattern, k)?;
                     check_file(&p, &format!("ensemble member (fold {k})"))?;
                     if file_has_prefix(&p, "transunet")? {
+                        if opts.ensemble_mode == EnsembleMode::CoarseThenRefine {
+                            return Err(Error::file(
+                                &p,
+                                "a Phase 3 file cannot be used with --ensemble-mode coarse-then-refine \
+                                 (it needs Phase 1 TransUNet files and one shared --sam-checkpoint)",
+                            ));
+                        }
                         let (m, r) =
-                            load_phase3(&cfg, &p, &default_refiner, *transunet_only, device)?;
+                            load_phase3(&cfg, &p, &default_refiner, *transunet_only, opts, device)?;
                         if !transunet_only {
                             refiner.get_or_insert(r);
                         }
@@ -302,11 +532,9 @@ impl EvalModel {
                         let tu =
                             TransUnet::from_checkpoint(&cfg.transunet, &p, "", DType::F32, device)?;
                         match &shared_sam {
-                            Some(sp) => {
-                                let r = default_refiner.clone();
-                                let s = load_sam(&cfg, sp, device)?;
-                                members.push(full(tu, s, &r)?);
-                                refiner.get_or_insert(r);
+                            Some((s, r)) => {
+                                members.push(full(tu, s.clone(), r)?);
+                                refiner.get_or_insert(r.clone());
                             }
                             None => members.push(Member::Coarse(tu)),
                         }
@@ -320,6 +548,8 @@ impl EvalModel {
             model_config: cfg,
             refiner,
             source: source.clone(),
+            ensemble_mode: opts.ensemble_mode,
+            device: device.clone(),
         })
     }
 
@@ -331,6 +561,9 @@ impl EvalModel {
     /// Coarse (and refined) probabilities at `S` for `image_s (B, 1, S, S)` in `[0, 1]` on the model's device.
     /// `coarse_only` skips the refiner even when present (`--mode transunet`).
     pub fn predict(&self, image_s: &Tensor, coarse_only: bool) -> Result<Prediction> {
+        if self.ensemble_mode == EnsembleMode::CoarseThenRefine && !coarse_only {
+            return self.predict_coarse_then_refine(image_s);
+        }
         let mut coarse_sum: Option<Tensor> = None;
         let mut refined_sum: Option<Tensor> = None;
         let mut n_ref = 0usize;
@@ -366,6 +599,45 @@ impl EvalModel {
             r => r,
         };
         Ok(Prediction { coarse, refined })
+    }
+}
+
+impl EvalModel {
+    /// §13.3 `coarse-then-refine`: mean of the fold TransUNet probabilities, then the (shared) SAM refiner once on
+    /// that mean (sharpened first when the refiner settings ask for it, as in the end-to-end forward).
+    fn predict_coarse_then_refine(&self, image_s: &Tensor) -> Result<Prediction> {
+        let mut sum: Option<Tensor> = None;
+        let mut refiner_model = None;
+        for m in &self.members {
+            let tu = match m {
+                Member::Coarse(tu) => tu,
+                Member::Full(u) => {
+                    refiner_model.get_or_insert(u);
+                    &u.transunet
+                }
+            };
+            let c = coarse_prob(tu, image_s)?.detach();
+            sum = Some(match sum {
+                None => c,
+                Some(s) => (s + c)?,
+            });
+        }
+        let n = self.members.len();
+        let coarse = sum.ok_or_else(|| Error::msg("model has no members"))?;
+        let coarse = if n > 1 { (coarse / n as f64)? } else { coarse };
+        let u = refiner_model.ok_or_else(|| {
+            Error::msg("coarse-then-refine ensemble has no SAM refiner (give --sam-checkpoint)")
+        })?;
+        let p = match u.refiner.settings.sharpen {
+            Some(t) => sharpen(&coarse, t)?,
+            None => coarse.clone(),
+        };
+        let (_, _, _, refined_s) = u.refine_coarse(image_s, &p, &ForwardOptions::default())?;
+        let refined = crate::nn::sigmoid(&refined_s)?.detach();
+        Ok(Prediction {
+            coarse,
+            refined: Some(refined),
+        })
     }
 }
 

@@ -5,7 +5,142 @@ use crate::train::checkpoint::atomic_write;
 use crate::train::plot::{register_embedded_font, FONT};
 use crate::{Error, Result};
 use plotters::prelude::*;
+use plotters_backend::text_anchor::{HPos, VPos};
+use plotters_backend::{BackendColor, BackendCoord, BackendTextStyle, DrawingErrorKind};
 use std::path::Path;
+
+/// A drawing backend that delegates everything to `B` except text, which it draws glyph by glyph with each glyph's
+/// ink centred in its cell. plotters 0.3.7 lays out ab_glyph text without the glyphs' left side bearings, so the
+/// narrow glyphs of the embedded monospace font (`.`, `-`, `1`, `:`) sit at the left edge of their cells and numbers
+/// read as "0. 5" or "- 8. 56"; centring the ink in the (monospace) cell restores the intended spacing.
+pub struct MonoTextBackend<B>(pub B);
+
+type DErr<B> = DrawingErrorKind<<B as DrawingBackend>::ErrorType>;
+
+impl<B: DrawingBackend> DrawingBackend for MonoTextBackend<B> {
+    type ErrorType = B::ErrorType;
+    fn get_size(&self) -> (u32, u32) {
+        self.0.get_size()
+    }
+    fn ensure_prepared(&mut self) -> std::result::Result<(), DErr<B>> {
+        self.0.ensure_prepared()
+    }
+    fn present(&mut self) -> std::result::Result<(), DErr<B>> {
+        self.0.present()
+    }
+    fn draw_pixel(&mut self, p: BackendCoord, c: BackendColor) -> std::result::Result<(), DErr<B>> {
+        self.0.draw_pixel(p, c)
+    }
+    fn draw_line<S: plotters_backend::BackendStyle>(
+        &mut self,
+        from: BackendCoord,
+        to: BackendCoord,
+        style: &S,
+    ) -> std::result::Result<(), DErr<B>> {
+        self.0.draw_line(from, to, style)
+    }
+    fn draw_rect<S: plotters_backend::BackendStyle>(
+        &mut self,
+        ul: BackendCoord,
+        br: BackendCoord,
+        style: &S,
+        fill: bool,
+    ) -> std::result::Result<(), DErr<B>> {
+        self.0.draw_rect(ul, br, style, fill)
+    }
+    fn draw_path<S: plotters_backend::BackendStyle, I: IntoIterator<Item = BackendCoord>>(
+        &mut self,
+        path: I,
+        style: &S,
+    ) -> std::result::Result<(), DErr<B>> {
+        self.0.draw_path(path, style)
+    }
+    fn draw_circle<S: plotters_backend::BackendStyle>(
+        &mut self,
+        center: BackendCoord,
+        radius: u32,
+        style: &S,
+        fill: bool,
+    ) -> std::result::Result<(), DErr<B>> {
+        self.0.draw_circle(center, radius, style, fill)
+    }
+    fn fill_polygon<S: plotters_backend::BackendStyle, I: IntoIterator<Item = BackendCoord>>(
+        &mut self,
+        vert: I,
+        style: &S,
+    ) -> std::result::Result<(), DErr<B>> {
+        self.0.fill_polygon(vert, style)
+    }
+    fn blit_bitmap(
+        &mut self,
+        pos: BackendCoord,
+        dims: (u32, u32),
+        src: &[u8],
+    ) -> std::result::Result<(), DErr<B>> {
+        self.0.blit_bitmap(pos, dims, src)
+    }
+    fn draw_text<T: BackendTextStyle>(
+        &mut self,
+        text: &str,
+        style: &T,
+        pos: BackendCoord,
+    ) -> std::result::Result<(), DErr<B>> {
+        if style.color().alpha == 0.0 || text.is_empty() {
+            return Ok(());
+        }
+        let fe = |e: T::FontError| DrawingErrorKind::FontError(Box::new(e));
+        let ((min_x, min_y), (max_x, max_y)) = style.layout_box(text).map_err(fe)?;
+        let (width, height) = (max_x - min_x, max_y - min_y);
+        let dx = match style.anchor().h_pos {
+            HPos::Left => 0,
+            HPos::Right => -width,
+            HPos::Center => -width / 2,
+        };
+        let dy = match style.anchor().v_pos {
+            VPos::Top => 0,
+            VPos::Center => -height / 2,
+            VPos::Bottom => -height,
+        };
+        let trans = style.transform();
+        let (w, h) = self.get_size();
+        let n = text.chars().count().max(1);
+        let cell = width as f64 / n as f64;
+        let mut utf8 = [0u8; 4];
+        for (i, ch) in text.chars().enumerate() {
+            let s: &str = ch.encode_utf8(&mut utf8);
+            let mut ink: Vec<(i32, i32, BackendColor)> = Vec::new();
+            let _ = style
+                .draw(s, (0, 0), |x, y, c| {
+                    ink.push((x, y, c));
+                    Ok::<(), std::convert::Infallible>(())
+                })
+                .map_err(fe)?;
+            let (Some(lo), Some(hi)) =
+                (ink.iter().map(|p| p.0).min(), ink.iter().map(|p| p.0).max())
+            else {
+                continue; // a space
+            };
+            let off = (i as f64 * cell + (cell - (hi - lo + 1) as f64) / 2.0).round() as i32 - lo;
+            for (x, y, c) in ink {
+                let (x, y) = trans.transform(x + off + dx - min_x, y + dy - min_y);
+                let (x, y) = (pos.0 + x, pos.1 + y);
+                if x >= 0 && x < w as i32 && y >= 0 && y < h as i32 {
+                    self.0.draw_pixel((x, y), c)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A bitmap drawing area over an RGB buffer with [`MonoTextBackend`] text.
+fn canvas(
+    buf: &mut [u8],
+    w: u32,
+    h: u32,
+) -> DrawingArea<MonoTextBackend<BitMapBackend<'_>>, plotters::coord::Shift> {
+    MonoTextBackend(BitMapBackend::with_buffer(buf, (w, h))).into_drawing_area()
+}
 
 /// Overlay blend factor of the evaluation overlays.
 pub const ALPHA: f32 = 0.35;
@@ -73,6 +208,8 @@ pub struct OverlayCase<'a> {
     /// `(dice, iou, hd95)` coarse.
     pub coarse_m: (f64, f64, f64),
     pub refined_m: Option<(f64, f64, f64)>,
+    /// Extra lines for the text panel (e.g. post-processing outcome).
+    pub notes: Vec<String>,
 }
 
 /// Nearest upscale by an integer factor of an RGB raster into a larger RGB canvas at `(x0, y0)`.
@@ -104,7 +241,7 @@ pub fn overlay_png(path: &Path, c: &OverlayCase) -> Result<()> {
     blit(&mut buf, cw, &coarse, s, f, 2 * pad + p, head);
     blit(&mut buf, cw, &refined, s, f, 3 * pad + 2 * p, head);
     {
-        let root = BitMapBackend::with_buffer(&mut buf, (cw as u32, ch as u32)).into_drawing_area();
+        let root = canvas(&mut buf, cw as u32, ch as u32);
         let title = (FONT, 18).into_font().color(&BLACK);
         let titles = [
             "input",
@@ -158,6 +295,9 @@ pub fn overlay_png(path: &Path, c: &OverlayCase) -> Result<()> {
                 )?;
             }
             None => line("refined   n/a".into(), &mut y)?,
+        }
+        for n in &c.notes {
+            line(n.clone(), &mut y)?;
         }
         y += 16;
         line("legend".into(), &mut y)?;
@@ -233,7 +373,7 @@ pub fn summary_png(
     let (w, h) = SUMMARY_SIZE;
     let mut buf = vec![255u8; (w * h * 3) as usize];
     {
-        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        let root = canvas(&mut buf, w, h);
         root.fill(&WHITE).map_err(perr)?;
         let root = root.titled(title, (FONT, 22)).map_err(perr)?;
         let panels = root.split_evenly((1, 3));
@@ -274,7 +414,10 @@ pub fn summary_png(
     write_rgb_png(path, w, h, buf)
 }
 
-type Panel<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+type Panel<'a> = DrawingArea<MonoTextBackend<BitMapBackend<'a>>, plotters::coord::Shift>;
+
+/// Light grid lines (the default minor grid is too dense to read at this size).
+const LIGHT_GRID: RGBColor = RGBColor(238, 238, 238);
 
 const BINS: usize = 20;
 
@@ -317,6 +460,7 @@ fn histogram(
         .configure_mesh()
         .x_desc(xdesc)
         .y_desc("images")
+        .light_line_style(LIGHT_GRID)
         .label_style((FONT, 13))
         .axis_desc_style((FONT, 14))
         .x_label_formatter(&|x| format!("{x:.2}"))
@@ -329,13 +473,29 @@ fn histogram(
         })
         .draw()
         .map_err(perr)?;
+    if lo < 0.0 && hi > 0.0 {
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                vec![(0.0, 0.0), (0.0, ymax)],
+                BLACK.mix(0.6).stroke_width(1),
+            )))
+            .map_err(perr)?;
+    }
     for ((name, v, col), c) in series.iter().zip(&counts) {
         let col = *col;
-        let fill = col.mix(0.45).filled();
+        // Translucent fill plus a solid outline, so overlapping histograms stay distinguishable.
+        let fill = col.mix(0.35).filled();
+        let outline = ShapeStyle::from(&col).stroke_width(2);
         chart
             .draw_series(c.iter().enumerate().filter(|(_, &n)| n > 0).map(|(i, &n)| {
                 let x0 = lo + i as f64 * width;
                 Rectangle::new([(x0, 0.0), (x0 + width, n as f64)], fill)
+            }))
+            .map_err(perr)?;
+        chart
+            .draw_series(c.iter().enumerate().filter(|(_, &n)| n > 0).map(|(i, &n)| {
+                let x0 = lo + i as f64 * width;
+                Rectangle::new([(x0, 0.0), (x0 + width, n as f64)], outline)
             }))
             .map_err(perr)?;
         let finite: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
@@ -400,6 +560,7 @@ fn scatter(area: &Panel<'_>, coarse: &[f64], refined: &[f64]) -> Result<()> {
         .configure_mesh()
         .x_desc("coarse Dice")
         .y_desc("refined Dice")
+        .light_line_style(LIGHT_GRID)
         .label_style((FONT, 13))
         .axis_desc_style((FONT, 14))
         .x_label_formatter(&|x| format!("{x:.1}"))
