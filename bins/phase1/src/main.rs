@@ -61,9 +61,10 @@ struct Args {
     /// Epochs; default from the preset (paper 150, tiny 3).
     #[arg(long)]
     max_epochs: Option<usize>,
-    /// SGD base learning rate (poly(0.9) decay per optimiser step).
-    #[arg(long, default_value_t = 0.01)]
-    base_lr: f64,
+    /// SGD base learning rate (poly(0.9) decay per optimiser step); default from the preset's [phase1] base_lr,
+    /// else 0.01 (paper; tiny 0.05).
+    #[arg(long)]
+    base_lr: Option<f64>,
     /// SGD momentum.
     #[arg(long, default_value_t = 0.9)]
     momentum: f64,

@@ -1,10 +1,12 @@
-//! `ultrarefiner augment`: Phase 2 training data (SPEC §8).
+//! `ultrarefiner augment`: Phase 2 training data (SPEC §8): `synthetic` (simulated failures) and `oof` (Option B).
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use ultrarefiner::augment::grf::Spectrum;
+use ultrarefiner::augment::oof::{run_oof, OofOptions, DEFAULT_CHECKPOINTS};
 use ultrarefiner::augment::run::{run_synthetic, OutputFormat, SyntheticOptions};
 use ultrarefiner::augment::sampler::{SimConfig, DEFAULT_BINS};
 use ultrarefiner::augment::soft::{SoftKind, StoreDtype};
+use ultrarefiner::eval::model::parse_folds;
 
 #[derive(Parser, Debug)]
 pub struct Args {
@@ -23,6 +25,55 @@ pub enum AugmentCmd {
     /// shards/coarse-*.safetensors, samples.csv, manifest.json and summary.png. Output is identical for any
     /// --num-workers.
     Synthetic(SyntheticArgs),
+    /// Real coarse masks: out-of-fold predictions of the Phase 1 TransUNets (Option B, SPEC §8.10).
+    ///
+    /// For every dataset and fold k, the Phase 1 checkpoint of fold k predicts the fold-k validation images (eval
+    /// mode, no augmentation) at its input size S, so every training image gets exactly one prediction from a model
+    /// that never trained on it. The foreground probabilities are stored like `augment synthetic` output (bin `real`,
+    /// modes `oof:fold_k`, the actual Dice of P > 0.5 vs the ground truth) under <output-root>/<RUN>_oof/.
+    /// Use it in Phase 2 as `--dataset <RUN>_oof` (real only) or `--real-data <output-root>/<RUN>_oof --real-ratio r`.
+    ///
+    /// Example (tiny demo, 5 folds trained): ultrarefiner augment oof --datasets BUSI --config tiny
+    Oof(OofArgs),
+}
+
+#[derive(Parser, Debug)]
+pub struct OofArgs {
+    /// Processed datasets (SPEC §3.4 layout; the folds come from each dataset's splits.json).
+    #[arg(long, default_value = "./dataset/processed")]
+    pub processed_root: PathBuf,
+    /// Output root; the run goes to <output-root>/<dataset names sorted and joined with '_'>_oof.
+    #[arg(long, default_value = "./dataset/augmented")]
+    pub output_root: PathBuf,
+    /// Datasets to predict, e.g. --datasets BUSI BUSBRA (or BUSI,BUSBRA).
+    #[arg(long, required = true, num_args = 1.., value_delimiter = ',')]
+    pub datasets: Vec<String>,
+    /// Phase 1 checkpoint of each dataset and fold: {DS} is replaced by the dataset name, {k} by the fold.
+    #[arg(long, default_value = DEFAULT_CHECKPOINTS)]
+    pub checkpoints: String,
+    /// Folds to predict (e.g. 0,1,2,3,4 or 0-4); default: every fold of splits.json. With a subset, only those
+    /// folds' validation images get a prediction.
+    #[arg(long)]
+    pub folds: Option<String>,
+    /// Model geometry (paper, narrow, tiny or a TOML path) for checkpoints without a JSON sidecar; a Phase 1
+    /// sidecar's recorded model configuration always wins.
+    #[arg(long, default_value = "paper")]
+    pub config: String,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Samples per shard file.
+    #[arg(long, default_value_t = 1024)]
+    pub shard_size: usize,
+    /// Stored dtype: f32 or f16.
+    #[arg(long, default_value = "f32")]
+    pub store_dtype: String,
+    /// cpu, cuda or cuda:N (default: cuda:0 when built with CUDA and a GPU exists, else cpu).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Image decoding threads.
+    #[arg(long, default_value_t = 4)]
+    pub num_workers: usize,
 }
 
 #[derive(Parser, Debug)]
@@ -108,7 +159,31 @@ fn parse_range(s: &str) -> anyhow::Result<(f64, f64)> {
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.cmd {
         AugmentCmd::Synthetic(a) => run_synthetic_cmd(a),
+        AugmentCmd::Oof(a) => run_oof_cmd(a),
     }
+}
+
+fn run_oof_cmd(a: OofArgs) -> anyhow::Result<()> {
+    let mut o = OofOptions::new(a.datasets);
+    o.processed_root = a.processed_root;
+    o.output_root = a.output_root;
+    o.checkpoints = a.checkpoints;
+    o.folds = a.folds.as_deref().map(parse_folds).transpose()?;
+    o.config = a.config;
+    o.batch_size = a.batch_size;
+    o.shard_size = a.shard_size;
+    o.store_dtype = a.store_dtype.parse()?;
+    o.device = a.device.as_deref().map(str::parse).transpose()?;
+    o.num_workers = a.num_workers;
+    let rep = run_oof(&o)?;
+    print!("{}", rep.table);
+    println!(
+        "wrote {} ({} samples, {:.1} s)",
+        rep.run_dir.display(),
+        rep.summary.total,
+        rep.seconds
+    );
+    Ok(())
 }
 
 fn run_synthetic_cmd(a: SyntheticArgs) -> anyhow::Result<()> {

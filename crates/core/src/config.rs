@@ -182,6 +182,10 @@ impl Default for DataConfig {
 pub struct PhaseConfig {
     pub max_epochs: usize,
     pub batch_size: usize,
+    /// `[phase1]` only: default of `phase1 --base-lr` (absent: the SPEC §11.2 default 0.01). Phases 2 and 3 take
+    /// their rates from `--lr` and reject this key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_lr: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -216,18 +220,21 @@ fn default_phase1() -> PhaseConfig {
     PhaseConfig {
         max_epochs: 150,
         batch_size: 24,
+        base_lr: None,
     }
 }
 fn default_phase2() -> PhaseConfig {
     PhaseConfig {
         max_epochs: 50,
         batch_size: 4,
+        base_lr: None,
     }
 }
 fn default_phase3() -> PhaseConfig {
     PhaseConfig {
         max_epochs: 100,
         batch_size: 8,
+        base_lr: None,
     }
 }
 
@@ -316,6 +323,18 @@ impl Config {
             return Err(format!(
                 "model.sam.encoder_global_attn_indexes entry {i} is not below encoder_depth"
             ));
+        }
+        if let Some(lr) = self.phase1.base_lr {
+            if !(lr.is_finite() && lr > 0.0) {
+                return Err(format!(
+                    "phase1.base_lr must be a positive number, got {lr}"
+                ));
+            }
+        }
+        if self.phase2.base_lr.is_some() || self.phase3.base_lr.is_some() {
+            return Err(
+                "base_lr is a [phase1] key; phases 2 and 3 take their rate from --lr".into(),
+            );
         }
         if !["direct", "gaussian"].contains(&self.refiner.mask_prompt_style.as_str()) {
             return Err(format!(

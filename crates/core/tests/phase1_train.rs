@@ -197,7 +197,7 @@ fn tiny_phase1_learns_on_phantom() {
     let data = phantom_processed(tmp.path(), 24);
     let out = tmp.path().join("out");
     let mut o = opts(&data, &out, 8);
-    o.base_lr = 0.1;
+    o.base_lr = Some(0.1);
     o.no_augment = true;
     o.save_every = 0;
     let t0 = Instant::now();

@@ -6,11 +6,13 @@
 //! * [`sim`]: failure operators and their composition (§8.4, §8.5).
 //! * [`sampler`]: quality-controlled sampling with gain calibration, bin allocation (§8.6, §8.8).
 //! * [`soft`]: soft masks and the stored resolution (§8.7).
+//! * [`oof`]: `augment oof`, real out-of-fold TransUNet predictions (Option B, §8.10).
 //! * [`run`]: `augment synthetic` orchestration and output layout (§8.8, §8.9); [`summary`]: tables and PNG.
 //! * [`processed`]: minimal reader of the processed layout (to be unified with `crate::data`).
 pub mod descriptors;
 pub mod edt;
 pub mod grf;
+pub mod oof;
 pub mod processed;
 pub mod resize;
 pub mod run;

@@ -213,7 +213,8 @@ pub fn run_name(datasets: &[String]) -> String {
     d.join("_")
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes `bytes` to `path` through a sibling temporary file and a rename (never a partial file at `path`).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!(
         "{}.tmp",
         path.extension().and_then(|e| e.to_str()).unwrap_or("")
@@ -251,7 +252,8 @@ pub fn records_csv(records: &[SampleRecord]) -> Result<String> {
     String::from_utf8(bytes).map_err(|e| Error::msg(format!("samples.csv: {e}")))
 }
 
-fn shard_path(run_dir: &Path, k: usize) -> PathBuf {
+/// `<run_dir>/shards/coarse-<k:05>.safetensors`.
+pub fn shard_path(run_dir: &Path, k: usize) -> PathBuf {
     run_dir
         .join("shards")
         .join(format!("coarse-{k:05}.safetensors"))
@@ -265,27 +267,40 @@ fn shard_bytes(
     dtype: StoreDtype,
     config_hash: &str,
 ) -> Result<Vec<u8>> {
+    let index: Vec<u32> = samples.iter().map(|x| x.index as u32).collect();
+    let planes: Vec<&[f32]> = samples.iter().map(|x| x.result.stored.as_slice()).collect();
+    coarse_shard_bytes(&index, &planes, records, s, dtype, config_hash)
+}
+
+/// Serialises one shard of the §8.9 layout: `coarse` (n,S,S) f32|f16 from `planes` (each `S·S`), `index` (n) u32, and
+/// as metadata the format tag, `config_hash` and the shard's `samples.csv` rows.
+pub fn coarse_shard_bytes(
+    index: &[u32],
+    planes: &[&[f32]],
+    records: &[SampleRecord],
+    s: usize,
+    dtype: StoreDtype,
+    config_hash: &str,
+) -> Result<Vec<u8>> {
     use safetensors::tensor::{Dtype, TensorView};
-    let n = samples.len();
+    let n = planes.len();
+    if index.len() != n || planes.iter().any(|p| p.len() != s * s) {
+        return Err(Error::msg(format!(
+            "shard: {} indices for {n} planes, planes must hold {s}×{s} values",
+            index.len()
+        )));
+    }
     let coarse: Vec<u8> = match dtype {
-        StoreDtype::F32 => samples
+        StoreDtype::F32 => planes
             .iter()
-            .flat_map(|x| x.result.stored.iter().flat_map(|v| v.to_le_bytes()))
+            .flat_map(|p| p.iter().flat_map(|v| v.to_le_bytes()))
             .collect(),
-        StoreDtype::F16 => samples
+        StoreDtype::F16 => planes
             .iter()
-            .flat_map(|x| {
-                x.result
-                    .stored
-                    .iter()
-                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-            })
+            .flat_map(|p| p.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()))
             .collect(),
     };
-    let index: Vec<u8> = samples
-        .iter()
-        .flat_map(|x| (x.index as u32).to_le_bytes())
-        .collect();
+    let index: Vec<u8> = index.iter().flat_map(|i| i.to_le_bytes()).collect();
     let dt = if dtype == StoreDtype::F16 {
         Dtype::F16
     } else {
@@ -382,6 +397,18 @@ pub fn load_sources(
         skipped.extend(k);
     }
     Ok((sources, skipped))
+}
+
+/// Lesion descriptors of a GT for `samples.csv` (§8.3; `area_frac` relative to the whole image).
+pub fn gt_descriptors(gt: &GtMask) -> super::descriptors::LesionDescriptors {
+    let d = super::descriptors::describe(&gt.crop, gt.bbox.h, gt.bbox.w);
+    let a = d.area as f64 / (gt.h * gt.w) as f64;
+    super::descriptors::LesionDescriptors {
+        area_frac: a,
+        tiny: a < 0.003,
+        small: (0.003..0.012).contains(&a),
+        ..d
+    }
 }
 
 fn record_of(
@@ -542,21 +569,8 @@ pub fn run_synthetic(opts: &SyntheticOptions) -> Result<RunReport> {
         None
     };
     // Descriptors per source, for the CSV (cheap compared with generation; computed lazily once).
-    let descs: Vec<super::descriptors::LesionDescriptors> = pool.install(|| {
-        sources
-            .par_iter()
-            .map(|s| {
-                let d = super::descriptors::describe(&s.gt.crop, s.gt.bbox.h, s.gt.bbox.w);
-                let a = d.area as f64 / (s.gt.h * s.gt.w) as f64;
-                super::descriptors::LesionDescriptors {
-                    area_frac: a,
-                    tiny: a < 0.003,
-                    small: (0.003..0.012).contains(&a),
-                    ..d
-                }
-            })
-            .collect()
-    });
+    let descs: Vec<super::descriptors::LesionDescriptors> =
+        pool.install(|| sources.par_iter().map(|s| gt_descriptors(&s.gt)).collect());
     // Chunks of consecutive shards still to generate. A chunk should give every source several samples (its GT
     // context is computed once per chunk) while its stored masks stay within about 2 GiB.
     let bytes_per_sample = 4 * opts.sim.store_size * opts.sim.store_size;

@@ -52,6 +52,8 @@ use std::time::Instant;
 
 /// The five training datasets combined when neither `--dataset` nor `--datasets` is given (§11.2).
 pub const DEFAULT_DATASETS: [&str; 5] = ["BUSI", "BUSBRA", "BUS", "BUS_UC", "BUS_UCLM"];
+/// `--base-lr` when neither the flag nor the preset's `[phase1] base_lr` sets it (§11.2).
+pub const DEFAULT_BASE_LR: f64 = 0.01;
 /// Default pretrained encoder (§11.2), used when present.
 pub const DEFAULT_VIT_PRETRAINED: &str = "weights/r50-vit-b16.safetensors";
 
@@ -107,7 +109,8 @@ pub struct Phase1Options {
     pub n_skip: Option<usize>,
     pub batch_size: Option<usize>,
     pub max_epochs: Option<usize>,
-    pub base_lr: f64,
+    /// SGD base rate; `None`: the preset's `[phase1] base_lr`, else 0.01 (§11.2).
+    pub base_lr: Option<f64>,
     pub momentum: f64,
     pub weight_decay: f64,
     /// `paper`, `narrow`, `tiny` or a TOML path.
@@ -152,7 +155,7 @@ impl Phase1Options {
             n_skip: None,
             batch_size: None,
             max_epochs: None,
-            base_lr: 0.01,
+            base_lr: None,
             momentum: 0.9,
             weight_decay: 1e-4,
             config: "paper".into(),
@@ -483,6 +486,7 @@ struct Resolved {
     exp_name: String,
     max_epochs: u64,
     batch_size: usize,
+    base_lr: f64,
 }
 
 fn resolve(o: &Phase1Options) -> Result<Resolved> {
@@ -510,6 +514,9 @@ fn resolve(o: &Phase1Options) -> Result<Resolved> {
     }
     if let Some(v) = o.batch_size {
         cfg.phase1.batch_size = v;
+    }
+    if let Some(v) = o.base_lr {
+        cfg.phase1.base_lr = Some(v);
     }
     cfg.data.n_splits = o.n_splits as usize;
     cfg.validate()
@@ -542,6 +549,7 @@ fn resolve(o: &Phase1Options) -> Result<Resolved> {
     Ok(Resolved {
         max_epochs: cfg.phase1.max_epochs as u64,
         batch_size: cfg.phase1.batch_size,
+        base_lr: cfg.phase1.base_lr.unwrap_or(DEFAULT_BASE_LR),
         cfg,
         datasets,
         combined,
@@ -606,7 +614,7 @@ fn pretrained_path(o: &Phase1Options, cfg: &TransUnetConfig) -> Option<PathBuf> 
 
 fn training_json(o: &Phase1Options, r: &Resolved) -> serde_json::Value {
     serde_json::json!({
-        "base_lr": o.base_lr,
+        "base_lr": r.base_lr,
         "momentum": o.momentum,
         "weight_decay": o.weight_decay,
         "batch_size": r.batch_size,
@@ -801,7 +809,7 @@ fn train(
         _ => pretrained_path(o, tcfg),
     };
     let model = build_model(tcfg, &varmap, o.seed, &device, pretrained.as_deref())?;
-    let mut opt = make_optimizer(&varmap, o.base_lr, o.momentum, o.weight_decay)?;
+    let mut opt = make_optimizer(&varmap, r.base_lr, o.momentum, o.weight_decay)?;
     let mut schedule = Schedule::poly(r.max_epochs, steps);
     let training = training_json(o, r);
     let model_json = serde_json::to_value(&r.cfg.model).map_err(|e| Error::msg(e.to_string()))?;
