@@ -15,10 +15,13 @@ use ultrarefiner::train::{StopFlag, EXIT_TEMPFAIL};
 /// Outputs in <output-dir>/<dataset>/: best/latest/final(.safetensors + .json, resumable), best_sam.safetensors
 /// (SAM-native, loads anywhere a SAM checkpoint does) + best_sam.json, metrics.csv, summary.json, progress.png, train.log.
 ///
-/// Not available in this version (rejected rather than ignored): LoRA, ROI crop, curriculum, real-data mixing
-/// (Option B), on-disk embedding cache.
+/// Options: LoRA on the image encoder (--use-lora; the encoder then runs in every step and the cache is off),
+/// --curriculum (easy bins first, growing share of the data), Option B mixing of real out-of-fold predictions
+/// (--real-data DIR --real-ratio r), --val-every, an on-disk embedding cache (--embed-cache-dir). Not available in this
+/// version: ROI crop (--use-roi-crop).
 ///
-/// Example (CPU demo): phase2 --config tiny --dataset PHANTOM --sam-checkpoint random --transunet-img-size 96
+/// Example (CPU demo; random SAM weights learn only with a higher LR than the paper's 1e-4 for pretrained SAM):
+///   phase2 --config tiny --dataset PHANTOM --sam-checkpoint random --transunet-img-size 96 --epochs 3 --lr 2e-3
 #[derive(Parser, Debug)]
 #[command(name = "phase2", version, about, long_about)]
 struct Args {
@@ -35,6 +38,9 @@ struct Args {
     /// (tests and demos only; the results are meaningless for real data).
     #[arg(long)]
     sam_checkpoint: String,
+    /// SAM model type; only vit_b is supported.
+    #[arg(long, default_value = "vit_b")]
+    sam_model_type: String,
     /// Preset (paper, narrow, tiny) or TOML file: SAM architecture and refiner defaults. Real SAM weights need `paper`.
     #[arg(long, default_value = "paper")]
     config: String,
@@ -44,7 +50,7 @@ struct Args {
     /// Batch size [default: preset's phase2.batch_size, 4 for paper].
     #[arg(long)]
     batch_size: Option<usize>,
-    /// AdamW base learning rate.
+    /// AdamW base learning rate (1e-4 is for pretrained SAM/MedSAM weights; random weights need ~2e-3).
     #[arg(long, default_value_t = 1e-4)]
     lr: f64,
     #[arg(long, default_value_t = 0.01)]
@@ -81,6 +87,46 @@ struct Args {
     /// Image normalisation: auto (MedSAM weights → unit, else sam) | sam | unit.
     #[arg(long, default_value = "auto")]
     sam_normalization: String,
+    /// Curriculum: order training samples by bin (high, medium, low, critical, real) and stored Dice (descending);
+    /// epoch e uses the first max(min(100, n), ceil(n·d_e)) of them, d_e = min(1, 0.2 + 0.8·e/floor(E/2)).
+    #[arg(long)]
+    curriculum: bool,
+    /// Validate every N epochs (the last epoch is always validated; `best` only changes on validated epochs).
+    #[arg(long, default_value_t = 1)]
+    val_every: usize,
+    /// Option B: a run directory of real out-of-fold TransUNet predictions (`ultrarefiner augment oof`, same layout
+    /// as an augment run: manifest.json, samples.csv, shards/). Needs --real-ratio.
+    #[arg(long)]
+    real_data: Option<PathBuf>,
+    /// Share of real samples per epoch: exactly round(r·L) real + L − round(r·L) synthetic (L = synthetic training
+    /// samples), each drawn without replacement where the pool is large enough.
+    #[arg(long, default_value_t = 0.0)]
+    real_ratio: f64,
+    /// LoRA adapters on the image encoder (SPEC §6.8). Disables the embedding cache: the encoder runs (with
+    /// gradients to the adapters) in every step, so it is much slower. best_sam.safetensors stores merged weights.
+    #[arg(long)]
+    use_lora: bool,
+    #[arg(long, default_value_t = 4)]
+    lora_rank: usize,
+    #[arg(long, default_value_t = 4.0)]
+    lora_alpha: f64,
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f64,
+    /// Comma-separated: qkv, proj, mlp (= mlp.lin1 and mlp.lin2).
+    #[arg(long, default_value = "qkv")]
+    lora_targets: String,
+    /// Embedding cache: on (encoder once per source image) | off (encoder in every step; for benchmarking).
+    #[arg(long, default_value = "on")]
+    embed_cache: String,
+    /// On-disk embedding cache folder (entries under <dir>/<encoder fingerprint>/); memory only when not given.
+    #[arg(long)]
+    embed_cache_dir: Option<PathBuf>,
+    /// In-memory embedding cache bound in GiB.
+    #[arg(long, default_value_t = 8.0)]
+    embed_cache_mem: f64,
+    /// Frozen encoder dtype: bf16 (CUDA only) | f32 [default: bf16 on CUDA, f32 on CPU and with LoRA].
+    #[arg(long)]
+    encoder_dtype: Option<String>,
     /// Gradient clipping by total L2 norm (0 disables).
     #[arg(long, default_value_t = 0.0)]
     grad_clip: f64,
@@ -116,6 +162,18 @@ fn main() {
         .with_writer(std::io::stderr)
         .try_init();
     let a = Args::parse();
+    let embed_cache = match a.embed_cache.as_str() {
+        "on" => true,
+        "off" => false,
+        o => {
+            eprintln!("error: --embed-cache {o}: expected on or off");
+            std::process::exit(2);
+        }
+    };
+    if !(a.embed_cache_mem.is_finite() && a.embed_cache_mem >= 0.0) {
+        eprintln!("error: --embed-cache-mem must be a non-negative number of GiB");
+        std::process::exit(2);
+    }
     let opts = Phase2Options {
         data_root: a.data_root,
         dataset: a.dataset,
@@ -150,6 +208,20 @@ fn main() {
         ascii: a.ascii,
         quiet: false,
         stop_after_epochs: None,
+        sam_model_type: a.sam_model_type,
+        use_lora: a.use_lora,
+        lora_rank: a.lora_rank,
+        lora_alpha: a.lora_alpha,
+        lora_dropout: a.lora_dropout,
+        lora_targets: a.lora_targets,
+        curriculum: a.curriculum,
+        val_every: a.val_every,
+        real_data: a.real_data,
+        real_ratio: a.real_ratio,
+        embed_cache,
+        embed_cache_dir: a.embed_cache_dir,
+        embed_cache_mem: (a.embed_cache_mem * (1u64 << 30) as f64) as usize,
+        encoder_dtype: a.encoder_dtype,
     };
     let stop = match StopFlag::install() {
         Ok(s) => s,

@@ -95,6 +95,21 @@ pub fn workloads() -> Vec<(&'static str, &'static str, Setup)> {
             phase3_step,
         ),
         (
+            "augment-throughput",
+            "SDF failure simulation at original resolution, 16 synthetic 480×560 sources (items = samples; --batch = samples, default 200)",
+            augment_throughput,
+        ),
+        (
+            "phase2-epoch",
+            "one Phase 2 epoch with cached embeddings: --batch samples (default 8) of 2 sources, batch 4 steps (items = samples)",
+            phase2_epoch_cached,
+        ),
+        (
+            "phase2-epoch-uncached",
+            "as phase2-epoch, with the frozen SAM image encoder run in every step (--embed-cache off)",
+            phase2_epoch_uncached,
+        ),
+        (
             "transunet-forward",
             "TransUNet eval-mode forward (random init; default batch 4)",
             transunet_forward,
@@ -607,6 +622,95 @@ fn sam_decoder_train_step(opts: &BenchOptions, cfg: &Config) -> Result<Prepared>
     })
 }
 
+fn augment_throughput(opts: &BenchOptions, _cfg: &Config) -> Result<Prepared> {
+    let n = opts.batch.unwrap_or(200);
+    let threads = rayon::current_num_threads();
+    Ok(Prepared {
+        batch: n,
+        items: Some(n),
+        step: Box::new(move || crate::augment::bench_throughput(n, threads).map(|_| ())),
+    })
+}
+
+fn phase2_epoch_cached(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
+    phase2_epoch(opts, cfg, true)
+}
+
+fn phase2_epoch_uncached(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
+    phase2_epoch(opts, cfg, false)
+}
+
+/// One Phase 2 training epoch over `--batch` samples (default 8) drawn from 2 source images, in steps of 4 exactly
+/// as the trainer takes them (`make_batch` → `forward` → backward → AdamW). Cached: the embeddings of the 2 sources
+/// are computed once in the setup (the cache fill is one encoder forward per source, see `sam-encoder-forward`).
+fn phase2_epoch(opts: &BenchOptions, cfg: &Config, cached: bool) -> Result<Prepared> {
+    use crate::refiner::sam_refiner::{SamRefiner, SamRefinerSettings};
+    use crate::train::optim::{AdamW, Grads, Optimizer};
+    use crate::train::phase2::{embed_sources, forward, make_batch, param_groups, Embeddings, Phase2Data};
+    let n_samples = opts.batch.unwrap_or(8).max(1);
+    let dev = &opts.device;
+    let (sam, varmap) = random_sam(cfg, dev)?;
+    let refiner = SamRefiner::new(sam, SamRefinerSettings::from_config(&cfg.refiner, None)?);
+    let mut opt = AdamW::new(param_groups(&varmap, 1e-4, 0.01)?)?;
+    let s = cfg.model.transunet.img_size;
+    let n_src = 2;
+    let (images, gts) = transunet_inputs(n_src, s, &Device::Cpu)?;
+    let images: Vec<Vec<f32>> = (0..n_src)
+        .map(|i| images.get(i)?.flatten_all()?.to_vec1::<f32>())
+        .collect::<candle_core::Result<_>>()?;
+    let gts: Vec<Vec<f32>> = (0..n_src)
+        .map(|i| gts.get(i)?.flatten_all()?.to_vec1::<f32>())
+        .collect::<candle_core::Result<_>>()?;
+    // Coarse masks: the GT disc softened and shifted a little per sample.
+    let coarse: Vec<Vec<f32>> = (0..n_samples)
+        .map(|j| {
+            let g = &gts[j % n_src];
+            let sh = j % 5;
+            (0..s * s)
+                .map(|p| 0.1 + 0.8 * g[(p + sh) % (s * s)])
+                .collect()
+        })
+        .collect();
+    let data = Phase2Data {
+        records: Vec::new(),
+        coarse,
+        source_of: (0..n_samples).map(|j| j % n_src).collect(),
+        is_real: vec![false; n_samples],
+        sources: (0..n_src)
+            .map(|i| ("BENCH".to_string(), format!("s{i}")))
+            .collect(),
+        images,
+        gts,
+        store_size: s,
+        manifest_sha256: String::new(),
+        real_manifest_sha256: None,
+        excluded_fold: None,
+    };
+    let emb = if cached {
+        let cache = crate::models::sam::EmbeddingCache::new(None, "bench", 1 << 30)?;
+        Embeddings::Cached(embed_sources(&refiner, &cache, &data, 4, dev)?)
+    } else {
+        Embeddings::PerBatch
+    };
+    let lcfg = crate::train::losses::Phase2LossConfig::default();
+    let dev = dev.clone();
+    Ok(Prepared {
+        batch: 4,
+        items: Some(n_samples),
+        step: Box::new(move || {
+            let ids: Vec<usize> = (0..n_samples).collect();
+            for chunk in ids.chunks(4) {
+                let b = make_batch(&data, &emb, &refiner, chunk, &dev, None)?;
+                let st = forward(&refiner, &b, &lcfg)?;
+                let store = st.loss.total.backward()?;
+                let grads = Grads::from_store(&store, opt.groups())?;
+                opt.step(&grads)?;
+            }
+            Ok(())
+        }),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -638,6 +742,9 @@ mod tests {
             "phase3-step",
             "bilinear-224-1024-fwd-bwd",
             "infer-per-image",
+            "phase2-epoch",
+            "phase2-epoch-uncached",
+            "augment-throughput",
         ] {
             let opts = BenchOptions {
                 workload: w.into(),

@@ -229,3 +229,206 @@ fn resume_is_bitwise_exact() {
         );
     }
 }
+
+/// A tiny SAM refiner with random weights, optionally with LoRA adapters (SPEC §6.8) on `targets`.
+fn tiny_refiner(
+    lora: Option<&str>,
+) -> (
+    ultrarefiner::refiner::SamRefiner,
+    candle_nn::VarMap,
+) {
+    use ultrarefiner::models::sam::weights::{random_weights, SamFormat, SamWeights};
+    use ultrarefiner::models::sam::{LoraConfig, LoraTarget, Sam};
+    let cfg = ultrarefiner::config::Config::load("tiny").unwrap();
+    let w = SamWeights {
+        tensors: random_weights(&cfg.model.sam, 5, &candle_core::Device::Cpu).unwrap(),
+        format: SamFormat::Original,
+    };
+    let lcfg = lora.map(|t| LoraConfig {
+        targets: LoraTarget::parse_list(t).unwrap(),
+        ..LoraConfig::default()
+    });
+    let vm = candle_nn::VarMap::new();
+    let sam = Sam::from_weights(
+        &cfg.model.sam,
+        &w,
+        &vm,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+        lcfg.as_ref(),
+    )
+    .unwrap();
+    let settings =
+        ultrarefiner::refiner::SamRefinerSettings::from_config(&cfg.refiner, None).unwrap();
+    (ultrarefiner::refiner::SamRefiner::new(sam, settings), vm)
+}
+
+fn abs_sum(t: &candle_core::Tensor) -> f64 {
+    t.abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// SPEC §6.8 through the Phase 2 path: zero-initialised B makes the LoRA model's loss equal the plain model's; the
+/// gradient reaches every `lora_b` at once and every `lora_a` after one AdamW step (∂L/∂A ∝ B = 0 at init); the
+/// optimiser has the groups `sam` and `lora`.
+#[test]
+fn lora_gradients_reach_every_adapter() {
+    use ultrarefiner::train::optim::{AdamW, Grads, Optimizer};
+    use ultrarefiner::train::phase2::{
+        forward, is_lora_key, load_data, make_batch, param_groups, Embeddings,
+    };
+    let f = fixture();
+    let data = load_data(&f.augmented, "PHANTOM", &f.processed, S).unwrap();
+    let dev = candle_core::Device::Cpu;
+    let lcfg = ultrarefiner::train::losses::Phase2LossConfig::default();
+    let (plain, _) = tiny_refiner(None);
+    let (lr, vm) = tiny_refiner(Some("qkv,proj,mlp"));
+    let ids = [0usize, 1];
+    let bp = make_batch(&data, &Embeddings::PerBatch, &plain, &ids, &dev, None).unwrap();
+    let bl = make_batch(&data, &Embeddings::PerBatch, &lr, &ids, &dev, Some(1)).unwrap();
+    let lp = forward(&plain, &bp, &lcfg).unwrap().loss.total_f64().unwrap();
+    let st = forward(&lr, &bl, &lcfg).unwrap();
+    assert_eq!(
+        lp,
+        st.loss.total_f64().unwrap(),
+        "zero-init B must leave the output unchanged"
+    );
+    let mut opt = AdamW::new(param_groups(&vm, 1e-2, 0.0).unwrap()).unwrap();
+    let names: Vec<String> = opt.groups().iter().map(|g| g.name.clone()).collect();
+    assert_eq!(names, vec!["sam", "lora"]);
+    let lora_keys: Vec<String> = opt.groups()[1]
+        .params
+        .iter()
+        .map(|(k, _)| k.clone())
+        .collect();
+    // 4 blocks × (qkv, proj, lin1, lin2) × (A, B).
+    assert_eq!(lora_keys.len(), 4 * 4 * 2);
+    assert!(lora_keys.iter().all(|k| is_lora_key(k)));
+    let g = Grads::from_store(&st.loss.total.backward().unwrap(), opt.groups()).unwrap();
+    for k in &lora_keys {
+        let n = g.get(k).map(abs_sum).unwrap_or(0.0);
+        if k.ends_with("lora_b") {
+            assert!(n > 0.0, "{k}: no gradient");
+        } else {
+            assert_eq!(n, 0.0, "{k}: ∂L/∂A must vanish while B = 0");
+        }
+    }
+    opt.step(&g).unwrap();
+    let bl = make_batch(&data, &Embeddings::PerBatch, &lr, &ids, &dev, Some(2)).unwrap();
+    let st = forward(&lr, &bl, &lcfg).unwrap();
+    let g = Grads::from_store(&st.loss.total.backward().unwrap(), opt.groups()).unwrap();
+    for k in &lora_keys {
+        let n = g.get(k).map(abs_sum).unwrap_or(0.0);
+        assert!(n > 0.0 && n.is_finite(), "{k}: gradient {n}");
+    }
+}
+
+/// `--use-lora` end to end: the full checkpoint holds the adapters (`sam.…lora_a/b`), `best_sam.safetensors` is
+/// SAM-native with the adapters merged, the run resumes with the adapters.
+#[test]
+fn lora_run_saves_adapters_and_merged_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut o = opts(tmp.path(), 1);
+    o.use_lora = true;
+    o.max_samples = Some(8);
+    let out = run(&o, &StopFlag::new()).unwrap();
+    assert_eq!(out.status, Phase2Status::Complete);
+    assert!(
+        out.encoder_forwards == 0,
+        "no cache fill with LoRA (encoder runs in the steps)"
+    );
+    let dev = candle_core::Device::Cpu;
+    let ck = candle_core::safetensors::load(out.run_dir.join("best.safetensors"), &dev).unwrap();
+    let n_lora = ck
+        .keys()
+        .filter(|k| k.starts_with("sam.image_encoder.") && k.ends_with(".lora_a"))
+        .count();
+    assert_eq!(n_lora, 4, "one qkv adapter per tiny encoder block");
+    let cfg = ultrarefiner::config::Config::load("tiny").unwrap().model.sam;
+    let w = ultrarefiner::models::sam::load_sam_weights(
+        &out.run_dir.join("best_sam.safetensors"),
+        Some(&cfg),
+        &dev,
+    )
+    .unwrap();
+    assert!(w.tensors.keys().all(|k| !k.contains("lora")));
+    // Merged: W' = W + (α/r)·B·A differs from the checkpoint's frozen W by exactly the adapter product.
+    let k = "image_encoder.blocks.0.attn.qkv";
+    let wq = &ck[&format!("sam.{k}.weight")];
+    let a = &ck[&format!("sam.{k}.lora_a")];
+    let b = &ck[&format!("sam.{k}.lora_b")];
+    assert!(abs_sum(b) > 0.0, "B was trained");
+    let want = (wq + b.matmul(a).unwrap()).unwrap(); // α/r = 1
+    let got = &w.tensors[&format!("{k}.weight")];
+    let d = abs_sum(&(got - want).unwrap());
+    assert!(d < 1e-4, "merged weight differs by {d}");
+    // Resume of a complete run with LoRA: already complete; a 2-epoch continuation loads the adapters.
+    let mut o2 = opts(tmp.path(), 2);
+    o2.use_lora = true;
+    o2.max_samples = Some(8);
+    o2.resume = Some(
+        out.run_dir
+            .join("latest.safetensors")
+            .to_string_lossy()
+            .into_owned(),
+    );
+    let out2 = run(&o2, &StopFlag::new()).unwrap();
+    assert_eq!(out2.history.len(), 2);
+}
+
+/// `--val-every 2` over 3 epochs validates epochs 2 and 3 (the last); `--curriculum` with n < 100 uses every sample.
+#[test]
+fn val_every_and_curriculum() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut o = opts(tmp.path(), 3);
+    o.val_every = 2;
+    o.curriculum = true;
+    o.max_samples = Some(8);
+    let out = run(&o, &StopFlag::new()).unwrap();
+    let v: Vec<bool> = out.history.iter().map(|r| r.val_dice.is_some()).collect();
+    assert_eq!(v, vec![false, true, true]);
+    assert!(!out.history[0].is_best);
+    for r in &out.history {
+        assert_eq!(r.extra.get("train_samples"), Some(8.0));
+    }
+}
+
+/// Option B: a second run directory (here made by the synthetic generator with another seed, standing in for
+/// `augment oof`) mixed with `--real-ratio 0.25`: every epoch has exactly L samples; a ratio without data is refused.
+#[test]
+fn real_data_mixing_runs() {
+    let f = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let real_root = tmp.path().join("real");
+    run_synthetic(&SyntheticOptions {
+        processed_root: f.processed.clone(),
+        output_root: real_root.clone(),
+        datasets: vec!["PHANTOM".into()],
+        target_samples: 16,
+        seed: 9,
+        sim: SimConfig {
+            store_size: S,
+            ..SimConfig::default()
+        },
+        shard_size: 16,
+        num_workers: Some(2),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut o = opts(&tmp.path().join("out"), 1);
+    o.real_data = Some(real_root.join("PHANTOM"));
+    o.real_ratio = 0.25;
+    o.max_samples = Some(12);
+    let out = run(&o, &StopFlag::new()).unwrap();
+    assert_eq!(out.n_train, 12);
+    assert_eq!(out.history[0].extra.get("train_samples"), Some(12.0));
+    let mut bad = opts(&tmp.path().join("bad"), 1);
+    bad.real_ratio = 0.5;
+    assert!(run(&bad, &StopFlag::new()).is_err());
+}

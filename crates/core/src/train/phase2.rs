@@ -3,12 +3,17 @@
 //! (one encoder forward per distinct source image), the §9.2 loss, §10.5 validation on held-out *source images*, the
 //! §12 console report and the §11.1 run directory (checkpoints, `best_sam.safetensors`, metrics, exact resume).
 //!
-//! Entry point: [`run`] with [`Phase2Options`]. Not implemented (rejected, never silently ignored by the CLI): LoRA,
-//! ROI crop, curriculum, Option B real-data mixing, disk embedding cache.
+//! Options: LoRA on the image encoder (§6.8; the cache is then off and the encoder runs in every step), the curriculum
+//! and Option B real-data mixing (§11.3 step 4, [`compose`]), `--val-every`, the on-disk embedding cache and
+//! `--embed-cache off` (encoder in every step).
+//!
+//! Entry point: [`run`] with [`Phase2Options`]. Not implemented (rejected, never silently ignored by the CLI): ROI crop.
+pub mod compose;
+
 use crate::augment::run::SampleRecord;
 use crate::config::{Config, SamConfig};
 use crate::models::sam::weights::{load_sam_weights, random_weights, SamFormat, SamWeights};
-use crate::models::sam::{EmbeddingCache, Sam};
+use crate::models::sam::{EmbeddingCache, LoraConfig, LoraTarget, Sam};
 use crate::refiner::preprocess::{preprocess, preprocess_phase2_batch};
 use crate::refiner::{MaskPromptStyle, SamRefiner, SamRefinerSettings};
 use crate::train::checkpoint::{
@@ -79,6 +84,29 @@ pub struct Phase2Options {
     pub quiet: bool,
     /// Stop cleanly (as on SIGTERM) after this many epochs of this session. For tests of resume.
     pub stop_after_epochs: Option<usize>,
+    /// `vit_b` (the only supported value).
+    pub sam_model_type: String,
+    /// LoRA on the image encoder (§6.8): rank, α, dropout, targets (`qkv`, `proj`, `mlp`, comma-separated).
+    pub use_lora: bool,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub lora_targets: String,
+    /// Curriculum (§11.3 step 4).
+    pub curriculum: bool,
+    /// Validate every this many epochs (and always after the last epoch).
+    pub val_every: usize,
+    /// Option B: a real-prediction run directory (§8.9 layout, e.g. `<RUN>_oof`) mixed in with `real_ratio`.
+    pub real_data: Option<PathBuf>,
+    pub real_ratio: f64,
+    /// Embedding cache on (default; encoder once per source) or off (encoder in every step).
+    pub embed_cache: bool,
+    /// On-disk cache folder (entries under `<dir>/<fingerprint>/`); `None` = memory only.
+    pub embed_cache_dir: Option<PathBuf>,
+    /// In-memory LRU bound in bytes.
+    pub embed_cache_mem: usize,
+    /// `bf16|f32` [default: bf16 on CUDA, f32 on CPU].
+    pub encoder_dtype: Option<String>,
 }
 
 impl Default for Phase2Options {
@@ -117,6 +145,20 @@ impl Default for Phase2Options {
             ascii: false,
             quiet: false,
             stop_after_epochs: None,
+            sam_model_type: "vit_b".into(),
+            use_lora: false,
+            lora_rank: 4,
+            lora_alpha: 4.0,
+            lora_dropout: 0.0,
+            lora_targets: "qkv".into(),
+            curriculum: false,
+            val_every: 1,
+            real_data: None,
+            real_ratio: 0.0,
+            embed_cache: true,
+            embed_cache_dir: None,
+            embed_cache_mem: 8 << 30,
+            encoder_dtype: None,
         }
     }
 }
@@ -149,13 +191,15 @@ pub struct Phase2Outcome {
     pub val_sources: Vec<String>,
 }
 
-/// The augmented data of one run, in memory.
+/// The augmented data of one run (plus, with Option B, the real-prediction run), in memory.
 pub struct Phase2Data {
     pub records: Vec<SampleRecord>,
     /// Stored coarse mask per record (`S×S`, f32).
     pub coarse: Vec<Vec<f32>>,
     /// Index into `sources` per record.
     pub source_of: Vec<usize>,
+    /// True for records of the `--real-data` run.
+    pub is_real: Vec<bool>,
     /// `(dataset, name)` of each distinct source, sorted.
     pub sources: Vec<(String, String)>,
     /// Image at S `(S·S)` and GT at S per source.
@@ -163,6 +207,103 @@ pub struct Phase2Data {
     pub gts: Vec<Vec<f32>>,
     pub store_size: usize,
     pub manifest_sha256: String,
+    /// SHA-256 of the real run's manifest (Option B).
+    pub real_manifest_sha256: Option<String>,
+    /// `excluded_fold` of the manifest (`augment synthetic --exclude-fold k`).
+    pub excluded_fold: Option<u64>,
+}
+
+/// One run directory (§8.9 layout) before the sources are loaded.
+struct RunFiles {
+    records: Vec<SampleRecord>,
+    coarse: Vec<Vec<f32>>,
+    src_sha: HashMap<(String, String), String>,
+    manifest_sha256: String,
+    manifest_path: PathBuf,
+    excluded_fold: Option<u64>,
+}
+
+/// The shard files of a run: `n_shards` of the manifest when present, else every `shards/coarse-*.safetensors`.
+fn shard_paths(dir: &Path, manifest: &serde_json::Value) -> Result<Vec<PathBuf>> {
+    let sd = dir.join("shards");
+    if let Some(n) = manifest["n_shards"].as_u64() {
+        return Ok((0..n as usize)
+            .map(|k| sd.join(format!("coarse-{k:05}.safetensors")))
+            .collect());
+    }
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&sd)
+        .map_err(|e| Error::io(&sd, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("coarse-") && n.ends_with(".safetensors"))
+        })
+        .collect();
+    v.sort();
+    if v.is_empty() {
+        return Err(Error::file(&sd, "no coarse-*.safetensors shards"));
+    }
+    Ok(v)
+}
+
+/// Reads `manifest.json`, `samples.csv` and the shards of one run directory.
+fn read_run(dir: &Path, transunet_img_size: usize) -> Result<RunFiles> {
+    let mpath = dir.join("manifest.json");
+    let mbytes = std::fs::read(&mpath).map_err(|e| Error::io(&mpath, e))?;
+    let manifest: serde_json::Value = serde_json::from_slice(&mbytes)
+        .map_err(|e| Error::file(&mpath, format!("invalid manifest.json: {e}")))?;
+    let manifest_sha256 = crate::data::sha256_hex(&mbytes);
+    let s = manifest["store_size"]
+        .as_u64()
+        .ok_or_else(|| Error::file(&mpath, "missing `store_size`"))? as usize;
+    if s != transunet_img_size {
+        return Err(Error::Arg(format!(
+            "--transunet-img-size {transunet_img_size} differs from the manifest's store_size {s} ({})",
+            mpath.display()
+        )));
+    }
+    let mut src_sha: HashMap<(String, String), String> = HashMap::new();
+    for v in manifest["sources"].as_array().into_iter().flatten() {
+        let d = v["dataset"].as_str().unwrap_or_default().to_string();
+        let n = v["name"].as_str().unwrap_or_default().to_string();
+        src_sha.insert((d, n), v["sha256"].as_str().unwrap_or_default().to_string());
+    }
+    let cpath = dir.join("samples.csv");
+    let mut rdr = csv::Reader::from_path(&cpath).map_err(|e| Error::file(&cpath, e.to_string()))?;
+    let records: Vec<SampleRecord> = rdr
+        .deserialize()
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| Error::file(&cpath, format!("invalid samples.csv: {e}")))?;
+    let mut by_index: HashMap<u32, Vec<f32>> = HashMap::new();
+    for p in shard_paths(dir, &manifest)? {
+        let (idx, masks) = read_shard(&p, s)?;
+        for (i, m) in idx.into_iter().zip(masks) {
+            by_index.insert(i, m);
+        }
+    }
+    let coarse = records
+        .iter()
+        .map(|r| {
+            by_index.remove(&(r.index as u32)).ok_or_else(|| {
+                Error::file(
+                    &cpath,
+                    format!(
+                        "sample {} (index {}) has no coarse mask in the shards",
+                        r.sample_id, r.index
+                    ),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(RunFiles {
+        records,
+        coarse,
+        src_sha,
+        manifest_sha256,
+        manifest_path: mpath,
+        excluded_fold: manifest["excluded_fold"].as_u64(),
+    })
 }
 
 fn read_shard(path: &Path, s: usize) -> Result<(Vec<u32>, Vec<Vec<f32>>)> {
@@ -223,51 +364,29 @@ pub fn load_data(
     processed_root: &Path,
     transunet_img_size: usize,
 ) -> Result<Phase2Data> {
-    let dir = data_root.join(dataset);
-    let mpath = dir.join("manifest.json");
-    let mbytes = std::fs::read(&mpath).map_err(|e| Error::io(&mpath, e))?;
-    let manifest: serde_json::Value = serde_json::from_slice(&mbytes)
-        .map_err(|e| Error::file(&mpath, format!("invalid manifest.json: {e}")))?;
-    let manifest_sha256 = crate::data::sha256_hex(&mbytes);
-    let s = manifest["store_size"]
-        .as_u64()
-        .ok_or_else(|| Error::file(&mpath, "missing `store_size`"))? as usize;
-    if s != transunet_img_size {
-        return Err(Error::Arg(format!(
-            "--transunet-img-size {transunet_img_size} differs from the manifest's store_size {s} ({})",
-            mpath.display()
-        )));
-    }
-    let n_shards = manifest["n_shards"]
-        .as_u64()
-        .ok_or_else(|| Error::file(&mpath, "missing `n_shards`"))? as usize;
-    let mut src_sha: HashMap<(String, String), String> = HashMap::new();
-    for v in manifest["sources"]
-        .as_array()
-        .ok_or_else(|| Error::file(&mpath, "missing `sources`"))?
-    {
-        let d = v["dataset"].as_str().unwrap_or_default().to_string();
-        let n = v["name"].as_str().unwrap_or_default().to_string();
-        src_sha.insert((d, n), v["sha256"].as_str().unwrap_or_default().to_string());
-    }
-    let cpath = dir.join("samples.csv");
-    let mut rdr = csv::Reader::from_path(&cpath).map_err(|e| Error::file(&cpath, e.to_string()))?;
-    let records: Vec<SampleRecord> = rdr
-        .deserialize()
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|e| Error::file(&cpath, format!("invalid samples.csv: {e}")))?;
-    let mut by_index: HashMap<u32, Vec<f32>> = HashMap::new();
-    for k in 0..n_shards {
-        let p = dir
-            .join("shards")
-            .join(format!("coarse-{k:05}.safetensors"));
-        let (idx, masks) = read_shard(&p, s)?;
-        for (i, m) in idx.into_iter().zip(masks) {
-            by_index.insert(i, m);
-        }
-    }
-    let mut keys: Vec<(String, String)> = records
+    load_data_mixed(
+        &data_root.join(dataset),
+        None,
+        processed_root,
+        transunet_img_size,
+    )
+}
+
+/// As [`load_data`] for a run directory `dir`, plus (Option B, §8.10) the records of the real-prediction run
+/// `real_dir` (same layout), flagged in [`Phase2Data::is_real`]. Sources are the union of both runs.
+pub fn load_data_mixed(
+    dir: &Path,
+    real_dir: Option<&Path>,
+    processed_root: &Path,
+    transunet_img_size: usize,
+) -> Result<Phase2Data> {
+    let s = transunet_img_size;
+    let synth = read_run(dir, s)?;
+    let real = real_dir.map(|d| read_run(d, s)).transpose()?;
+    let mut keys: Vec<(String, String)> = synth
+        .records
         .iter()
+        .chain(real.iter().flat_map(|r| r.records.iter()))
         .map(|r| (r.dataset.clone(), r.source_name.clone()))
         .collect();
     keys.sort();
@@ -278,31 +397,37 @@ pub fn load_data(
         .enumerate()
         .map(|(i, k)| (k, i))
         .collect();
-    let mut coarse = Vec::with_capacity(records.len());
-    let mut source_of = Vec::with_capacity(records.len());
-    for r in &records {
-        let m = by_index.remove(&(r.index as u32)).ok_or_else(|| {
-            Error::file(
-                &cpath,
-                format!(
-                    "sample {} (index {}) has no coarse mask in the shards",
-                    r.sample_id, r.index
-                ),
-            )
-        })?;
-        coarse.push(m);
-        source_of.push(pos[&(r.dataset.clone(), r.source_name.clone())]);
+    let mut sha: HashMap<(String, String), (String, PathBuf)> = HashMap::new();
+    for run in std::iter::once(&synth).chain(real.iter()) {
+        for (k, v) in &run.src_sha {
+            if !v.is_empty() {
+                sha.entry(k.clone())
+                    .or_insert_with(|| (v.clone(), run.manifest_path.clone()));
+            }
+        }
+    }
+    let mut records = Vec::new();
+    let mut coarse = Vec::new();
+    let mut source_of = Vec::new();
+    let mut is_real = Vec::new();
+    let real_manifest_sha256 = real.as_ref().map(|r| r.manifest_sha256.clone());
+    let (manifest_sha256, excluded_fold) = (synth.manifest_sha256.clone(), synth.excluded_fold);
+    for (flag, run) in std::iter::once((false, synth)).chain(real.map(|r| (true, r))) {
+        for (r, c) in run.records.into_iter().zip(run.coarse) {
+            source_of.push(pos[&(r.dataset.clone(), r.source_name.clone())]);
+            is_real.push(flag);
+            records.push(r);
+            coarse.push(c);
+        }
     }
     let mut images = Vec::with_capacity(keys.len());
     let mut gts = Vec::with_capacity(keys.len());
-    for (d, n) in &keys {
+    for k in &keys {
+        let (d, n) = k;
         let base = processed_root.join(d).join("train");
         let ip = base.join("images").join(format!("{n}.png"));
         let mp = base.join("masks").join(format!("{n}.png"));
-        if let Some(want) = src_sha
-            .get(&(d.clone(), n.clone()))
-            .filter(|w| !w.is_empty())
-        {
+        if let Some((want, mpath)) = sha.get(k) {
             let got = crate::augment::processed::sha256_file(&ip)?;
             if &got != want {
                 return Err(Error::file(&ip, format!("SHA-256 {got} differs from {} ({want}): processed data changed since augmentation", mpath.display())));
@@ -316,11 +441,14 @@ pub fn load_data(
         records,
         coarse,
         source_of,
+        is_real,
         sources: keys,
         images,
         gts,
         store_size: s,
         manifest_sha256,
+        real_manifest_sha256,
+        excluded_fold,
     })
 }
 
@@ -406,25 +534,65 @@ pub struct Batch {
     pub emb: Tensor,
 }
 
-fn make_batch(data: &Phase2Data, emb: &[Tensor], ids: &[usize], dev: &Device) -> Result<Batch> {
+/// Where the image embeddings of a batch come from.
+pub enum Embeddings {
+    /// One embedding per source (index = source), computed once through the embedding cache (frozen encoder).
+    Cached(Vec<Tensor>),
+    /// The encoder runs on every batch: LoRA (differentiable path), or `--embed-cache off` (frozen path).
+    PerBatch,
+}
+
+/// Image embeddings of `image_s (B,1,S,S)` computed by the encoder: shared preprocessing (§7.1), then the frozen
+/// path (detached), or with LoRA the differentiable path (`dropout_seed`: LoRA dropout in training, `None` = eval).
+pub fn encode_batch(
+    refiner: &SamRefiner,
+    image_s: &Tensor,
+    dropout_seed: Option<u64>,
+) -> Result<Tensor> {
+    let (b, _, s, _) = image_s.dims4()?;
+    let zeros = Tensor::zeros((b, s, s), DType::F32, image_s.device())?;
+    let inp = preprocess(
+        image_s,
+        &zeros,
+        refiner.img_size(),
+        refiner.settings.normalization,
+    )?;
+    refiner.embed(&inp.image, dropout_seed)
+}
+
+/// Builds the batch of samples `ids`; embeddings from the cache, or from the encoder ([`encode_batch`]).
+pub fn make_batch(
+    data: &Phase2Data,
+    emb: &Embeddings,
+    refiner: &SamRefiner,
+    ids: &[usize],
+    dev: &Device,
+    dropout_seed: Option<u64>,
+) -> Result<Batch> {
     let s = data.store_size;
     let b = ids.len();
     let mut img = Vec::with_capacity(b * s * s);
     let mut c = Vec::with_capacity(b * s * s);
     let mut g = Vec::with_capacity(b * s * s);
-    let mut e = Vec::with_capacity(b);
     for &i in ids {
         let src = data.source_of[i];
         img.extend_from_slice(&data.images[src]);
         g.extend_from_slice(&data.gts[src]);
         c.extend_from_slice(&data.coarse[i]);
-        e.push(emb[src].clone());
     }
+    let image_s = Tensor::from_vec(img, (b, 1, s, s), dev)?;
+    let emb = match emb {
+        Embeddings::Cached(e) => {
+            let v: Vec<Tensor> = ids.iter().map(|&i| e[data.source_of[i]].clone()).collect();
+            Tensor::stack(&v, 0)?.to_dtype(DType::F32)?
+        }
+        Embeddings::PerBatch => encode_batch(refiner, &image_s, dropout_seed)?,
+    };
     Ok(Batch {
-        image_s: Tensor::from_vec(img, (b, 1, s, s), dev)?,
+        image_s,
         coarse_s: Tensor::from_vec(c, (b, s, s), dev)?,
         gt_s: Tensor::from_vec(g, (b, s, s), dev)?,
-        emb: Tensor::stack(&e, 0)?.to_dtype(DType::F32)?,
+        emb,
     })
 }
 
@@ -465,6 +633,110 @@ pub fn forward(refiner: &SamRefiner, b: &Batch, lcfg: &Phase2LossConfig) -> Resu
     })
 }
 
+/// One embedding per source of `data` (f16, as stored), computed through `cache` in chunks of `batch_size`.
+pub fn embed_sources(
+    refiner: &SamRefiner,
+    cache: &EmbeddingCache,
+    data: &Phase2Data,
+    batch_size: usize,
+    dev: &Device,
+) -> Result<Vec<Tensor>> {
+    let s = data.store_size;
+    let n = refiner.img_size();
+    let mut emb: Vec<Tensor> = Vec::with_capacity(data.sources.len());
+    for chunk in (0..data.sources.len())
+        .collect::<Vec<_>>()
+        .chunks(batch_size.max(1))
+    {
+        let img: Vec<f32> = chunk
+            .iter()
+            .flat_map(|&i| data.images[i].iter().copied())
+            .collect();
+        let image_s = Tensor::from_vec(img, (chunk.len(), 1, s, s), dev)?;
+        let zeros = Tensor::zeros((chunk.len(), s, s), DType::F32, dev)?;
+        let inp = preprocess(&image_s, &zeros, n, refiner.settings.normalization)?;
+        let e = refiner.embed_cached(Some(cache), &image_s, &inp.image, None)?;
+        for j in 0..chunk.len() {
+            emb.push(e.get(j)?.to_dtype(DType::F16)?);
+        }
+    }
+    Ok(emb)
+}
+
+/// Whether a SAM key is a LoRA adapter (`…lora_a`, `…lora_b`, §6.8).
+pub fn is_lora_key(k: &str) -> bool {
+    k.ends_with(".lora_a") || k.ends_with(".lora_b")
+}
+
+/// AdamW groups of Phase 2 (§11.3 step 5): `sam` (prompt encoder + mask decoder) and, with LoRA, `lora` (same LR and
+/// weight decay). Keys carry the checkpoint prefix `sam.`; each group is in key order.
+pub fn param_groups(varmap: &VarMap, lr: f64, weight_decay: f64) -> Result<Vec<ParamGroup>> {
+    let mut vars: Vec<(String, Var)> = varmap
+        .data()
+        .lock()
+        .map_err(|_| Error::msg("VarMap lock poisoned"))?
+        .iter()
+        .map(|(k, v)| (format!("{SAM_PREFIX}{k}"), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let (lora, sam): (Vec<_>, Vec<_>) = vars.into_iter().partition(|(k, _)| is_lora_key(k));
+    let mut groups = vec![ParamGroup::new("sam", lr, weight_decay, sam)];
+    if !lora.is_empty() {
+        groups.push(ParamGroup::new("lora", lr, weight_decay, lora));
+    }
+    Ok(groups)
+}
+
+/// The SAM tensors of the full Phase 2 checkpoint (§11.3 step 6), without the `sam.` prefix: every §6.5 tensor
+/// (encoder weights unmerged) plus the LoRA adapters `…lora_a`/`…lora_b`.
+pub fn checkpoint_tensors(sam: &Sam) -> Result<Vec<(String, Tensor)>> {
+    if !sam.image_encoder.has_lora() {
+        return sam.export_tensors(false);
+    }
+    let mut out: Vec<(String, Tensor)> = sam
+        .image_encoder
+        .named_tensors()
+        .into_iter()
+        .map(|(k, t)| (format!("image_encoder.{k}"), t))
+        .collect();
+    out.extend(crate::models::sam::weights::prompt_encoder_tensors(
+        &sam.prompt_encoder,
+    ));
+    out.extend(crate::models::sam::weights::mask_decoder_tensors(
+        &sam.mask_decoder,
+    ));
+    for (i, b) in sam.image_encoder.blocks.iter().enumerate() {
+        for (name, l) in [
+            ("attn.qkv", &b.attn.qkv),
+            ("attn.proj", &b.attn.proj),
+            ("mlp.lin1", &b.lin1),
+            ("mlp.lin2", &b.lin2),
+        ] {
+            if let Some(a) = &l.lora {
+                let p = format!("image_encoder.blocks.{i}.{name}");
+                out.push((format!("{p}.lora_a"), a.a.clone()));
+                out.push((format!("{p}.lora_b"), a.b.clone()));
+            }
+        }
+    }
+    out.into_iter()
+        .map(|(k, t)| Ok((k, t.detach().to_dtype(DType::F32)?)))
+        .collect()
+}
+
+/// Run-directory name (§11.3 step 6): `<dataset>`, or `<dataset>_fold<k>` when the data were generated with
+/// `--exclude-fold k` (read from the manifest).
+pub fn run_name(opts: &Phase2Options) -> Result<String> {
+    let mpath = opts.data_root.join(&opts.dataset).join("manifest.json");
+    let bytes = std::fs::read(&mpath).map_err(|e| Error::io(&mpath, e))?;
+    let m: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::file(&mpath, format!("invalid manifest.json: {e}")))?;
+    Ok(match m["excluded_fold"].as_u64() {
+        Some(k) => format!("{}_fold{k}", opts.dataset),
+        None => opts.dataset.clone(),
+    })
+}
+
 /// Runs Phase 2 end to end (SPEC §11.3). `stop`: graceful stop flag (SIGTERM/SIGUSR1 in the binary).
 pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
     let t_session = std::time::Instant::now();
@@ -481,10 +753,6 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
     if epochs == 0 || batch_size == 0 {
         return Err(Error::Arg("--epochs and --batch-size must be > 0".into()));
     }
-    let dev = match &opts.device {
-        Some(d) => d.parse::<crate::device::DeviceSpec>()?.open()?,
-        None => crate::device::DeviceSpec::default_for_build().open()?,
-    };
     let provenance = sam_provenance(&opts.sam_checkpoint);
     let mut rcfg = config.refiner.clone();
     if let Some(st) = &opts.mask_prompt_style {
@@ -501,8 +769,71 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
         iou_loss_weight: opts.iou_loss_weight,
         change_penalty_weight: opts.change_penalty_weight,
     };
+    if opts.sam_model_type != "vit_b" {
+        return Err(Error::Arg(format!(
+            "--sam-model-type {}: only vit_b is supported",
+            opts.sam_model_type
+        )));
+    }
+    let lora = if opts.use_lora {
+        let l = LoraConfig {
+            rank: opts.lora_rank,
+            alpha: opts.lora_alpha,
+            dropout: opts.lora_dropout,
+            targets: LoraTarget::parse_list(&opts.lora_targets)?,
+        };
+        l.validate()?;
+        if l.targets.is_empty() {
+            return Err(Error::Arg("--lora-targets is empty".into()));
+        }
+        Some(l)
+    } else {
+        None
+    };
+    if !(0.0..=1.0).contains(&opts.real_ratio) {
+        return Err(Error::Arg(format!(
+            "--real-ratio must be in [0, 1], got {}",
+            opts.real_ratio
+        )));
+    }
+    if opts.real_ratio > 0.0 && opts.real_data.is_none() {
+        return Err(Error::Arg(
+            "--real-ratio > 0 needs --real-data DIR (an `augment oof` run directory)".into(),
+        ));
+    }
+    if opts.real_data.is_some() && opts.real_ratio <= 0.0 {
+        return Err(Error::Arg(
+            "--real-data needs --real-ratio r > 0 (the share of real samples per epoch)".into(),
+        ));
+    }
+    let val_every = opts.val_every.max(1) as u64;
+    let dev = match &opts.device {
+        Some(d) => d.parse::<crate::device::DeviceSpec>()?.open()?,
+        None => crate::device::DeviceSpec::default_for_build().open()?,
+    };
+    let encoder_dtype = match opts.encoder_dtype.as_deref() {
+        None => {
+            if dev.is_cuda() && lora.is_none() {
+                DType::BF16
+            } else {
+                DType::F32
+            }
+        }
+        Some("f32") => DType::F32,
+        Some("bf16") if dev.is_cuda() => DType::BF16,
+        Some("bf16") => {
+            return Err(Error::Arg(
+                "--encoder-dtype bf16 needs a CUDA device (candle has no bf16 convolution on CPU)".into(),
+            ))
+        }
+        Some(o) => {
+            return Err(Error::Arg(format!(
+                "--encoder-dtype {o}: expected bf16 or f32"
+            )))
+        }
+    };
 
-    let run_dir = RunDir::new(&opts.output_dir, &opts.dataset);
+    let run_dir = RunDir::new(&opts.output_dir, &run_name(opts)?);
     let style = if opts.quiet {
         Style {
             color: false,
@@ -550,16 +881,24 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
     console.open_log(&run_dir.log_path())?;
 
     // Data.
-    let data = load_data(
-        &opts.data_root,
-        &opts.dataset,
+    let data = load_data_mixed(
+        &opts.data_root.join(&opts.dataset),
+        opts.real_data.as_deref(),
         &opts.processed_root,
         opts.transunet_img_size,
     )?;
     let is_val = split_sources(&data.sources, opts.val_fraction, opts.seed)?;
     let mut train_ids: Vec<usize> = (0..data.records.len())
-        .filter(|&i| !is_val[data.source_of[i]])
+        .filter(|&i| !is_val[data.source_of[i]] && !data.is_real[i])
         .collect();
+    let real_ids: Vec<usize> = (0..data.records.len())
+        .filter(|&i| !is_val[data.source_of[i]] && data.is_real[i])
+        .collect();
+    if opts.real_data.is_some() && real_ids.is_empty() {
+        return Err(Error::Arg(
+            "--real-data has no sample of a training source".into(),
+        ));
+    }
     let val_ids: Vec<usize> = (0..data.records.len())
         .filter(|&i| is_val[data.source_of[i]])
         .collect();
@@ -624,24 +963,30 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
         None => load_initial_weights(opts, &sam_cfg, &dev)?,
     };
     let varmap = VarMap::new();
-    let sam = Sam::from_weights(&sam_cfg, &weights, &varmap, &dev, DType::F32, None)?;
-    drop(weights);
+    if lora.is_some() {
+        // Resumed LoRA adapters: pre-seed the map so the adapters are built over the checkpoint's values.
+        let mut d = varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::msg("VarMap lock poisoned"))?;
+        for (k, t) in weights.tensors.iter().filter(|(k, _)| is_lora_key(k)) {
+            d.insert(k.clone(), Var::from_tensor(&t.to_dtype(DType::F32)?.copy()?)?);
+        }
+    }
+    let mut enc_weights = weights;
+    enc_weights.tensors.retain(|k, _| !is_lora_key(k));
+    let sam = Sam::from_weights(
+        &sam_cfg,
+        &enc_weights,
+        &varmap,
+        &dev,
+        encoder_dtype,
+        lora.as_ref(),
+    )?;
+    drop(enc_weights);
     let refiner = SamRefiner::new(sam, settings);
     let n = refiner.img_size();
-    let mut vars: Vec<(String, Var)> = varmap
-        .data()
-        .lock()
-        .map_err(|_| Error::msg("VarMap lock poisoned"))?
-        .iter()
-        .map(|(k, v)| (format!("{SAM_PREFIX}{k}"), v.clone()))
-        .collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut opt = AdamW::new(vec![ParamGroup::new(
-        "sam",
-        opts.lr,
-        opts.weight_decay,
-        vars,
-    )])?;
+    let mut opt = AdamW::new(param_groups(&varmap, opts.lr, opts.weight_decay)?)?;
     let mut schedule = Schedule::cosine(opts.min_lr, epochs);
     let mut history: Vec<HistoryRow> = Vec::new();
     let mut best = Best::new("val_dice");
@@ -657,31 +1002,19 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
         schedule = ck.sidecar.scheduler.clone();
     }
 
-    // Embeddings: one frozen-encoder forward per distinct source image, through the embedding cache (§6.9).
+    // Embeddings: one frozen-encoder forward per distinct source image, through the embedding cache (§6.9); with
+    // LoRA or `--embed-cache off` the encoder runs in every step instead.
     let fwd0 = refiner.sam.image_encoder.forward_count();
-    let cache = EmbeddingCache::new(
-        None,
-        &format!("{weights_id}-{}", refiner.settings.normalization),
-        8 << 30,
-    )?;
-    let s = data.store_size;
-    let mut emb: Vec<Tensor> = Vec::with_capacity(data.sources.len());
-    for chunk in (0..data.sources.len())
-        .collect::<Vec<_>>()
-        .chunks(batch_size)
-    {
-        let img: Vec<f32> = chunk
-            .iter()
-            .flat_map(|&i| data.images[i].iter().copied())
-            .collect();
-        let image_s = Tensor::from_vec(img, (chunk.len(), 1, s, s), &dev)?;
-        let zeros = Tensor::zeros((chunk.len(), s, s), DType::F32, &dev)?;
-        let inp = preprocess(&image_s, &zeros, n, refiner.settings.normalization)?;
-        let e = refiner.embed_cached(Some(&cache), &image_s, &inp.image, None)?;
-        for j in 0..chunk.len() {
-            emb.push(e.get(j)?.to_dtype(DType::F16)?);
-        }
-    }
+    let emb = if lora.is_none() && opts.embed_cache {
+        let cache = EmbeddingCache::new(
+            opts.embed_cache_dir.as_deref(),
+            &refiner.sam.image_encoder.fingerprint()?,
+            opts.embed_cache_mem,
+        )?;
+        Embeddings::Cached(embed_sources(&refiner, &cache, &data, batch_size, &dev)?)
+    } else {
+        Embeddings::PerBatch
+    };
     let encoder_forwards = refiner.sam.image_encoder.forward_count() - fwd0;
 
     let config_json = serde_json::json!({
@@ -692,6 +1025,11 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
         "grad_clip": opts.grad_clip, "grad_accum": grad_accum, "seed": opts.seed, "sam_checkpoint": opts.sam_checkpoint,
         "provenance": provenance, "sam_normalization": refiner.settings.normalization.as_str(),
         "mask_prompt_style": refiner.settings.prompts.mask_style.as_str(),
+        "use_lora": opts.use_lora, "lora_rank": opts.lora_rank, "lora_alpha": opts.lora_alpha,
+        "lora_dropout": opts.lora_dropout, "lora_targets": opts.lora_targets, "curriculum": opts.curriculum,
+        "val_every": val_every, "real_data": opts.real_data, "real_ratio": opts.real_ratio,
+        "real_manifest_sha256": data.real_manifest_sha256, "embed_cache": matches!(emb, Embeddings::Cached(_)),
+        "encoder_dtype": encoder_dtype.as_str(),
     });
     if resume_ckpt.is_none() {
         if let Ok(t) = config.to_toml_string() {
@@ -708,8 +1046,15 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
             (
                 "Model".into(),
                 format!(
-                    "SAM ({}), prompt encoder + mask decoder trainable",
-                    opts.config
+                    "SAM ({}), prompt encoder + mask decoder{} trainable",
+                    opts.config,
+                    match &lora {
+                        Some(l) => format!(
+                            " + LoRA (r {}, α {}, {})",
+                            l.rank, l.alpha, opts.lora_targets
+                        ),
+                        None => String::new(),
+                    }
                 ),
             ),
             (
@@ -724,10 +1069,32 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
             (
                 "Sources".into(),
                 format!(
-                    "{} train / {} val images, {} encoder forwards",
+                    "{} train / {} val images, {} encoder forwards{}",
                     train_sources.len(),
                     val_sources.len(),
-                    encoder_forwards
+                    encoder_forwards,
+                    if matches!(emb, Embeddings::Cached(_)) {
+                        " (embedding cache)"
+                    } else {
+                        " so far (encoder runs in every step)"
+                    }
+                ),
+            ),
+            (
+                "Epoch".into(),
+                format!(
+                    "{} synthetic{}{}",
+                    train_ids.len(),
+                    if real_ids.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            " (of which {} replaced by real; real pool {})",
+                            compose::real_quota(train_ids.len(), opts.real_ratio),
+                            real_ids.len()
+                        )
+                    },
+                    if opts.curriculum { ", curriculum" } else { "" }
                 ),
             ),
         ],
@@ -748,11 +1115,6 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
     };
     let mut status = Phase2Status::Complete;
     let mut session_epochs = 0usize;
-    let steps =
-        crate::train::optim::steps_per_epoch(train_ids.len().div_ceil(batch_size), grad_accum);
-    if steps == 0 {
-        return Err(Error::Arg(format!("{} training samples give no optimiser step (batch size {batch_size}, grad-accum {grad_accum})", train_ids.len())));
-    }
     let write_summary =
         |st: RunStatus, history: &[HistoryRow], best: &Best, msg: Option<String>| -> Result<()> {
             run_dir.write_summary(&Summary {
@@ -779,9 +1141,22 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
         }
         let t_epoch = std::time::Instant::now();
         schedule.start_epoch(epoch, &mut opt);
-        let mut order = train_ids.clone();
-        let mut rng = crate::rng::stream_rng(opts.seed, "shuffle", &[epoch]);
-        order.shuffle(&mut rng);
+        let order = compose::epoch_order(
+            &train_ids,
+            &real_ids,
+            opts.real_ratio,
+            opts.curriculum,
+            |i| compose::bin_rank(&data.records[i].bin),
+            |i| data.records[i].dice,
+            opts.seed,
+            epoch,
+            epochs,
+        );
+        let steps =
+            crate::train::optim::steps_per_epoch(order.len().div_ceil(batch_size), grad_accum);
+        if steps == 0 {
+            return Err(Error::Arg(format!("epoch {}: {} training samples give no optimiser step (batch size {batch_size}, grad-accum {grad_accum})", epoch + 1, order.len())));
+        }
         let batches: Vec<&[usize]> = order.chunks(batch_size).collect();
         let mut tracker = MeanTracker::new();
         let mut grads = Grads::new();
@@ -796,12 +1171,13 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
                 (steps * grad_accum) as u64,
             ))
         };
-        for ids in batches.iter().take(steps * grad_accum) {
+        for (bi, ids) in batches.iter().take(steps * grad_accum).enumerate() {
             if stop.is_set() {
                 interrupted = true;
                 break;
             }
-            let b = make_batch(&data, &emb, ids, &dev)?;
+            let seed = crate::rng::mix(opts.seed, "lora-dropout", &[epoch, bi as u64]);
+            let b = make_batch(&data, &emb, &refiner, ids, &dev, Some(seed))?;
             let st = forward(&refiner, &b, &lcfg)?;
             let total = st.loss.total.affine(1.0 / grad_accum as f64, 0.0)?;
             let gs = total.backward()?;
@@ -836,14 +1212,20 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
             break;
         }
         // Validation (§10.5).
-        let mut val = Phase2Validation::new();
-        for ids in val_ids.chunks(batch_size) {
-            let b = make_batch(&data, &emb, ids, &dev)?;
-            let st = forward(&refiner, &b, &lcfg)?;
-            val.add_batch(&st.refined_prob, &st.coarse_n, &st.gt, st.loss.total_f64()?)?;
-        }
-        let vs = val.finish();
-        let is_best = best.update(vs.refined.dice, epoch);
+        let vs = if (epoch + 1) % val_every == 0 || epoch + 1 == epochs {
+            let mut val = Phase2Validation::new();
+            for ids in val_ids.chunks(batch_size) {
+                let b = make_batch(&data, &emb, &refiner, ids, &dev, None)?;
+                let st = forward(&refiner, &b, &lcfg)?;
+                val.add_batch(&st.refined_prob, &st.coarse_n, &st.gt, st.loss.total_f64()?)?;
+            }
+            Some(val.finish())
+        } else {
+            None
+        };
+        let is_best = vs
+            .as_ref()
+            .is_some_and(|v| best.update(v.refined.dice, epoch));
         let lr = opt.lrs();
         let mut row = HistoryRow {
             epoch: epoch + 1,
@@ -858,20 +1240,23 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
             ),
             train_dice: tracker.mean("metric_dice"),
             train_iou: tracker.mean("metric_iou"),
-            val_loss: Some(vs.loss),
-            val_dice: Some(vs.refined.dice),
-            val_iou: Some(vs.refined.iou),
-            val_precision: Some(vs.refined.precision),
-            val_recall: Some(vs.refined.recall),
-            val_accuracy: Some(vs.refined.accuracy),
+            val_loss: vs.as_ref().map(|v| v.loss),
+            val_dice: vs.as_ref().map(|v| v.refined.dice),
+            val_iou: vs.as_ref().map(|v| v.refined.iou),
+            val_precision: vs.as_ref().map(|v| v.refined.precision),
+            val_recall: vs.as_ref().map(|v| v.refined.recall),
+            val_accuracy: vs.as_ref().map(|v| v.refined.accuracy),
             val_specificity: None,
-            val_dice_img: Some(vs.refined.dice),
+            val_dice_img: vs.as_ref().map(|v| v.refined.dice),
             extra: Named::new(),
             is_best,
             note: None,
         };
-        row.extra.set("val_coarse_dice", vs.coarse.dice);
-        row.extra.set("val_improvement", vs.improvement);
+        if let Some(vs) = &vs {
+            row.extra.set("val_coarse_dice", vs.coarse.dice);
+            row.extra.set("val_improvement", vs.improvement);
+        }
+        row.extra.set("train_samples", order.len() as f64);
         history.push(row);
         let report = EpochReport {
             epoch: epoch + 1,
@@ -891,25 +1276,25 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
                 iou: tracker.mean("metric_iou"),
                 lrs: lr,
             },
-            validation: Some(ValidationTable::Compare(vec![
-                ("Dice".into(), vs.coarse.dice, vs.refined.dice),
-                ("IoU".into(), vs.coarse.iou, vs.refined.iou),
-                (
-                    "Precision".into(),
-                    vs.coarse.precision,
-                    vs.refined.precision,
-                ),
-                ("Recall".into(), vs.coarse.recall, vs.refined.recall),
-            ])),
+            validation: vs.as_ref().map(|vs| {
+                ValidationTable::Compare(vec![
+                    ("Dice".into(), vs.coarse.dice, vs.refined.dice),
+                    ("IoU".into(), vs.coarse.iou, vs.refined.iou),
+                    (
+                        "Precision".into(),
+                        vs.coarse.precision,
+                        vs.refined.precision,
+                    ),
+                    ("Recall".into(), vs.coarse.recall, vs.refined.recall),
+                ])
+            }),
             is_best,
             comparison: None,
         };
         say(&console::epoch_report(&report, &style));
 
         // Checkpoints.
-        let model: HashMap<String, Tensor> = refiner
-            .sam
-            .export_tensors(false)?
+        let model: HashMap<String, Tensor> = checkpoint_tensors(&refiner.sam)?
             .into_iter()
             .map(|(k, t)| (format!("{SAM_PREFIX}{k}"), t))
             .collect();
@@ -931,9 +1316,9 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
         );
         sc.extra = serde_json::json!({"weights_id": weights_id});
         save_checkpoint(run_dir.root(), LATEST, &model, &optim, &sc)?;
-        if is_best {
+        if let (true, Some(vs)) = (is_best, &vs) {
             save_checkpoint(run_dir.root(), BEST, &model, &optim, &sc)?;
-            let native: Vec<(String, Tensor)> = refiner.sam.export_tensors(false)?;
+            let native: Vec<(String, Tensor)> = refiner.sam.export_tensors(true)?;
             crate::models::sam::weights::save_safetensors_atomic(
                 &native,
                 &run_dir.path("best_sam.safetensors"),
@@ -948,6 +1333,8 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
                     "prompts": {"point": refiner.settings.prompts.use_point, "box": refiner.settings.prompts.use_box,
                                 "mask": refiner.settings.prompts.use_mask, "negative_point": refiner.settings.prompts.add_negative_point},
                     "transunet_img_size": data.store_size, "sam_img_size": n, "config": opts.config,
+                    "lora": lora.as_ref().map(|l| serde_json::json!({"rank": l.rank, "alpha": l.alpha, "merged": true,
+                        "targets": opts.lora_targets})),
                     "epoch": epoch + 1, "dataset": opts.dataset,
                     "metrics": {"val_dice": vs.refined.dice, "val_iou": vs.refined.iou, "val_coarse_dice": vs.coarse.dice,
                                 "val_improvement": vs.improvement, "val_loss": vs.loss},
