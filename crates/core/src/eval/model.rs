@@ -179,7 +179,9 @@ fn load_sam(cfg: &ModelConfig, path: &Path, device: &Device) -> Result<Sam> {
     let w = load_sam_weights(path, Some(&cfg.sam), device)
         .map_err(|e| Error::file(path, e.to_string()))?;
     let vb = w.var_builder(DType::F32, device);
-    Sam::new(&cfg.sam, vb.clone(), vb)
+    // Frozen image encoder in bf16 on CUDA, f32 on CPU (SPEC §15); its output is f32 either way.
+    let vb_enc = w.var_builder(crate::device::encoder_dtype(None, device)?, device);
+    Sam::new_parts(&cfg.sam, vb_enc, vb.clone(), vb, None)
 }
 
 fn check_file(path: &Path, what: &str) -> Result<()> {

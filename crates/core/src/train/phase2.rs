@@ -624,7 +624,9 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
         None => load_initial_weights(opts, &sam_cfg, &dev)?,
     };
     let varmap = VarMap::new();
-    let sam = Sam::from_weights(&sam_cfg, &weights, &varmap, &dev, DType::F32, None)?;
+    // Frozen encoder in bf16 on CUDA, f32 on CPU (SPEC §15).
+    let enc_dtype = crate::device::encoder_dtype(None, &dev)?;
+    let sam = Sam::from_weights(&sam_cfg, &weights, &varmap, &dev, enc_dtype, None)?;
     drop(weights);
     let refiner = SamRefiner::new(sam, settings);
     let n = refiner.img_size();
