@@ -646,7 +646,8 @@ mod tests {
         eprintln!("{}", summary(&res));
         for r in &res {
             assert!(r.passed(), "{}: {} {}", r.name, r.status, r.detail);
-            for m in &r.measures {
+            // The cache check compares f16 storage with the f32 output on one device, not two devices.
+            for m in r.measures.iter().filter(|_| r.name != "embedding-cache") {
                 if m.metric == "rel_linf" || m.metric == "grad_rel_l2" {
                     assert_eq!(m.value, 0.0, "{}: CPU vs CPU differs in {}", r.name, m.quantity);
                 }
