@@ -12,7 +12,9 @@
 //! rot on machines without a GPU).
 use crate::config::Config;
 use crate::models::sam::{load_sam_weights, normalize_sam, EmbeddingCache, Sam};
-use crate::models::transunet::{checkpoint::LoadMode, load_into_varmap, read_checkpoint, TransUnet};
+use crate::models::transunet::{
+    checkpoint::LoadMode, load_into_varmap, read_checkpoint, TransUnet,
+};
 use crate::refiner::preprocess::resize_target;
 use crate::refiner::{
     MaskPromptStyle, PromptConfig, SamNormalization, SamRefiner, SamRefinerSettings, UltraRefiner,
@@ -116,17 +118,14 @@ impl Meas {
         let g = host_f64(got)?;
         let w = host_f64(want)?;
         let scale = w.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        let diff = g
-            .iter()
-            .zip(&w)
-            .fold(0.0f64, |m, (a, b)| {
-                let d = (a - b).abs();
-                if d.is_nan() {
-                    f64::INFINITY
-                } else {
-                    m.max(d)
-                }
-            });
+        let diff = g.iter().zip(&w).fold(0.0f64, |m, (a, b)| {
+            let d = (a - b).abs();
+            if d.is_nan() {
+                f64::INFINITY
+            } else {
+                m.max(d)
+            }
+        });
         let value = if scale > 0.0 { diff / scale } else { diff };
         self.push(quantity, "rel_linf", value, tol, value <= tol);
         Ok(())
@@ -154,7 +153,13 @@ impl Meas {
         let cos = gw / (gg.sqrt() * ww.sqrt()).max(1e-30);
         let rel = if rel.is_nan() { f64::INFINITY } else { rel };
         let cos = if cos.is_nan() { -1.0 } else { cos };
-        self.push(quantity, "grad_rel_l2", rel, TOL_GRAD_REL_L2, rel <= TOL_GRAD_REL_L2);
+        self.push(
+            quantity,
+            "grad_rel_l2",
+            rel,
+            TOL_GRAD_REL_L2,
+            rel <= TOL_GRAD_REL_L2,
+        );
         self.push(quantity, "grad_cos", cos, MIN_GRAD_COS, cos >= MIN_GRAD_COS);
         Ok(())
     }
@@ -184,7 +189,11 @@ pub fn run(opts: &DevCheckOptions) -> Result<Vec<CheckResult>> {
             if !CHECKS.iter().any(|(c, _)| c == n) {
                 return Err(Error::Arg(format!(
                     "unknown device check `{n}`; known: {}",
-                    CHECKS.iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", ")
+                    CHECKS
+                        .iter()
+                        .map(|(c, _)| *c)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             }
         }
@@ -218,11 +227,10 @@ pub fn run(opts: &DevCheckOptions) -> Result<Vec<CheckResult>> {
             },
             Ok(Outcome::Done(m)) => {
                 let failed: Vec<&Measure> = m.0.iter().filter(|x| !x.passed).collect();
-                let worst = m
-                    .0
-                    .iter()
-                    .filter(|x| x.metric != "grad_cos")
-                    .max_by(|a, b| (a.value / a.tolerance).total_cmp(&(b.value / b.tolerance)));
+                let worst =
+                    m.0.iter()
+                        .filter(|x| x.metric != "grad_cos")
+                        .max_by(|a, b| (a.value / a.tolerance).total_cmp(&(b.value / b.tolerance)));
                 let detail = if let Some(f) = failed.first() {
                     format!(
                         "{} failed: {} {} = {:.3e} (tolerance {:.1e})",
@@ -412,7 +420,12 @@ fn sam_encoder_f32(fx: &Fixtures, dev: &Device, reff: &Device) -> Result<Outcome
         ));
     }
     m.rel("frozen.embeddings", &outs[0].0, &outs[1].0, TOL_SAME_MODEL)?;
-    m.rel("trainable.embeddings", &outs[0].1, &outs[1].1, TOL_SAME_MODEL)?;
+    m.rel(
+        "trainable.embeddings",
+        &outs[0].1,
+        &outs[1].1,
+        TOL_SAME_MODEL,
+    )?;
     Ok(Outcome::Done(m))
 }
 
@@ -497,7 +510,10 @@ fn sam_decoder(fx: &Fixtures, dev: &Device, reff: &Device) -> Result<Outcome> {
         m.rel(k, a, b, TOL_SAME_MODEL)?;
     }
     for ((k, a), (_, b)) in runs[0].prompts.iter().zip(&runs[1].prompts) {
-        match (runs[0].grads.get(a.as_tensor()), runs[1].grads.get(b.as_tensor())) {
+        match (
+            runs[0].grads.get(a.as_tensor()),
+            runs[1].grads.get(b.as_tensor()),
+        ) {
             (Some(x), Some(y)) => m.grad(&format!("set1.grad.{k}"), x, y)?,
             _ => return Err(Error::msg(format!("set1: no gradient for {k}"))),
         }
@@ -546,11 +562,27 @@ fn e2e_phase3(fx: &Fixtures, dev: &Device, reff: &Device) -> Result<Outcome> {
         )?;
         let grads = loss.total.backward()?;
         let vals = vec![
-            ("coarse_logits".to_string(), out.coarse_logits.clone(), TOL_SAME_MODEL),
-            ("image_embeddings".into(), out.embeddings.clone(), TOL_SAME_MODEL),
+            (
+                "coarse_logits".to_string(),
+                out.coarse_logits.clone(),
+                TOL_SAME_MODEL,
+            ),
+            (
+                "image_embeddings".into(),
+                out.embeddings.clone(),
+                TOL_SAME_MODEL,
+            ),
             ("low_res_masks".into(), out.low_res.clone(), TOL_END_TO_END),
-            ("iou_predictions".into(), out.iou_pred.clone(), TOL_END_TO_END),
-            ("refined_logits_n".into(), out.refined_logits_n.clone(), TOL_END_TO_END),
+            (
+                "iou_predictions".into(),
+                out.iou_pred.clone(),
+                TOL_END_TO_END,
+            ),
+            (
+                "refined_logits_n".into(),
+                out.refined_logits_n.clone(),
+                TOL_END_TO_END,
+            ),
             ("loss".into(), loss.total.clone(), TOL_END_TO_END),
         ];
         runs.push((vals, grads, tu_vm, sam_vm));
@@ -558,19 +590,36 @@ fn e2e_phase3(fx: &Fixtures, dev: &Device, reff: &Device) -> Result<Outcome> {
     for ((k, a, tol), (_, b, _)) in runs[0].0.iter().zip(&runs[1].0) {
         m.rel(k, a, b, *tol)?;
     }
-    compare_grads(&mut m, "transunet.", &runs[0].1, &runs[0].2, &runs[1].1, &runs[1].2)?;
-    compare_grads(&mut m, "sam.", &runs[0].1, &runs[0].3, &runs[1].1, &runs[1].3)?;
+    compare_grads(
+        &mut m,
+        "transunet.",
+        &runs[0].1,
+        &runs[0].2,
+        &runs[1].1,
+        &runs[1].2,
+    )?;
+    compare_grads(
+        &mut m, "sam.", &runs[0].1, &runs[0].3, &runs[1].1, &runs[1].3,
+    )?;
     Ok(Outcome::Done(m))
 }
 
 fn embedding_cache(fx: &Fixtures, dev: &Device) -> Result<Outcome> {
     let io = fx.io("sam_narrow_io.safetensors")?;
     let mut m = Meas::default();
-    let (s, _vm) = sam(fx, "sam_narrow.pth", dev, crate::device::encoder_dtype(None, dev)?)?;
+    let (s, _vm) = sam(
+        fx,
+        "sam_narrow.pth",
+        dev,
+        crate::device::encoder_dtype(None, dev)?,
+    )?;
     let enc = &s.image_encoder;
     let raw = get(&io, "image_u8", dev)?;
     let x = normalize_sam(&raw)?;
-    let dir = std::env::temp_dir().join(format!("ultrarefiner-devcheck-cache-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "ultrarefiner-devcheck-cache-{}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     let result = (|| -> Result<()> {
         let fp = enc.fingerprint()?;
@@ -586,7 +635,9 @@ fn embedding_cache(fx: &Fixtures, dev: &Device) -> Result<Outcome> {
         // A fresh cache object (empty memory) must read the entry back from disk.
         let c2 = EmbeddingCache::new(Some(&dir), &fp, 1 << 30)?;
         let second = c2.embed(enc, &raw, "sam", |_| {
-            Err(Error::msg("the cache recomputed an embedding it had stored"))
+            Err(Error::msg(
+                "the cache recomputed an embedding it had stored",
+            ))
         })?;
         if c2.hits() != 1 {
             return Err(Error::msg("second lookup was not a hit"));
@@ -619,11 +670,7 @@ pub fn summary(results: &[CheckResult]) -> String {
         ));
     }
     let failed = results.iter().filter(|r| !r.passed()).count();
-    s.push_str(&format!(
-        "{} checks, {} failed\n",
-        results.len(),
-        failed
-    ));
+    s.push_str(&format!("{} checks, {} failed\n", results.len(), failed));
     s
 }
 
@@ -649,7 +696,11 @@ mod tests {
             // The cache check compares f16 storage with the f32 output on one device, not two devices.
             for m in r.measures.iter().filter(|_| r.name != "embedding-cache") {
                 if m.metric == "rel_linf" || m.metric == "grad_rel_l2" {
-                    assert_eq!(m.value, 0.0, "{}: CPU vs CPU differs in {}", r.name, m.quantity);
+                    assert_eq!(
+                        m.value, 0.0,
+                        "{}: CPU vs CPU differs in {}",
+                        r.name, m.quantity
+                    );
                 }
             }
         }
@@ -660,8 +711,12 @@ mod tests {
     /// machines without a GPU.
     #[test]
     fn devcheck_cpu_against_cpu_quick() {
-        let Some(res) = cpu_vs_cpu(Some(&["transunet-eval", "sam-encoder-bf16", "sam-decoder", "embedding-cache"]))
-        else {
+        let Some(res) = cpu_vs_cpu(Some(&[
+            "transunet-eval",
+            "sam-encoder-bf16",
+            "sam-decoder",
+            "embedding-cache",
+        ])) else {
             return;
         };
         assert_eq!(res.len(), 4);

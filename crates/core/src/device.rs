@@ -165,7 +165,12 @@ mod cuda_mem {
 
     const MB: f64 = 1024.0 * 1024.0;
 
-    fn pool(device: &Device) -> Option<(std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>, sys::CUmemoryPool)> {
+    fn pool(
+        device: &Device,
+    ) -> Option<(
+        std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>,
+        sys::CUmemoryPool,
+    )> {
         let Device::Cuda(d) = device else { return None };
         let ctx = d.cuda_stream().context().clone();
         ctx.bind_to_thread().ok()?;
