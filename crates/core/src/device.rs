@@ -44,7 +44,7 @@ impl std::fmt::Display for DeviceSpec {
 impl DeviceSpec {
     /// The default of SPEC §11.1.7: `cuda:0` when built with CUDA and a GPU answers, else `cpu`.
     pub fn default_for_build() -> Self {
-        if cuda_compiled() && Device::new_cuda(0).is_ok() {
+        if cuda_compiled() && open_cuda(0).is_ok() {
             DeviceSpec::Cuda(0)
         } else {
             DeviceSpec::Cpu
@@ -62,9 +62,33 @@ impl DeviceSpec {
                          (build with `make build-cuda`, or use --device cpu)"
                     )));
                 }
-                Device::new_cuda(n)
-                    .map_err(|e| Error::Arg(format!("cannot open GPU cuda:{n}: {e}")))
+                open_cuda(n)
             }
+        }
+    }
+}
+
+/// `Device::new_cuda(n)` with every failure as an error: the CUDA build loads libcuda, libcublas and libcurand at
+/// run time and cudarc panics when one cannot be found (no driver, libraries not on the loader path), so the panic is
+/// caught here and turned into a message that says what to do.
+fn open_cuda(n: usize) -> Result<Device> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(|| Device::new_cuda(n));
+    std::panic::set_hook(hook);
+    match r {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err(e)) => Err(Error::Arg(format!("cannot open GPU cuda:{n}: {e}"))),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .map(|s| s.as_str())
+                .or_else(|| p.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown failure");
+            Err(Error::Arg(format!(
+                "cannot open GPU cuda:{n}: {msg} (is an NVIDIA driver installed? CUDA libraries are loaded at run \
+                 time: put their folder, e.g. /usr/local/cuda/lib64, on LD_LIBRARY_PATH)"
+            )))
         }
     }
 }
