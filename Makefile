@@ -17,7 +17,7 @@ CUDA_TARGET_DIR  ?= target/cuda
 GPU_CHECK_OUT    ?= gpu-check-results
 BENCH_OUT    ?= bench-results
 
-.PHONY: build build-cuda install-cuda-toolkit gpu-check test lint fmt bench demo clean submit prepare augment phase1 fetch-weights
+.PHONY: build build-cuda install-cuda-toolkit gpu-check gpu-bundle test lint fmt bench demo clean submit prepare augment phase1 fetch-weights
 
 build:
 	$(CARGO) build --release --workspace --bins
@@ -36,6 +36,10 @@ install-cuda-toolkit:
 # (or copy its binaries) and pass FIXTURES=<dir> if ../shared/fixtures is not beside the checkout.
 gpu-check:
 	OUT=$(GPU_CHECK_OUT) scripts/gpu-check.sh $(CUDA_TARGET_DIR)/release $(FIXTURES)
+
+# gpu-bundle.tar.xz: stripped CUDA binaries + the fixtures the device checks read, for a GPU machine without toolchain.
+gpu-bundle:
+	scripts/gpu-bundle.sh $(CUDA_TARGET_DIR)/release $(FIXTURES)
 
 # Unit, parity and integration tests on CPU, offline. Release profile: the numeric tests and CLI runs need it.
 test:

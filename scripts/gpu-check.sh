@@ -6,9 +6,10 @@
 #     BIN_DIR       folder with ultrarefiner, phase1, phase2, phase3 built with --features cuda
 #                   (default: target/cuda/release, then target/release)
 #     FIXTURES_DIR  the fixture folder (default: $ULTRAREFINER_SHARED/fixtures, ../shared/fixtures, shared/fixtures)
-#   Environment: OUT (results folder, default gpu-check-results), DEVICE (default cuda:0), QUICK=1 (skip benches).
+#   Environment: OUT (results folder, default gpu-check-results), DEVICE (default cuda:0), QUICK=1 (skip benches),
+#   TOTAL_LIMIT (seconds for all steps, default 570; a step never runs past it, later steps are skipped).
 #
-# Steps, each with its own time limit (total well under 10 minutes on an H100):
+# Steps, each with its own time limit, all within TOTAL_LIMIT (expected 4-6 minutes on an H100):
 #   1. environment: nvidia-smi, binary versions, that the binaries load CUDA at run time;
 #   2. `ultrarefiner gpu-check`: CPU/GPU agreement of every model forward and backward at `narrow`
 #      (TransUNet eval + train, SAM encoder f32, bf16 vs f32 encoder, SAM decoder + gradients, end-to-end Phase 3 loss
@@ -37,6 +38,7 @@ if [[ -z $FX ]]; then
 fi
 OUT=${OUT:-gpu-check-results}
 DEVICE=${DEVICE:-cuda:0}
+TOTAL_LIMIT=${TOTAL_LIMIT:-570}   # seconds for all steps together (SPEC §17.1: within 10 minutes)
 mkdir -p "$OUT/logs" "$OUT/bench"
 OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/ultrarefiner-gpu-check.XXXXXX")
@@ -58,6 +60,13 @@ step() {
   local name=$1 limit=$2
   shift 2
   local t0=$(date +%s) rc status note=""
+  local left=$(( TOTAL_LIMIT - (t0 - START) ))
+  if (( left < 15 )); then
+    STEPS+=("$name|skip|0|no time left of the ${TOTAL_LIMIT}s budget")
+    echo "--> $name: skip (time budget spent)"
+    return 0
+  fi
+  (( limit > left )) && limit=$left
   printf '\n=== %s (limit %ss, at %ss)\n' "$name" "$limit" "$(( t0 - START ))"
   timeout --kill-after=10 "$limit" "$@" >"$OUT/logs/$name.log" 2>&1
   rc=$?
