@@ -9,8 +9,9 @@
 # against two patched copies of crates that only the CUDA build uses (the CPU dependency graph is untouched):
 #   * cudarc: `dynamic-linking` is turned into `dynamic-loading` (no link directives), and the run-time library
 #     search also tries the `.so.13` sonames;
-#   * candle-kernels: its (unused) MoE kernels link the CUDA runtime statically (`cudart_static`) instead of
-#     `libcudart.so.11.0`, which a CUDA 12/13 machine does not have.
+#   * candle-kernels: its MoE/GGUF kernels (used only by quantized models, never by this project) are replaced by
+#     abort() stubs: compiling them takes most of an hour on a small machine and links `libcudart.so.11.0`, which a
+#     CUDA 12/13 machine does not have.
 # The copies live in $CARGO_TARGET_DIR/patched and reach cargo through `--config patch.crates-io...`; Cargo.lock is
 # restored afterwards.
 #
@@ -56,14 +57,15 @@ KERNELS_SRC=$(find_src candle-kernels "$KERNELS_V")
 [[ -d $CUDARC_SRC && -d $KERNELS_SRC ]] || { echo "error: cannot find the cudarc/candle-kernels sources" >&2; exit 1; }
 
 PATCHED="$ROOT/$CARGO_TARGET_DIR/patched"
+PATCH_VERSION=2   # bump when the patches below change
 mkdir -p "$PATCHED"
 copy_if_changed() { # src dst: fresh copy unless an identical patched copy exists (keeps cargo's fingerprints)
-  local stamp="$2.source"
-  if [[ -f $stamp && $(cat "$stamp") == "$1" && -d $2 ]]; then return 1; fi
+  local stamp="$2.source" want="$1 patch-$PATCH_VERSION"
+  if [[ -f $stamp && $(cat "$stamp") == "$want" && -d $2 ]]; then return 1; fi
   rm -rf "$2"
   cp -r "$1" "$2"
   chmod -R u+w "$2"
-  echo "$1" >"$stamp"
+  echo "$want" >"$stamp"
 }
 
 if copy_if_changed "$CUDARC_SRC" "$PATCHED/cudarc"; then
@@ -84,21 +86,38 @@ if copy_if_changed "$CUDARC_SRC" "$PATCHED/cudarc"; then
 fi
 if copy_if_changed "$KERNELS_SRC" "$PATCHED/candle-kernels"; then
   b="$PATCHED/candle-kernels/build.rs"
-  sed -i 's|cargo:rustc-link-lib=dylib=cudart"|cargo:rustc-link-lib=static=cudart_static"|' "$b"
-  grep -q 'static=cudart_static' "$b" && ! grep -q 'dylib=cudart"' "$b" || {
+  # Replace the MoE/GGUF static library (15 template-heavy .cu files: most of an hour of nvcc on a small machine, and
+  # a link-time libcudart.so.11.0) by abort() stubs of its C symbols; candle calls them only for quantized models.
+  perl -0pi -e 's{    let mut moe_sources = vec!\[.*?moe_builder\.build_lib\(out_dir\.join\("libmoe\.a"\)\)\?;\n}{    // ultrarefiner build-cuda.sh: abort() stubs instead of the MoE/GGUF kernels (never used by this project).
+    let is_target_msvc = env::var("TARGET").map(|t| t.contains("msvc")).unwrap_or(false);
+    let ffi = std::fs::read_to_string("src/ffi.rs").expect("src/ffi.rs");
+    let mut stubs = String::from("#include <stdlib.h>\\n");
+    for l in ffi.lines() {
+        if let Some(name) = l.trim().strip_prefix("pub fn ").and_then(|r| r.split(\x27(\x27).next()) {
+            stubs.push_str(&format!("void {}(void) {{ abort(); }}\\n", name.trim()));
+        }
+    }
+    let c_path = out_dir.join("moe_stubs.c");
+    let o_path = out_dir.join("moe_stubs.o");
+    let a_path = out_dir.join("libmoe.a");
+    std::fs::write(&c_path, stubs).expect("write moe_stubs.c");
+    let cc = env::var("CC").unwrap_or_else(|_| "cc".to_string());
+    let ok = std::process::Command::new(cc).args(["-c", "-fPIC", "-O1", "-o"]).arg(&o_path).arg(&c_path)
+        .status().map(|s| s.success()).unwrap_or(false);
+    assert!(ok, "compiling moe_stubs.c failed");
+    let _ = std::fs::remove_file(&a_path);
+    let ok = std::process::Command::new("ar").arg("crs").arg(&a_path).arg(&o_path)
+        .status().map(|s| s.success()).unwrap_or(false);
+    assert!(ok, "ar failed");
+}s' "$b"
+  sed -i '/cargo:rustc-link-lib=dylib=cudart"/d' "$b"
+  grep -q 'abort() stubs instead of the MoE' "$b" && ! grep -q 'moe_builder' "$b" && ! grep -q 'dylib=cudart' "$b" || {
     echo "error: patching $b failed (candle-kernels $KERNELS_V changed?)" >&2
     rm -f "$PATCHED/candle-kernels.source"
     exit 1
   }
 fi
 
-# cudart_static lives beside the toolkit's other libraries.
-for d in /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu /usr/lib/nvidia-cuda-toolkit/lib64; do
-  if [[ -f $d/libcudart_static.a ]]; then
-    export RUSTFLAGS="${RUSTFLAGS:-} -L native=$d"
-    break
-  fi
-done
 
 cp Cargo.lock "$PATCHED/Cargo.lock.orig"
 restore_lock() { cp "$PATCHED/Cargo.lock.orig" Cargo.lock; }
