@@ -17,17 +17,37 @@ SAM_CHECKPOINT ?= medsam-vit-b
 P1_DIR        = $(CHECKPOINTS)/transunet
 P2_DIR        = $(CHECKPOINTS)/sam_finetuned
 P3_DIR        = $(CHECKPOINTS)/ultra_refiner
-CUDA_COMPUTE_CAP ?= 90
+# PTX target of candle's CUDA kernels: compute_80 PTX is JIT-compiled by the driver for every newer GPU
+# (A100 80, A10/RTX 30xx 86, L4/RTX 40xx 89, H100/H200 90); 90 gives a Hopper-only build.
+CUDA_COMPUTE_CAP ?= 80
+CUDA_TARGET_DIR  ?= target/cuda
+GPU_CHECK_OUT    ?= gpu-check-results
 BENCH_OUT    ?= bench-results
 
-.PHONY: build build-cuda test lint fmt bench demo clean submit prepare augment phase1 phase2 phase3 evaluate all \
-	fetch-weights
+.PHONY: build build-cuda install-cuda-toolkit gpu-check gpu-bundle test lint fmt bench demo clean submit prepare augment \
+	phase1 phase2 phase3 evaluate all fetch-weights
 
 build:
 	$(CARGO) build --release --workspace --bins
 
+# CUDA build of every binary into $(CUDA_TARGET_DIR)/release (not part of `make test`/CI). Needs nvcc
+# (`make install-cuda-toolkit` on Debian), no GPU and no driver: CUDA libraries are loaded at run time.
 build-cuda:
-	CUDA_COMPUTE_CAP=$(CUDA_COMPUTE_CAP) $(CARGO) build --release --workspace --bins --features cuda
+	CARGO="$(CARGO)" CUDA_COMPUTE_CAP=$(CUDA_COMPUTE_CAP) CARGO_TARGET_DIR=$(CUDA_TARGET_DIR) scripts/build-cuda.sh
+
+# Debian: CUDA 11.8 toolkit from the non-free component (root; see README "CUDA").
+install-cuda-toolkit:
+	scripts/install-cuda-toolkit.sh
+
+# Device checks on a GPU machine (SPEC §17.1): CPU/GPU agreement, bf16 encoder, one epoch per phase, embedding cache,
+# paper-size benchmarks; JSON + summary in $(GPU_CHECK_OUT). No network and no build: run `make build-cuda` first
+# (or copy its binaries) and pass FIXTURES=<dir> if ../shared/fixtures is not beside the checkout.
+gpu-check:
+	OUT=$(GPU_CHECK_OUT) scripts/gpu-check.sh $(CUDA_TARGET_DIR)/release $(FIXTURES)
+
+# gpu-bundle.tar.xz: stripped CUDA binaries + the fixtures the device checks read, for a GPU machine without toolchain.
+gpu-bundle:
+	scripts/gpu-bundle.sh $(CUDA_TARGET_DIR)/release $(FIXTURES)
 
 # Unit, parity and integration tests on CPU, offline. Release profile: the numeric tests and CLI runs need it.
 test:

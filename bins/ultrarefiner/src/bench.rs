@@ -31,6 +31,12 @@ pub struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    /// dtype of the frozen SAM image encoder: bf16 (CUDA only) | f32 | auto (bf16 on CUDA, f32 on CPU).
+    #[arg(long, default_value = "auto")]
+    encoder_dtype: String,
+    /// TF32 matrix products on CUDA: on | off.
+    #[arg(long, default_value = "off")]
+    tf32: String,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -40,13 +46,19 @@ pub fn run(a: Args) -> Result<()> {
         }
         return Ok(());
     }
+    let device = a.device.open()?;
+    ultrarefiner::device::set_tf32(ultrarefiner::device::parse_on_off("--tf32", &a.tf32)?);
     let opts = BenchOptions {
         workload: a.workload.unwrap_or_default(),
         config: a.config,
         batch: a.batch,
         n: a.n,
         warmup: a.warmup,
-        device: a.device.open()?,
+        encoder_dtype: Some(ultrarefiner::device::encoder_dtype(
+            Some(&a.encoder_dtype),
+            &device,
+        )?),
+        device,
     };
     let r = bench::run(&opts)?;
     println!("{}", serde_json::to_string(&r)?);

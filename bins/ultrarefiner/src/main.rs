@@ -9,6 +9,7 @@ mod common;
 mod convert;
 mod evaluate;
 mod fetch;
+mod gpu_check;
 mod infer;
 mod prepare;
 
@@ -41,6 +42,8 @@ enum Command {
     Infer(infer::Args),
     /// Time a named workload and print one JSON line (SPEC §13.7).
     Bench(bench::Args),
+    /// Device checks: CPU/GPU agreement of every model at `narrow` (SPEC §17.1; used by `make gpu-check`).
+    GpuCheck(gpu_check::Args),
 }
 
 fn main() {
@@ -54,6 +57,7 @@ fn main() {
         Command::Evaluate(a) => evaluate::run(a),
         Command::Infer(a) => infer::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::GpuCheck(a) => gpu_check::run(a),
     };
     if let Err(e) = result {
         common::exit_with(e);

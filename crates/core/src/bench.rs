@@ -17,6 +17,8 @@ pub struct BenchOptions {
     pub n: usize,
     pub warmup: usize,
     pub device: Device,
+    /// dtype of the frozen SAM image encoder (`--encoder-dtype`); `None`: bf16 on CUDA, f32 on CPU (SPEC §15).
+    pub encoder_dtype: Option<DType>,
 }
 
 /// The JSON line printed per workload.
@@ -33,6 +35,14 @@ pub struct BenchResult {
     pub threads: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub items_per_s: Option<f64>,
+    /// CUDA only: high-water mark of the memory candle allocated (set-up included), MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_peak_mb: Option<f64>,
+    /// CUDA only: device memory in use at the end (all processes), and the device's total, MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_used_mb: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_total_mb: Option<f64>,
 }
 
 /// A prepared workload: `step` does one timed unit of work; `items` is how many items one step processes
@@ -146,6 +156,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult> {
         return Err(Error::Arg("--n must be at least 1".into()));
     }
     reset_peak_rss();
+    crate::device::reset_gpu_peak(&opts.device);
     let mut prepared = setup(opts, &cfg)?;
     for _ in 0..opts.warmup {
         (prepared.step)()?;
@@ -164,6 +175,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult> {
     } else {
         0.5 * (times[times.len() / 2 - 1] + times[times.len() / 2])
     };
+    let gpu = crate::device::gpu_memory(&opts.device);
     Ok(BenchResult {
         workload: opts.workload.clone(),
         config: cfg.preset.clone(),
@@ -175,6 +187,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult> {
         peak_rss_mb: peak_rss_mb(),
         threads: candle_core::utils::get_num_threads(),
         items_per_s: prepared.items.map(|k| k as f64 / (median / 1e3)),
+        gpu_peak_mb: gpu.and_then(|g| g.pool_peak_mb),
+        gpu_used_mb: gpu.map(|g| g.used_mb),
+        gpu_total_mb: gpu.map(|g| g.total_mb),
     })
 }
 
@@ -394,6 +409,15 @@ fn random_sam(
     cfg: &Config,
     device: &Device,
 ) -> Result<(crate::models::sam::Sam, candle_nn::VarMap)> {
+    random_sam_with(cfg, device, None)
+}
+
+/// As [`random_sam`] with an explicit encoder dtype (`None`: bf16 on CUDA, f32 on CPU).
+fn random_sam_with(
+    cfg: &Config,
+    device: &Device,
+    encoder_dtype: Option<DType>,
+) -> Result<(crate::models::sam::Sam, candle_nn::VarMap)> {
     use crate::models::sam::weights::{random_weights, SamFormat, SamWeights};
     let scfg = &cfg.model.sam;
     let weights = SamWeights {
@@ -402,10 +426,9 @@ fn random_sam(
     };
     let varmap = candle_nn::VarMap::new();
     // bf16 on CUDA (SPEC §15), f32 on CPU where candle has no bf16 convolution.
-    let enc_dtype = if device.is_cuda() {
-        DType::BF16
-    } else {
-        DType::F32
+    let enc_dtype = match encoder_dtype {
+        Some(d) => d,
+        None => crate::device::encoder_dtype(None, device)?,
     };
     let sam =
         crate::models::sam::Sam::from_weights(scfg, &weights, &varmap, device, enc_dtype, None)?;
@@ -570,7 +593,7 @@ fn phase3_step(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
 fn sam_encoder_forward(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
     let b = opts.batch.unwrap_or(1);
     let n = cfg.model.sam.img_size;
-    let (sam, _varmap) = random_sam(cfg, &opts.device)?;
+    let (sam, _varmap) = random_sam_with(cfg, &opts.device, opts.encoder_dtype)?;
     let x = Tensor::randn(0f32, 1.0, (b, 3, n, n), &opts.device)?;
     Ok(Prepared {
         batch: b,
@@ -724,6 +747,7 @@ mod tests {
             n: 1,
             warmup: 0,
             device: Device::Cpu,
+            encoder_dtype: None,
         };
         let e = run(&opts).unwrap_err().to_string();
         assert!(e.contains("sgemm-2048"), "{e}");
@@ -753,6 +777,7 @@ mod tests {
                 n: 1,
                 warmup: 0,
                 device: Device::Cpu,
+                encoder_dtype: None,
             };
             let r = run(&opts).unwrap_or_else(|e| panic!("{w}: {e}"));
             assert!(r.median_ms > 0.0 && r.median_ms.is_finite(), "{w}: {r:?}");

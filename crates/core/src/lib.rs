@@ -13,6 +13,7 @@ pub mod bench;
 pub mod config;
 pub mod convert;
 pub mod data;
+pub mod devcheck;
 pub mod device;
 pub mod error;
 pub mod eval;
