@@ -337,12 +337,14 @@ pub fn run_oof(o: &OofOptions) -> Result<OofReport> {
         let s = model.img_size;
         match store_size {
             None => store_size = Some(s),
-            Some(s0) if s0 != s => return Err(Error::file(
-                ck,
-                format!(
+            Some(s0) if s0 != s => {
+                return Err(Error::file(
+                    ck,
+                    format!(
                     "predicts at S = {s}, an earlier checkpoint at S = {s0}: one run needs one S"
                 ),
-            )),
+                ))
+            }
             _ => {}
         }
         let w = writer.get_or_insert_with(|| ShardWriter {
