@@ -18,7 +18,7 @@ Writes a run directory <output-dir>/<DATASET>/fold_<k>/ (combined: combined/fold
 checkpoints (+ JSON sidecars), metrics.csv, summary.json, train.log and progress.png.\n\n\
 Examples:\n  \
 phase1 --dataset BUSI --fold 0\n  \
-phase1 --config tiny --dataset PHANTOM --fold 0 --max-epochs 3      # CPU demo in minutes\n  \
+phase1 --config tiny --dataset BUSI --fold 0                       # CPU demo in minutes (12 epochs, batch 4, lr 0.05)\n  \
 phase1 --datasets BUSI,BUSBRA --fold 2 --resume auto                # combined mode, resumable\n\n\
 Precedence: preset (--config) < explicit flags. SIGTERM/SIGUSR1 stop at the next step boundary with exit code 75; \
 rerun with --resume auto to continue exactly where the last completed epoch left off."
@@ -55,10 +55,10 @@ struct Args {
     /// Number of decoder skip connections (0–3).
     #[arg(long)]
     n_skip: Option<usize>,
-    /// Batch size; default from the preset (paper 24).
+    /// Batch size; default from the preset (paper 24, tiny 4).
     #[arg(long)]
     batch_size: Option<usize>,
-    /// Epochs; default from the preset (paper 150, tiny 3).
+    /// Epochs; default from the preset (paper 150, tiny 12).
     #[arg(long)]
     max_epochs: Option<usize>,
     /// SGD base learning rate (poly(0.9) decay per optimiser step); default from the preset's [phase1] base_lr,

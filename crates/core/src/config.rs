@@ -380,6 +380,21 @@ mod tests {
     }
 
     #[test]
+    fn phase1_base_lr_default_is_per_preset_and_phase1_only() {
+        // paper keeps the SPEC §11.2 defaults (0.01 / 24 / 150); tiny sets its own.
+        let p = Config::paper().phase1;
+        assert_eq!((p.base_lr, p.batch_size, p.max_epochs), (None, 24, 150));
+        assert_eq!(Config::tiny().phase1.base_lr, Some(0.05));
+        let text = TINY_TOML.replace("[phase2]", "[phase2]\nbase_lr = 0.1");
+        let err = Config::from_toml_str(&text, "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("base_lr"), "{err}");
+        let text = TINY_TOML.replace("base_lr = 0.05", "base_lr = -1.0");
+        assert!(Config::from_toml_str(&text, "x.toml").is_err());
+    }
+
+    #[test]
     fn missing_preset_file_names_it() {
         let err = Config::load("no/such/file.toml").unwrap_err().to_string();
         assert!(err.contains("no/such/file.toml"), "{err}");

@@ -151,6 +151,8 @@ fn oof_predicts_each_fold_validation_images_once_and_phase2_reads_it() {
     o.checkpoints = format!("{}/fold_{{k}}/best.safetensors", swapped.display());
     let err = run_oof(&o).unwrap_err().to_string();
     assert!(err.contains("fold"), "{err}");
+    // The failed run left the earlier complete one untouched.
+    assert_eq!(read_csv(&dir.join("samples.csv")), recs);
 
     // A missing checkpoint names its path.
     o.checkpoints = format!("{}/nowhere/fold_{{k}}.safetensors", tmp.path().display());

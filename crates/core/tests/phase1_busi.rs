@@ -2,8 +2,9 @@
 //! the training loss falls and the validation Dice leaves the all-background level (pooled Dice of an all-background
 //! prediction = 1e-5/(|T| + 1e-5) ≈ 0). Skips with a message when the shared folder is missing.
 //!
-//! Run: `cargo test --release -p ultrarefiner --test phase1_busi -- --ignored --nocapture` (a few minutes on 2 cores:
-//! 8 epochs × 12 steps at S = 96).
+//! Run: `cargo test --release -p ultrarefiner --test phase1_busi -- --ignored --nocapture` (12 epochs × 12 steps at
+//! S = 96: about 3 min of CPU time). Measured: val Dice 0 for epochs 1-4, then 0.57, 0.67, 0.72, 0.72, 0.70, 0.73,
+//! 0.66, 0.69; train loss 0.383 → 0.145.
 use std::path::PathBuf;
 use std::time::Instant;
 use ultrarefiner::data::prepare::{prepare_datasets, PrepareOptions};
@@ -17,7 +18,7 @@ fn busi_raw_root() -> Option<PathBuf> {
 }
 
 #[test]
-#[ignore = "real-data smoke test: ~2-5 min in release on 2 cores (run with --ignored)"]
+#[ignore = "real-data smoke test: ~3 min of CPU time in release (21 min wall on a heavily loaded 2-core machine)"]
 fn tiny_phase1_defaults_learn_on_busi_sample() {
     let Some(raw) = busi_raw_root() else {
         println!("SKIPPED: ../shared/data/BUSI not found (set ULTRAREFINER_SHARED)");

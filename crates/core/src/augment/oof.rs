@@ -15,7 +15,8 @@
 //!
 //! Model loading and prediction are those of evaluation ([`EvalModel`], transunet-only); the per-image Dice is the
 //! Phase 1 validation one ([`per_image_dice`]); shards, `samples.csv` and descriptors are written with the helpers of
-//! [`super::run`]. Every file is written atomically (temporary file + rename); `manifest.json` is written last.
+//! [`super::run`]. The run is assembled in `<output-root>/.<RUN>_oof.partial/` and renamed to `<RUN>_oof` when complete
+//! (an earlier run of the same name is replaced only then).
 use super::processed::{read_mask, read_splits, sha256_file};
 use super::run::{
     coarse_shard_bytes, gt_descriptors, records_csv, run_name, shard_path, write_atomic,
@@ -272,15 +273,9 @@ pub fn run_oof(o: &OofOptions) -> Result<OofReport> {
     let device = device_spec.open()?;
     let name = format!("{}{OOF_SUFFIX}", run_name(&datasets));
     let run_dir = o.output_root.join(&name);
-    let shard_dir = run_dir.join("shards");
-    std::fs::create_dir_all(&shard_dir).map_err(|e| Error::io(&shard_dir, e))?;
-    // Shards of an earlier run with more samples would otherwise stay behind.
-    for e in std::fs::read_dir(&shard_dir).map_err(|e| Error::io(&shard_dir, e))? {
-        let p = e.map_err(|e| Error::io(&shard_dir, e))?.path();
-        if p.extension().is_some_and(|x| x == "safetensors") {
-            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
-        }
-    }
+    // Everything is written into a hidden sibling directory that replaces `run_dir` only when complete, so a failed
+    // or interrupted run never leaves a mixed or partial `<RUN>_oof` behind.
+    let work_dir = o.output_root.join(format!(".{name}.partial"));
 
     // Which folds, and their checkpoints (all resolved before any prediction, so a missing one fails fast).
     let mut plan: Vec<(String, usize, PathBuf, String)> = Vec::new();
@@ -316,6 +311,12 @@ pub fn run_oof(o: &OofOptions) -> Result<OofReport> {
         }
     }
 
+    if work_dir.exists() {
+        std::fs::remove_dir_all(&work_dir).map_err(|e| Error::io(&work_dir, e))?;
+    }
+    let shard_dir = work_dir.join("shards");
+    std::fs::create_dir_all(&shard_dir).map_err(|e| Error::io(&shard_dir, e))?;
+
     let config_json = serde_json::json!({
         "checkpoints": plan.iter().map(|(d, k, p, _)| serde_json::json!({
             "dataset": d, "fold": k, "path": p.display().to_string(),
@@ -337,16 +338,18 @@ pub fn run_oof(o: &OofOptions) -> Result<OofReport> {
         let s = model.img_size;
         match store_size {
             None => store_size = Some(s),
-            Some(s0) if s0 != s => return Err(Error::file(
-                ck,
-                format!(
+            Some(s0) if s0 != s => {
+                return Err(Error::file(
+                    ck,
+                    format!(
                     "predicts at S = {s}, an earlier checkpoint at S = {s0}: one run needs one S"
                 ),
-            )),
+                ))
+            }
             _ => {}
         }
         let w = writer.get_or_insert_with(|| ShardWriter {
-            run_dir: &run_dir,
+            run_dir: &work_dir,
             shard_size: o.shard_size,
             s,
             dtype: o.store_dtype,
@@ -435,7 +438,7 @@ pub fn run_oof(o: &OofOptions) -> Result<OofReport> {
     let n_shards = w.next_shard;
     let all = std::mem::take(&mut w.all);
     let s = store_size.unwrap_or(0);
-    write_atomic(&run_dir.join("samples.csv"), records_csv(&all)?.as_bytes())?;
+    write_atomic(&work_dir.join("samples.csv"), records_csv(&all)?.as_bytes())?;
     let bins = [real_bin()];
     let summary = summarize(&all, &bins);
     let mut table =
@@ -480,7 +483,11 @@ pub fn run_oof(o: &OofOptions) -> Result<OofReport> {
                    "device": device_spec.to_string()},
     });
     let mj = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::msg(e.to_string()))?;
-    write_atomic(&run_dir.join("manifest.json"), &mj)?;
+    write_atomic(&work_dir.join("manifest.json"), &mj)?;
+    if run_dir.exists() {
+        std::fs::remove_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
+    }
+    std::fs::rename(&work_dir, &run_dir).map_err(|e| Error::io(&run_dir, e))?;
     Ok(OofReport {
         run_dir,
         run_name: name,
