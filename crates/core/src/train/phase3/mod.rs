@@ -15,10 +15,15 @@
 //! Not implemented (the CLI does not offer them): LoRA, ROI crop, gated refinement, disk embedding cache.
 pub mod data;
 pub mod freeze;
+pub mod options;
+pub mod source;
 pub mod step;
 
 pub use data::{Phase3TrainSet, RotationPolicy};
 pub use freeze::{EpochTrainable, FreezePlan};
+pub use options::Phase3Options;
+pub use source::{load_sam_source, resolve_refiner, SamSource};
+use source::{load_transunet, strip_prefix_map};
 pub use step::{
     forward_loss, train_step, validate, AnchorSnapshot, MicroBatch, Phase3Model, Phase3Validation,
     StepConfig, StepOutput,
@@ -42,273 +47,21 @@ use super::rundir::{
     BEST, FINAL, LATEST,
 };
 use super::schedule::Schedule;
-use super::signals::StopFlag;
 use crate::config::{Config, RefinerConfig};
 use crate::data::dataset::{SegDataset, Split};
 use crate::data::loader::{Loader, LoaderOptions};
 use crate::device::DeviceSpec;
-use crate::models::sam::weights::{load_sam_weights, random_weights, SamFormat, SamWeights};
+use crate::models::sam::weights::{SamFormat, SamWeights};
 use crate::models::sam::EmbeddingCache;
-use crate::models::transunet::read_checkpoint;
-use crate::refiner::{MaskPromptStyle, SamRefinerSettings};
+use crate::refiner::SamRefinerSettings;
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor};
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use candle_core::DType;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 /// How a Phase 3 run ended (same shape as Phase 1's).
 pub type Phase3Outcome = Phase1Outcome;
-
-/// Every flag of SPEC §11.4 (minus LoRA / ROI / gating) and the common flags of §11.1.7. `Option` fields left `None`
-/// take the preset's (or the Phase 2 sidecar's) value.
-#[derive(Debug, Clone)]
-pub struct Phase3Options {
-    pub data_root: PathBuf,
-    pub dataset: Option<String>,
-    pub datasets: Vec<String>,
-    pub fold: u32,
-    pub n_splits: u32,
-    /// Phase 1 result; default `checkpoints/transunet/{DS}/fold_{k}/best.safetensors`.
-    pub transunet_checkpoint: Option<PathBuf>,
-    /// Phase 2 `best_sam.safetensors`, a converted SAM/MedSAM, a `.pth`, any file with `sam.*` keys, or `random`
-    /// (deterministic random weights from `--seed`; tests and demos only).
-    pub sam_checkpoint: String,
-    pub config: String,
-    pub img_size: Option<usize>,
-    /// Must be 2 (binary loss); accepted for parity with Phase 1.
-    pub num_classes: Option<usize>,
-    pub n_skip: Option<usize>,
-    pub batch_size: Option<usize>,
-    pub max_epochs: Option<usize>,
-    pub transunet_lr: f64,
-    pub sam_lr: f64,
-    pub weight_decay: f64,
-    pub min_lr: f64,
-    pub coarse_loss_weight: f64,
-    pub refined_loss_weight: f64,
-    /// `N` (default) or `S`.
-    pub refined_loss_size: Option<usize>,
-    pub mask_prompt_style: Option<String>,
-    pub allow_style_mismatch: bool,
-    pub sharpen_coarse_mask: bool,
-    pub sharpen_temperature: f64,
-    pub sam_normalization: Option<String>,
-    pub grad_clip: f64,
-    pub grad_accum: usize,
-    pub transunet_weight_reg: f64,
-    pub transunet_grad_scale: f64,
-    pub freeze_transunet_epochs: u64,
-    pub transunet_unfreeze_decoder_layers: i64,
-    pub freeze_sam_prompt_encoder: bool,
-    pub freeze_sam_mask_decoder: bool,
-    pub freeze_sam_all: bool,
-    pub freeze_sam_epochs: u64,
-    pub sam_unfreeze_decoder_layers: i64,
-    pub no_augment: bool,
-    /// Fixed rotation angles of the cached SAM branch ([`RotationPolicy::Fixed`]); 0 = flip only.
-    pub rotation_angles: usize,
-    /// Embedding cache for the frozen encoder; off = encoder every step with continuous §3.8 rotation.
-    pub embed_cache: bool,
-    /// In-memory LRU bound of the embedding cache in bytes.
-    pub embed_cache_mem: usize,
-    pub output_dir: PathBuf,
-    pub exp_name: Option<String>,
-    pub save_every: u64,
-    pub device: Option<DeviceSpec>,
-    pub seed: u64,
-    pub num_workers: usize,
-    pub resume: Option<String>,
-    pub force_retrain: bool,
-    pub allow_config_change: bool,
-    pub val_every: u64,
-    pub plain: bool,
-    pub ascii: bool,
-    /// No stdout (train.log is still written). For tests.
-    pub quiet: bool,
-    pub stop: Option<StopFlag>,
-    /// Behave as if a stop was requested after this many completed epochs (in total). Tests and time-boxed jobs.
-    pub stop_after_epochs: Option<u64>,
-}
-
-impl Phase3Options {
-    /// The SPEC defaults with `data_root` set.
-    pub fn new(data_root: impl Into<PathBuf>) -> Self {
-        Phase3Options {
-            data_root: data_root.into(),
-            dataset: None,
-            datasets: Vec::new(),
-            fold: 0,
-            n_splits: 5,
-            transunet_checkpoint: None,
-            sam_checkpoint: String::new(),
-            config: "paper".into(),
-            img_size: None,
-            num_classes: None,
-            n_skip: None,
-            batch_size: None,
-            max_epochs: None,
-            transunet_lr: 1e-5,
-            sam_lr: 1e-5,
-            weight_decay: 0.01,
-            min_lr: 1e-6,
-            coarse_loss_weight: 0.3,
-            refined_loss_weight: 0.7,
-            refined_loss_size: None,
-            mask_prompt_style: None,
-            allow_style_mismatch: false,
-            sharpen_coarse_mask: false,
-            sharpen_temperature: 10.0,
-            sam_normalization: None,
-            grad_clip: 1.0,
-            grad_accum: 1,
-            transunet_weight_reg: 0.0,
-            transunet_grad_scale: 1.0,
-            freeze_transunet_epochs: 0,
-            transunet_unfreeze_decoder_layers: -1,
-            freeze_sam_prompt_encoder: false,
-            freeze_sam_mask_decoder: false,
-            freeze_sam_all: false,
-            freeze_sam_epochs: 0,
-            sam_unfreeze_decoder_layers: -1,
-            no_augment: false,
-            rotation_angles: 0,
-            embed_cache: true,
-            embed_cache_mem: 8 << 30,
-            output_dir: PathBuf::from("./checkpoints/ultra_refiner"),
-            exp_name: None,
-            save_every: 20,
-            device: None,
-            seed: 42,
-            num_workers: 8,
-            resume: None,
-            force_retrain: false,
-            allow_config_change: false,
-            val_every: 1,
-            plain: false,
-            ascii: false,
-            quiet: false,
-            stop: None,
-            stop_after_epochs: None,
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// SAM sources
-
-/// The initial SAM weights of a run and what is known about them.
-pub struct SamSource {
-    pub weights: SamWeights,
-    /// SHA-256 of the file (or `random-seed<k>`); also the embedding-cache fingerprint base.
-    pub weights_id: String,
-    /// `sam`, `medsam` or `random` (resolves `sam_normalization = auto`).
-    pub provenance: String,
-    /// The Phase 2 `best_sam.json` next to the file, if any.
-    pub phase2_sidecar: Option<serde_json::Value>,
-}
-
-/// Loads `--sam-checkpoint`: `random`, a Phase 2 `best_sam.safetensors` (+ `best_sam.json`), a converted SAM/MedSAM
-/// safetensors, an original `.pth`, a Phase 2/3 checkpoint (`sam.*` keys) or an HF file — any §6.6 form, strictly
-/// checked against `cfg`.
-pub fn load_sam_source(
-    spec: &str,
-    cfg: &crate::config::SamConfig,
-    seed: u64,
-    device: &Device,
-) -> Result<SamSource> {
-    if spec == "random" {
-        return Ok(SamSource {
-            weights: SamWeights {
-                tensors: random_weights(cfg, seed, device)?,
-                format: SamFormat::Original,
-            },
-            weights_id: format!("random-seed{seed}"),
-            provenance: "random".into(),
-            phase2_sidecar: None,
-        });
-    }
-    if spec.is_empty() {
-        return Err(Error::Arg(
-            "--sam-checkpoint is required (Phase 2 best_sam.safetensors, a SAM/MedSAM checkpoint, or `random`)"
-                .into(),
-        ));
-    }
-    let p = Path::new(spec);
-    let weights = load_sam_weights(p, Some(cfg), device)?;
-    let sidecar = crate::eval::model::read_sidecar_json(p)?;
-    let provenance = sidecar
-        .as_ref()
-        .and_then(|v| v["provenance"].as_str())
-        .map(|s| s.to_string())
-        .unwrap_or_else(|| {
-            if spec.to_ascii_lowercase().contains("medsam") {
-                "medsam".into()
-            } else {
-                "sam".into()
-            }
-        });
-    let phase2_sidecar = sidecar.filter(|v| v.get("mask_prompt_style").is_some());
-    Ok(SamSource {
-        weights,
-        weights_id: sha256_file(p)?,
-        provenance,
-        phase2_sidecar,
-    })
-}
-
-/// The refiner configuration of the run (§11.4 table): flags > Phase 2 `best_sam.json` > preset, with the style
-/// check; `sam_normalization` is stored resolved (`sam`/`unit`) so evaluation needs no provenance.
-pub fn resolve_refiner(
-    o: &Phase3Options,
-    preset: &RefinerConfig,
-    src: &SamSource,
-) -> Result<RefinerConfig> {
-    let mut r = preset.clone();
-    let p2 = src.phase2_sidecar.as_ref();
-    if let Some(v) = p2 {
-        if let Some(s) = v["mask_prompt_style"].as_str() {
-            r.mask_prompt_style = s.to_string();
-        }
-        if let Some(s) = v["normalization"].as_str() {
-            r.sam_normalization = s.to_string();
-        }
-        let pr = &v["prompts"];
-        for (key, field) in [
-            ("point", &mut r.use_point_prompt),
-            ("box", &mut r.use_box_prompt),
-            ("mask", &mut r.use_mask_prompt),
-            ("negative_point", &mut r.add_negative_point),
-        ] {
-            if let Some(b) = pr[key].as_bool() {
-                *field = b;
-            }
-        }
-    } else {
-        r.sam_normalization = "auto".into();
-    }
-    if let Some(st) = &o.mask_prompt_style {
-        let _: MaskPromptStyle = st.parse()?;
-        if let Some(trained) = p2.and_then(|v| v["mask_prompt_style"].as_str()) {
-            if trained != st && !o.allow_style_mismatch {
-                return Err(Error::Arg(format!(
-                    "--mask-prompt-style {st} differs from the Phase 2 model's `{trained}` ({}); pass --allow-style-mismatch to use it anyway",
-                    o.sam_checkpoint
-                )));
-            }
-        }
-        r.mask_prompt_style = st.clone();
-    }
-    if let Some(n) = &o.sam_normalization {
-        r.sam_normalization = n.clone();
-    }
-    r.sharpen_coarse_mask = o.sharpen_coarse_mask;
-    r.sharpen_temperature = o.sharpen_temperature;
-    let resolved = SamRefinerSettings::from_config(&r, Some(&src.provenance))?;
-    r.sam_normalization = resolved.normalization.as_str().to_string();
-    Ok(r)
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // The run
@@ -505,40 +258,6 @@ fn summary(
         message,
     }
 }
-
-fn strip_prefix_map(m: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
-    m.iter()
-        .filter_map(|(k, v)| k.strip_prefix(prefix).map(|s| (s.to_string(), v.clone())))
-        .collect()
-}
-
-/// The Phase 1 TransUNet tensors (a Phase 3 checkpoint is accepted too: its `transunet.*` part), checked against the
-/// run's image size through the Phase 1 sidecar when present.
-fn load_transunet(path: &Path, img_size: usize) -> Result<HashMap<String, Tensor>> {
-    if !path.is_file() {
-        return Err(Error::file(
-            path,
-            "TransUNet checkpoint not found (train Phase 1 first, or pass --transunet-checkpoint)",
-        ));
-    }
-    if let Some(v) = crate::eval::model::read_sidecar_json(path)? {
-        if let Some(s) = v["config"]["model"]["transunet"]["img_size"].as_u64() {
-            if s as usize != img_size {
-                return Err(Error::file(
-                    path,
-                    format!("was trained at img_size {s}, this run uses --img-size {img_size}"),
-                ));
-            }
-        }
-    }
-    let all = read_checkpoint(path, "")?;
-    if all.keys().any(|k| k.starts_with("transunet.")) {
-        read_checkpoint(path, "transunet")
-    } else {
-        Ok(all)
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 fn train(
     o: &Phase3Options,
