@@ -16,22 +16,30 @@ step "phantom dataset (48 images, BUSI layout)"
 step "prepare + verify"
 "$UR" prepare datasets --raw-root "$DEMO_DIR/raw" --output-root "$DEMO_DIR/processed" --datasets PHANTOM
 "$UR" prepare verify --output-root "$DEMO_DIR/processed"
-step "failure simulation for Phase 2 (480 samples)"
-"$UR" augment synthetic --processed-root "$DEMO_DIR/processed" --datasets PHANTOM \
-  --output-root "$DEMO_DIR/augmented" --target-samples 480 --exclude-fold 0
 step "Phase 1: TransUNet, fold 0"
-# From random init the tiny TransUNet first settles on a soft prior that predicts no pixel above 0.5 and breaks out
-# of it after ~15 epochs (measured: val Dice 0 until epoch 13, 0.61 at 14, 0.70 at 30), so the demo trains 30 epochs
-# at a higher base LR than the paper's 0.01 (which it needs for 150 epochs).
+# The tiny preset's Phase 1 defaults (12 epochs, batch 4, base LR 0.05; configs/tiny.toml says why) apply.
 "$BIN/phase1" --config "$CONFIG" --data-root "$DEMO_DIR/processed" --dataset PHANTOM --fold 0 \
-  --max-epochs "${PHASE1_EPOCHS:-30}" --base-lr "${PHASE1_LR:-0.05}" \
+  ${PHASE1_EPOCHS:+--max-epochs "$PHASE1_EPOCHS"} \
   --output-dir "$DEMO_DIR/checkpoints/transunet" --resume auto --device cpu --plain
+step "failure simulation for Phase 2 (480 samples at the tiny TransUNet grid, fold 0's validation images excluded)"
+"$UR" augment synthetic --processed-root "$DEMO_DIR/processed" --datasets PHANTOM \
+  --output-root "$DEMO_DIR/augmented" --target-samples 480 --exclude-fold 0 --store-size 96 --resume
+step "Phase 2: SAM refiner on simulated failures"
+# No pretrained SAM is downloaded: the tiny SAM starts from random weights, hence a higher LR than the paper's 1e-4.
+"$BIN/phase2" --config "$CONFIG" --data-root "$DEMO_DIR/augmented" --processed-root "$DEMO_DIR/processed" \
+  --dataset PHANTOM --sam-checkpoint random --transunet-img-size 96 --lr "${PHASE2_LR:-1e-3}" \
+  --epochs "${PHASE2_EPOCHS:-2}" --output-dir "$DEMO_DIR/checkpoints/sam_finetuned" --resume auto --device cpu --plain
+sam_best=$(ls "$DEMO_DIR"/checkpoints/sam_finetuned/PHANTOM*/best_sam.safetensors | head -n 1)
+step "Phase 3: end to end, fold 0"
+"$BIN/phase3" --config "$CONFIG" --data-root "$DEMO_DIR/processed" --dataset PHANTOM --fold 0 \
+  --transunet-checkpoint "$DEMO_DIR/checkpoints/transunet/PHANTOM/fold_0/best.safetensors" \
+  --sam-checkpoint "$sam_best" --max-epochs "${PHASE3_EPOCHS:-3}" --sam-lr 1e-3 --transunet-lr 1e-5 \
+  --refined-loss-size 96 --output-dir "$DEMO_DIR/checkpoints/ultra_refiner" --resume auto --device cpu --plain
 step "evaluate on the phantom test split"
-# Until the Phase 2/3 trainers land the demo evaluates the coarse (Phase 1) path alone; the last line reads
-# `demo: coarse Dice 0.xxxx, refined Dice n/a`.
 "$UR" evaluate --config "$CONFIG" --data-root "$DEMO_DIR/processed" --datasets PHANTOM --split test \
-  --transunet-checkpoint "$DEMO_DIR/checkpoints/transunet/PHANTOM/fold_0/best.safetensors" --transunet-only \
+  --checkpoint "$DEMO_DIR/checkpoints/ultra_refiner/PHANTOM/fold_0/best.safetensors" \
   --output-dir "$DEMO_DIR/results" --visualize --device cpu | tee "$DEMO_DIR/evaluate.log"
-echo "pictures: $DEMO_DIR/results/summary.png, $DEMO_DIR/results/PHANTOM/visualizations/, $DEMO_DIR/checkpoints/transunet/PHANTOM/fold_0/progress.png"
+echo "pictures: $DEMO_DIR/results/summary.png, $DEMO_DIR/results/PHANTOM/visualizations/,"
+echo "          $DEMO_DIR/checkpoints/{transunet,ultra_refiner}/PHANTOM/fold_0/progress.png"
 echo "demo finished in $(( $(date +%s) - start )) s"
 tail -n 1 "$DEMO_DIR/evaluate.log" | grep '^demo:' || true
