@@ -519,9 +519,13 @@ fn load_initial_weights(
                 .into(),
         ))
     } else {
-        let p = Path::new(&opts.sam_checkpoint);
-        let w = load_sam_weights(p, Some(cfg), dev)?;
-        Ok((w, crate::train::checkpoint::sha256_file(p)?))
+        // A path, or a fetch alias (`sam-vit-b`, `medsam-vit-b`) resolved in the weights folder (SPEC §13.6).
+        let p = crate::hub::resolve_weights_arg(
+            &opts.sam_checkpoint,
+            Path::new(crate::hub::DEFAULT_WEIGHTS_DIR),
+        )?;
+        let w = load_sam_weights(&p, Some(cfg), dev)?;
+        Ok((w, crate::train::checkpoint::sha256_file(&p)?))
     }
 }
 
