@@ -34,7 +34,8 @@ struct Args {
     /// Processed dataset root (source images and ground truth).
     #[arg(long, default_value = "./dataset/processed")]
     processed_root: PathBuf,
-    /// SAM/MedSAM vit_b checkpoint (.pth/.pt/.bin/.safetensors), or `random` for deterministic random weights
+    /// SAM/MedSAM vit_b checkpoint (.pth/.pt/.bin/.safetensors), a fetched alias (sam-vit-b, medsam-vit-b: reads
+    /// ./weights/<alias>.safetensors, see `ultrarefiner fetch`), or `random` for deterministic random weights
     /// (tests and demos only; the results are meaningless for real data).
     #[arg(long)]
     sam_checkpoint: String,

@@ -669,7 +669,9 @@ fn phase2_epoch_uncached(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> 
 fn phase2_epoch(opts: &BenchOptions, cfg: &Config, cached: bool) -> Result<Prepared> {
     use crate::refiner::sam_refiner::{SamRefiner, SamRefinerSettings};
     use crate::train::optim::{AdamW, Grads, Optimizer};
-    use crate::train::phase2::{embed_sources, forward, make_batch, param_groups, Embeddings, Phase2Data};
+    use crate::train::phase2::{
+        embed_sources, forward, make_batch, param_groups, Embeddings, Phase2Data,
+    };
     let n_samples = opts.batch.unwrap_or(8).max(1);
     let dev = &opts.device;
     let (sam, varmap) = random_sam(cfg, dev)?;

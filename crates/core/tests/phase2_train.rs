@@ -231,12 +231,7 @@ fn resume_is_bitwise_exact() {
 }
 
 /// A tiny SAM refiner with random weights, optionally with LoRA adapters (SPEC §6.8) on `targets`.
-fn tiny_refiner(
-    lora: Option<&str>,
-) -> (
-    ultrarefiner::refiner::SamRefiner,
-    candle_nn::VarMap,
-) {
+fn tiny_refiner(lora: Option<&str>) -> (ultrarefiner::refiner::SamRefiner, candle_nn::VarMap) {
     use ultrarefiner::models::sam::weights::{random_weights, SamFormat, SamWeights};
     use ultrarefiner::models::sam::{LoraConfig, LoraTarget, Sam};
     let cfg = ultrarefiner::config::Config::load("tiny").unwrap();
@@ -292,7 +287,11 @@ fn lora_gradients_reach_every_adapter() {
     let ids = [0usize, 1];
     let bp = make_batch(&data, &Embeddings::PerBatch, &plain, &ids, &dev, None).unwrap();
     let bl = make_batch(&data, &Embeddings::PerBatch, &lr, &ids, &dev, Some(1)).unwrap();
-    let lp = forward(&plain, &bp, &lcfg).unwrap().loss.total_f64().unwrap();
+    let lp = forward(&plain, &bp, &lcfg)
+        .unwrap()
+        .loss
+        .total_f64()
+        .unwrap();
     let st = forward(&lr, &bl, &lcfg).unwrap();
     assert_eq!(
         lp,
@@ -350,7 +349,10 @@ fn lora_run_saves_adapters_and_merged_export() {
         .filter(|k| k.starts_with("sam.image_encoder.") && k.ends_with(".lora_a"))
         .count();
     assert_eq!(n_lora, 4, "one qkv adapter per tiny encoder block");
-    let cfg = ultrarefiner::config::Config::load("tiny").unwrap().model.sam;
+    let cfg = ultrarefiner::config::Config::load("tiny")
+        .unwrap()
+        .model
+        .sam;
     let w = ultrarefiner::models::sam::load_sam_weights(
         &out.run_dir.join("best_sam.safetensors"),
         Some(&cfg),
@@ -431,4 +433,74 @@ fn real_data_mixing_runs() {
     let mut bad = opts(&tmp.path().join("bad"), 1);
     bad.real_ratio = 0.5;
     assert!(run(&bad, &StopFlag::new()).is_err());
+}
+
+/// Issue 7's learning-signal check at `tiny`, on the demo's data (`scripts/demo.sh`: 48 phantom images, 480 failure
+/// samples at S = 96 with fold 0 excluded): from random SAM weights, with the LR a random-init decoder needs (2e-3;
+/// the paper's 1e-4 is for pretrained SAM), 3 epochs end with refined validation Dice above coarse validation Dice
+/// on held-out source images (measured: coarse 0.8001, refined 0.8264). Ignored by default: ~320 optimiser steps,
+/// about 2 min CPU in release (run with `--ignored`).
+#[test]
+#[ignore = "~320 optimiser steps: about 2 min CPU in release; run with --ignored"]
+fn refined_beats_coarse_on_held_out_sources() {
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = tmp.path().join("raw");
+    generate(&PhantomOptions {
+        out: raw.join("PHANTOM"),
+        count: 48,
+        seed: 7,
+        height_range: (112, 144),
+        width_range: (128, 176),
+        annotations: false,
+        num_workers: Some(2),
+    })
+    .unwrap();
+    let processed = tmp.path().join("processed");
+    prepare_datasets(&PrepareOptions {
+        raw_root: raw,
+        output_root: processed.clone(),
+        datasets: vec![DatasetKind::Phantom],
+        num_workers: Some(2),
+        ..Default::default()
+    })
+    .unwrap();
+    let augmented = tmp.path().join("augmented");
+    run_synthetic(&SyntheticOptions {
+        processed_root: processed.clone(),
+        output_root: augmented.clone(),
+        datasets: vec!["PHANTOM".into()],
+        target_samples: 480,
+        exclude_fold: Some(0),
+        sim: SimConfig {
+            store_size: S,
+            ..SimConfig::default()
+        },
+        num_workers: Some(2),
+        ..Default::default()
+    })
+    .unwrap();
+    let o = Phase2Options {
+        data_root: augmented,
+        dataset: "PHANTOM".into(),
+        processed_root: processed,
+        sam_checkpoint: "random".into(),
+        config: "tiny".into(),
+        epochs: Some(3),
+        lr: 2e-3,
+        transunet_img_size: S,
+        output_dir: tmp.path().join("out"),
+        device: Some("cpu".into()),
+        quiet: true,
+        ..Default::default()
+    };
+    let out = run(&o, &StopFlag::new()).unwrap();
+    assert!(out.run_dir.ends_with("PHANTOM_fold0"));
+    let last = out.history.last().unwrap();
+    let refined = last.val_dice.unwrap();
+    let coarse = last.extra.get("val_coarse_dice").unwrap();
+    println!("tiny phase 2: coarse val Dice {coarse:.4}, refined val Dice {refined:.4}");
+    assert!(
+        refined > coarse,
+        "refined {refined:.4} <= coarse {coarse:.4}"
+    );
 }

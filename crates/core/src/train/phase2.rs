@@ -519,9 +519,13 @@ fn load_initial_weights(
                 .into(),
         ))
     } else {
-        let p = Path::new(&opts.sam_checkpoint);
-        let w = load_sam_weights(p, Some(cfg), dev)?;
-        Ok((w, crate::train::checkpoint::sha256_file(p)?))
+        // A path, or a fetch alias (`sam-vit-b`, `medsam-vit-b`) resolved in the weights folder (SPEC §13.6).
+        let p = crate::hub::resolve_weights_arg(
+            &opts.sam_checkpoint,
+            Path::new(crate::hub::DEFAULT_WEIGHTS_DIR),
+        )?;
+        let w = load_sam_weights(&p, Some(cfg), dev)?;
+        Ok((w, crate::train::checkpoint::sha256_file(&p)?))
     }
 }
 
@@ -811,27 +815,27 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
         Some(d) => d.parse::<crate::device::DeviceSpec>()?.open()?,
         None => crate::device::DeviceSpec::default_for_build().open()?,
     };
-    let encoder_dtype = match opts.encoder_dtype.as_deref() {
-        None => {
-            if dev.is_cuda() && lora.is_none() {
-                DType::BF16
-            } else {
-                DType::F32
+    let encoder_dtype =
+        match opts.encoder_dtype.as_deref() {
+            None => {
+                if dev.is_cuda() && lora.is_none() {
+                    DType::BF16
+                } else {
+                    DType::F32
+                }
             }
-        }
-        Some("f32") => DType::F32,
-        Some("bf16") if dev.is_cuda() => DType::BF16,
-        Some("bf16") => {
-            return Err(Error::Arg(
-                "--encoder-dtype bf16 needs a CUDA device (candle has no bf16 convolution on CPU)".into(),
-            ))
-        }
-        Some(o) => {
-            return Err(Error::Arg(format!(
-                "--encoder-dtype {o}: expected bf16 or f32"
-            )))
-        }
-    };
+            Some("f32") => DType::F32,
+            Some("bf16") if dev.is_cuda() => DType::BF16,
+            Some("bf16") => return Err(Error::Arg(
+                "--encoder-dtype bf16 needs a CUDA device (candle has no bf16 convolution on CPU)"
+                    .into(),
+            )),
+            Some(o) => {
+                return Err(Error::Arg(format!(
+                    "--encoder-dtype {o}: expected bf16 or f32"
+                )))
+            }
+        };
 
     let run_dir = RunDir::new(&opts.output_dir, &run_name(opts)?);
     let style = if opts.quiet {
@@ -970,7 +974,10 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
             .lock()
             .map_err(|_| Error::msg("VarMap lock poisoned"))?;
         for (k, t) in weights.tensors.iter().filter(|(k, _)| is_lora_key(k)) {
-            d.insert(k.clone(), Var::from_tensor(&t.to_dtype(DType::F32)?.copy()?)?);
+            d.insert(
+                k.clone(),
+                Var::from_tensor(&t.to_dtype(DType::F32)?.copy()?)?,
+            );
         }
     }
     let mut enc_weights = weights;

@@ -34,7 +34,11 @@ pub fn curriculum_count(n: usize, epoch: u64, epochs: u64) -> usize {
 
 /// Sorts `ids` into curriculum order: by bin rank (high, medium, low, critical, real), then stored Dice descending,
 /// then sample index (ties).
-pub fn curriculum_order(ids: &mut [usize], bin_of: impl Fn(usize) -> usize, dice_of: impl Fn(usize) -> f64) {
+pub fn curriculum_order(
+    ids: &mut [usize],
+    bin_of: impl Fn(usize) -> usize,
+    dice_of: impl Fn(usize) -> f64,
+) {
     ids.sort_by(|&a, &b| {
         bin_of(a)
             .cmp(&bin_of(b))
@@ -71,7 +75,13 @@ pub fn real_quota(l: usize, ratio: f64) -> usize {
 /// The training samples of epoch `epoch` before ordering: all of `synthetic` when `ratio = 0`; otherwise exactly
 /// `round(r·L)` real and `L − round(r·L)` synthetic samples (`L = |synthetic|`), each drawn without replacement from
 /// its pool (see [`draw`]) with the project RNG stream `("phase2-mix", epoch)`.
-pub fn mix_epoch(synthetic: &[usize], real: &[usize], ratio: f64, seed: u64, epoch: u64) -> Vec<usize> {
+pub fn mix_epoch(
+    synthetic: &[usize],
+    real: &[usize],
+    ratio: f64,
+    seed: u64,
+    epoch: u64,
+) -> Vec<usize> {
     if ratio <= 0.0 || real.is_empty() {
         return synthetic.to_vec();
     }
@@ -117,7 +127,10 @@ mod tests {
         // E = 10: ⌊E/2⌋ = 5; d_e = 0.2 + 0.16·e → 0.2, 0.36, 0.52, 0.68, 0.84, 1, 1, ...
         let want = [0.2, 0.36, 0.52, 0.68, 0.84, 1.0, 1.0, 1.0, 1.0, 1.0];
         for (e, w) in want.iter().enumerate() {
-            assert!((curriculum_fraction(e as u64, 10) - w).abs() < 1e-12, "e={e}");
+            assert!(
+                (curriculum_fraction(e as u64, 10) - w).abs() < 1e-12,
+                "e={e}"
+            );
         }
         // n = 1000: ⌈1000·d⌉ = 200, 360, 520, 680, 840, 1000.
         let counts: Vec<usize> = (0..7).map(|e| curriculum_count(1000, e, 10)).collect();
@@ -145,7 +158,17 @@ mod tests {
         curriculum_order(&mut ids, |i| bin_rank(bins[i]), |i| dice[i]);
         assert_eq!(ids, vec![4, 1, 3, 0, 5, 2]);
         // Epoch 0 of 10 with n = 6 keeps all 6 (min(100, n) = 6) but in shuffled order.
-        let o = epoch_order(&ids, &[], 0.0, true, |i| bin_rank(bins[i]), |i| dice[i], 1, 0, 10);
+        let o = epoch_order(
+            &ids,
+            &[],
+            0.0,
+            true,
+            |i| bin_rank(bins[i]),
+            |i| dice[i],
+            1,
+            0,
+            10,
+        );
         let mut s = o.clone();
         s.sort();
         assert_eq!(s, vec![0, 1, 2, 3, 4, 5]);
@@ -190,8 +213,14 @@ mod tests {
             assert!((1..=2).contains(&c), "{r} drawn {c} times");
         }
         // Different epochs draw different subsets; the same epoch is reproducible.
-        assert_eq!(mix_epoch(&synth, &real, 0.25, 42, 1), mix_epoch(&synth, &real, 0.25, 42, 1));
-        assert_ne!(mix_epoch(&synth, &real, 0.25, 42, 1), mix_epoch(&synth, &real, 0.25, 42, 2));
+        assert_eq!(
+            mix_epoch(&synth, &real, 0.25, 42, 1),
+            mix_epoch(&synth, &real, 0.25, 42, 1)
+        );
+        assert_ne!(
+            mix_epoch(&synth, &real, 0.25, 42, 1),
+            mix_epoch(&synth, &real, 0.25, 42, 2)
+        );
         // ratio 0: the synthetic list unchanged.
         assert_eq!(mix_epoch(&synth, &real, 0.0, 42, 0), synth);
     }
