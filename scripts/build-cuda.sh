@@ -12,8 +12,8 @@
 #   * candle-kernels: its MoE/GGUF kernels (used only by quantized models, never by this project) are replaced by
 #     abort() stubs: compiling them takes most of an hour on a small machine and links `libcudart.so.11.0`, which a
 #     CUDA 12/13 machine does not have.
-# The copies live in $CARGO_TARGET_DIR/patched and reach cargo through `--config patch.crates-io...`; Cargo.lock is
-# restored afterwards.
+# The copies live in $CARGO_TARGET_DIR/patched and reach cargo through `--config patch.crates-io...`. While the build
+# runs, Cargo.lock names the two crates without registry source (do not commit it then); it is restored on exit.
 #
 # Environment:
 #   CUDA_COMPUTE_CAP   PTX target of candle's kernels (default 80): the driver JIT-compiles compute_80 PTX for any

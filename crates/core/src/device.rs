@@ -78,7 +78,12 @@ fn open_cuda(n: usize) -> Result<Device> {
     std::panic::set_hook(hook);
     match r {
         Ok(Ok(d)) => Ok(d),
-        Ok(Err(e)) => Err(Error::Arg(format!("cannot open GPU cuda:{n}: {e}"))),
+        Ok(Err(e)) => {
+            // candle appends a backtrace when RUST_BACKTRACE is set: keep the first line.
+            let e = e.to_string();
+            let first = e.lines().next().unwrap_or("").trim();
+            Err(Error::Arg(format!("cannot open GPU cuda:{n}: {first}")))
+        }
         Err(p) => {
             let msg = p
                 .downcast_ref::<String>()
