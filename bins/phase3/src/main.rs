@@ -159,6 +159,9 @@ struct Args {
     /// cpu | cuda | cuda:N [default: cuda:0 when built with CUDA and present, else cpu].
     #[arg(long)]
     device: Option<String>,
+    /// Frozen SAM image encoder precision: bf16 (CUDA only), f32 or auto (bf16 on CUDA, f32 on CPU).
+    #[arg(long, value_name = "bf16|f32|auto")]
+    encoder_dtype: Option<String>,
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Threads for decoding and augmentation.
@@ -229,6 +232,7 @@ fn options(a: Args) -> anyhow::Result<Phase3Options> {
     o.exp_name = a.exp_name;
     o.save_every = a.save_every;
     o.device = a.device.map(|d| d.parse::<DeviceSpec>()).transpose()?;
+    o.encoder_dtype = a.encoder_dtype;
     o.seed = a.seed;
     o.num_workers = a.num_workers;
     o.resume = a.resume;

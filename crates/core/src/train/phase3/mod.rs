@@ -55,7 +55,6 @@ use crate::models::sam::weights::{SamFormat, SamWeights};
 use crate::models::sam::EmbeddingCache;
 use crate::refiner::SamRefinerSettings;
 use crate::{Error, Result};
-use candle_core::DType;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -350,11 +349,7 @@ fn train(
         }
         _ => None,
     };
-    let encoder_dtype = if device.is_cuda() {
-        DType::BF16
-    } else {
-        DType::F32
-    };
+    let encoder_dtype = crate::device::encoder_dtype(o.encoder_dtype.as_deref(), &device)?;
     let (tu_tensors, sam_weights, weights_id, provenance, refiner_cfg, init_weights) =
         match &resume_ck {
             Some(ck) => {

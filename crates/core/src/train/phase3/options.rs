@@ -59,6 +59,8 @@ pub struct Phase3Options {
     pub exp_name: Option<String>,
     pub save_every: u64,
     pub device: Option<DeviceSpec>,
+    /// Frozen SAM image encoder dtype: `bf16`, `f32` or `auto` (bf16 on CUDA, f32 on CPU; SPEC §15).
+    pub encoder_dtype: Option<String>,
     pub seed: u64,
     pub num_workers: usize,
     pub resume: Option<String>,
@@ -122,6 +124,7 @@ impl Phase3Options {
             exp_name: None,
             save_every: 20,
             device: None,
+            encoder_dtype: None,
             seed: 42,
             num_workers: 8,
             resume: None,
