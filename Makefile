@@ -11,9 +11,15 @@ DATA_ROOT    ?= dataset/processed
 AUG_ROOT     ?= dataset/augmented
 DEVICE       ?= cpu
 CHECKPOINTS  ?= checkpoints
+RESULTS      ?= results
 # Phase 2 trains one SAM on the union of DATASETS; its run name is the sorted names joined by '_' (SPEC §8.9).
 P2_RUN       ?= $(shell printf '%s\n' $(DATASETS) | LC_ALL=C sort -u | paste -sd_ -)
 SAM_CHECKPOINT ?= medsam-vit-b
+# Extra flags per step, e.g. PHASE2_ARGS="--epochs 20 --use-lora" (see each binary's --help).
+AUGMENT_ARGS ?=
+PHASE1_ARGS  ?=
+PHASE2_ARGS  ?=
+PHASE3_ARGS  ?=
 P1_DIR        = $(CHECKPOINTS)/transunet
 P2_DIR        = $(CHECKPOINTS)/sam_finetuned
 P3_DIR        = $(CHECKPOINTS)/ultra_refiner
@@ -71,30 +77,30 @@ prepare: build
 
 augment: build
 	$(RELEASE)/ultrarefiner augment synthetic --processed-root $(DATA_ROOT) --datasets $(DATASETS) --output-root $(AUG_ROOT) \
-	  --resume
+	  --resume $(AUGMENT_ARGS)
 
 # Every training target passes --resume auto: a finished run exits at once, an interrupted one continues.
 phase1: build
 	$(RELEASE)/phase1 --config $(CONFIG) --data-root $(DATA_ROOT) --dataset $(DATASET) --fold $(FOLD) \
-	  --output-dir $(P1_DIR) --device $(DEVICE) --resume auto
+	  --output-dir $(P1_DIR) --device $(DEVICE) --resume auto $(PHASE1_ARGS)
 
 # One SAM refiner for all DATASETS (SAM_CHECKPOINT: a fetch alias such as medsam-vit-b, or a path).
 phase2: build
 	$(RELEASE)/phase2 --config $(CONFIG) --data-root $(AUG_ROOT) --processed-root $(DATA_ROOT) --dataset $(P2_RUN) \
-	  --sam-checkpoint $(SAM_CHECKPOINT) --output-dir $(P2_DIR) --device $(DEVICE) --resume auto
+	  --sam-checkpoint $(SAM_CHECKPOINT) --output-dir $(P2_DIR) --device $(DEVICE) --resume auto $(PHASE2_ARGS)
 
 phase3: build
 	$(RELEASE)/phase3 --config $(CONFIG) --data-root $(DATA_ROOT) --dataset $(DATASET) --fold $(FOLD) \
 	  --transunet-checkpoint $(P1_DIR)/$(DATASET)/fold_$(FOLD)/best.safetensors \
 	  --sam-checkpoint $(P2_DIR)/$(P2_RUN)/best_sam.safetensors \
-	  --output-dir $(P3_DIR) --device $(DEVICE) --resume auto
+	  --output-dir $(P3_DIR) --device $(DEVICE) --resume auto $(PHASE3_ARGS)
 
 # Test split of each dataset in DATASETS with the fold ensemble (mean probability) of its Phase 3 models over FOLDS.
 evaluate: build
 	@for ds in $(DATASETS); do \
 	  $(RELEASE)/ultrarefiner evaluate --config $(CONFIG) --data-root $(DATA_ROOT) --datasets $$ds --split test \
 	    --ensemble "$(P3_DIR)/$$ds/fold_{k}/best.safetensors" --folds $(shell echo $(FOLDS) | tr ' ' ',') \
-	    --output-dir results/$$ds/test_evaluation --visualize --device $(DEVICE) || exit $$?; \
+	    --output-dir $(RESULTS)/$$ds/test_evaluation --visualize --device $(DEVICE) || exit $$?; \
 	done
 
 # The whole study: every DATASET x FOLD through Phases 1 and 3, one Phase 2 in between, then evaluation.
