@@ -1240,10 +1240,16 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
             lr: Named(lr.clone()),
             train_loss: tracker.mean("loss"),
             components: Named(
-                ["bce", "dice", "iou", "change"]
-                    .iter()
-                    .filter_map(|k| tracker.mean(k).map(|v| (k.to_string(), v)))
-                    .collect(),
+                // CSV names distinct from the `train_dice`/`train_iou` metric columns.
+                [
+                    ("bce", "bce"),
+                    ("dice", "dice_loss"),
+                    ("iou", "iou_loss"),
+                    ("change", "change"),
+                ]
+                .iter()
+                .filter_map(|(k, col)| tracker.mean(k).map(|v| (col.to_string(), v)))
+                .collect(),
             ),
             train_dice: tracker.mean("metric_dice"),
             train_iou: tracker.mean("metric_iou"),
