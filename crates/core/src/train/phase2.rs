@@ -815,27 +815,11 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
         Some(d) => d.parse::<crate::device::DeviceSpec>()?.open()?,
         None => crate::device::DeviceSpec::default_for_build().open()?,
     };
-    let encoder_dtype =
-        match opts.encoder_dtype.as_deref() {
-            None => {
-                if dev.is_cuda() && lora.is_none() {
-                    DType::BF16
-                } else {
-                    DType::F32
-                }
-            }
-            Some("f32") => DType::F32,
-            Some("bf16") if dev.is_cuda() => DType::BF16,
-            Some("bf16") => return Err(Error::Arg(
-                "--encoder-dtype bf16 needs a CUDA device (candle has no bf16 convolution on CPU)"
-                    .into(),
-            )),
-            Some(o) => {
-                return Err(Error::Arg(format!(
-                    "--encoder-dtype {o}: expected bf16 or f32"
-                )))
-            }
-        };
+    // LoRA trains the encoder, so its default is f32 even on CUDA; otherwise the frozen encoder's default (§15).
+    let encoder_dtype = match opts.encoder_dtype.as_deref() {
+        None | Some("auto") if lora.is_some() => DType::F32,
+        requested => crate::device::encoder_dtype(requested, &dev)?,
+    };
 
     let run_dir = RunDir::new(&opts.output_dir, &run_name(opts)?);
     let style = if opts.quiet {
