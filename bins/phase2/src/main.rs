@@ -125,7 +125,7 @@ struct Args {
     /// In-memory embedding cache bound in GiB.
     #[arg(long, default_value_t = 8.0)]
     embed_cache_mem: f64,
-    /// Frozen encoder dtype: bf16 (CUDA only) | f32 [default: bf16 on CUDA, f32 on CPU and with LoRA].
+    /// Frozen encoder dtype: bf16 (CUDA only), f32 or auto [default auto: bf16 on CUDA, f32 on CPU and with LoRA].
     #[arg(long)]
     encoder_dtype: Option<String>,
     /// Gradient clipping by total L2 norm (0 disables).
