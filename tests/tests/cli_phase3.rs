@@ -5,9 +5,7 @@
 //! Build first: `cargo build --release -p phase1 -p phase3 -p ultrarefiner-cli`.
 use std::path::Path;
 use std::process::{Command, Output};
-use ultrarefiner::data::phantom::{generate, PhantomOptions};
-use ultrarefiner::data::prepare::{prepare_datasets, PrepareOptions};
-use ultrarefiner::data::DatasetKind;
+use ultrarefiner::testing::prepared_phantom;
 use ultrarefiner_tests::{release_bin, temp_dir};
 
 fn ok(o: &Output, what: &str) -> String {
@@ -36,25 +34,7 @@ fn phase3_two_epochs_after_phase1() {
         assert!(p.is_file(), "{} not built", p.display());
     }
     let tmp = temp_dir("cli_phase3");
-    let raw = tmp.path().join("raw");
-    generate(&PhantomOptions {
-        out: raw.join("PHANTOM"),
-        count: 20,
-        seed: 7,
-        height_range: (112, 144),
-        width_range: (128, 176),
-        annotations: true,
-        num_workers: Some(2),
-    })
-    .unwrap();
-    let data = tmp.path().join("processed");
-    prepare_datasets(&PrepareOptions {
-        raw_root: raw,
-        output_root: data.clone(),
-        datasets: vec![DatasetKind::Phantom],
-        ..Default::default()
-    })
-    .unwrap();
+    let data = prepared_phantom(tmp.path(), 20, true).unwrap();
     let p1 = tmp.path().join("p1");
     let mut c = Command::new(release_bin("phase1"));
     common(&mut c, &data);

@@ -110,3 +110,29 @@ pub fn assert_grad_close(name: &str, got: &Tensor, want: &Tensor, rel_l2: f64, m
         "{name}: gradient rel L2 {rel:.3e} (max {rel_l2:.0e}), cosine {cos:.6} (min {min_cos})"
     );
 }
+
+/// A prepared phantom dataset for trainer tests: `count` images (sizes 112–144 × 128–176, seed 7) generated under
+/// `dir/raw/PHANTOM` and prepared (SPEC §3.4, with `splits.json`) into `dir/processed`, which is returned.
+pub fn prepared_phantom(dir: &Path, count: usize, annotations: bool) -> Result<PathBuf> {
+    use crate::data::phantom::{generate, PhantomOptions};
+    use crate::data::prepare::{prepare_datasets, PrepareOptions};
+    let raw = dir.join("raw");
+    generate(&PhantomOptions {
+        out: raw.join("PHANTOM"),
+        count,
+        seed: 7,
+        height_range: (112, 144),
+        width_range: (128, 176),
+        annotations,
+        num_workers: Some(2),
+    })?;
+    let processed = dir.join("processed");
+    prepare_datasets(&PrepareOptions {
+        raw_root: raw,
+        output_root: processed.clone(),
+        datasets: vec![crate::data::DatasetKind::Phantom],
+        num_workers: Some(2),
+        ..Default::default()
+    })?;
+    Ok(processed)
+}

@@ -3,9 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use ultrarefiner::augment::{run_synthetic, SimConfig, SyntheticOptions};
-use ultrarefiner::data::phantom::{generate, PhantomOptions};
-use ultrarefiner::data::prepare::{prepare_datasets, PrepareOptions};
-use ultrarefiner::data::DatasetKind;
+use ultrarefiner::testing::prepared_phantom;
 use ultrarefiner::train::phase2::{run, split_sources, Phase2Options, Phase2Status};
 use ultrarefiner::train::StopFlag;
 
@@ -21,26 +19,7 @@ fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
         let tmp = tempfile::tempdir().unwrap();
-        let raw = tmp.path().join("raw");
-        generate(&PhantomOptions {
-            out: raw.join("PHANTOM"),
-            count: 16,
-            seed: 7,
-            height_range: (112, 144),
-            width_range: (128, 176),
-            annotations: false,
-            num_workers: Some(2),
-        })
-        .unwrap();
-        let processed = tmp.path().join("processed");
-        prepare_datasets(&PrepareOptions {
-            raw_root: raw,
-            output_root: processed.clone(),
-            datasets: vec![DatasetKind::Phantom],
-            num_workers: Some(2),
-            ..Default::default()
-        })
-        .unwrap();
+        let processed = prepared_phantom(tmp.path(), 16, false).unwrap();
         let augmented = tmp.path().join("augmented");
         run_synthetic(&SyntheticOptions {
             processed_root: processed.clone(),
@@ -444,26 +423,7 @@ fn real_data_mixing_runs() {
 #[ignore = "~320 optimiser steps: about 2 min CPU in release; run with --ignored"]
 fn refined_beats_coarse_on_held_out_sources() {
     let tmp = tempfile::tempdir().unwrap();
-    let raw = tmp.path().join("raw");
-    generate(&PhantomOptions {
-        out: raw.join("PHANTOM"),
-        count: 48,
-        seed: 7,
-        height_range: (112, 144),
-        width_range: (128, 176),
-        annotations: false,
-        num_workers: Some(2),
-    })
-    .unwrap();
-    let processed = tmp.path().join("processed");
-    prepare_datasets(&PrepareOptions {
-        raw_root: raw,
-        output_root: processed.clone(),
-        datasets: vec![DatasetKind::Phantom],
-        num_workers: Some(2),
-        ..Default::default()
-    })
-    .unwrap();
+    let processed = prepared_phantom(tmp.path(), 48, false).unwrap();
     let augmented = tmp.path().join("augmented");
     run_synthetic(&SyntheticOptions {
         processed_root: processed.clone(),

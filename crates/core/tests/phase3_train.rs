@@ -6,15 +6,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use ultrarefiner::config::Config;
-use ultrarefiner::data::phantom::{generate, PhantomOptions};
-use ultrarefiner::data::prepare::{prepare_datasets, PrepareOptions};
-use ultrarefiner::data::DatasetKind;
 use ultrarefiner::device::DeviceSpec;
 use ultrarefiner::eval::model::{EvalModel, ModelSource};
 use ultrarefiner::models::sam::weights::{random_weights, SamFormat, SamWeights};
 use ultrarefiner::models::transunet::{build_trainable, save_safetensors_atomic, state_dict};
 use ultrarefiner::refiner::SamRefinerSettings;
-use ultrarefiner::testing::fixture_path;
+use ultrarefiner::testing::{fixture_path, prepared_phantom};
 use ultrarefiner::train::losses::{Phase3LossConfig, RefinedLossSize};
 use ultrarefiner::train::optim::{AdamW, Optimizer};
 use ultrarefiner::train::phase3::{
@@ -36,25 +33,7 @@ fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let raw = dir.path().join("raw");
-        generate(&PhantomOptions {
-            out: raw.join("PHANTOM"),
-            count: 16,
-            seed: 7,
-            height_range: (112, 144),
-            width_range: (128, 176),
-            annotations: true,
-            num_workers: Some(2),
-        })
-        .unwrap();
-        let data = dir.path().join("processed");
-        prepare_datasets(&PrepareOptions {
-            raw_root: raw,
-            output_root: data.clone(),
-            datasets: vec![DatasetKind::Phantom],
-            ..Default::default()
-        })
-        .unwrap();
+        let data = prepared_phantom(dir.path(), 16, true).unwrap();
         let mut cfg = Config::load("tiny").unwrap();
         cfg.model.transunet.img_size = S;
         let vm = candle_nn::VarMap::new();
