@@ -17,8 +17,8 @@
 #
 # Environment:
 #   CUDA_COMPUTE_CAP   PTX target of candle's kernels (default 80): the driver JIT-compiles compute_80 PTX for any
-#                      newer GPU (A100 80, A10/RTX 30xx 86, L4/RTX 40xx 89, H100/H200 90). Set 90 for a Hopper-only
-#                      build (nvcc 11.8 knows sm_90).
+#                      newer GPU (A100 80, A10/RTX 30xx 86, L4/RTX 40xx 89, H100/H200 90). Keep 80 for Hopper with
+#                      CUDA 11.8: candle's build asks for compute_90a at 90, which nvcc 11.8 does not know.
 #   CARGO_TARGET_DIR   default target/cuda (never the CPU build's target/release).
 #   CARGO_BUILD_JOBS   passed through to cargo.
 set -euo pipefail
@@ -56,7 +56,7 @@ CUDARC_SRC=$(find_src cudarc "$CUDARC_V")
 KERNELS_SRC=$(find_src candle-kernels "$KERNELS_V")
 [[ -d $CUDARC_SRC && -d $KERNELS_SRC ]] || { echo "error: cannot find the cudarc/candle-kernels sources" >&2; exit 1; }
 
-PATCHED="$ROOT/$CARGO_TARGET_DIR/patched"
+case $CARGO_TARGET_DIR in /*) PATCHED="$CARGO_TARGET_DIR/patched" ;; *) PATCHED="$ROOT/$CARGO_TARGET_DIR/patched" ;; esac
 PATCH_VERSION=2   # bump when the patches below change
 mkdir -p "$PATCHED"
 copy_if_changed() { # src dst: fresh copy unless an identical patched copy exists (keeps cargo's fingerprints)

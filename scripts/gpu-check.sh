@@ -85,8 +85,24 @@ step() {
   return $rc
 }
 
+# The binaries dlopen libcuda, libcublas(Lt), libcurand and libnvrtc. When the dynamic loader does not know libcublas
+# (a toolkit outside ld.so.conf, or PyTorch's pip wheels only), add the usual folders that hold it.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so'; then
+  extra=""
+  for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+    $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null | xargs -n1 2>/dev/null | sed 's|$|/nvidia|'); do
+    [[ -d $d ]] || continue
+    for l in $(ls -d "$d" "$d"/*/lib "$d"/cu*/lib 2>/dev/null); do
+      ls "$l"/libcublas.so* "$l"/libcurand.so* "$l"/libnvrtc.so* >/dev/null 2>&1 && extra="$extra:$l"
+    done
+  done
+  export LD_LIBRARY_PATH="${extra#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+
 # 1. Environment.
 {
+  echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+  ldconfig -p 2>/dev/null | grep -E 'libcuda\.so|libcublas\.so|libcurand\.so|libnvrtc\.so' | head -n 8
   date -u
   uname -a
   command -v nvidia-smi >/dev/null && nvidia-smi || echo "nvidia-smi not found"

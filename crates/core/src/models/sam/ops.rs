@@ -43,7 +43,9 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.weight.t()?;
         let y = match x.rank() {
-            2 => x.matmul(&w)?,
+            // A row slice of a wider tensor (e.g. one token of `hs`) has a row stride ≠ its width: CUDA's gemm
+            // refuses that layout (the CPU accepts it), so such inputs are copied first.
+            2 => x.contiguous()?.matmul(&w)?,
             3 => {
                 let (b, n, c) = x.dims3()?;
                 x.reshape((b * n, c))?.matmul(&w)?.reshape((b, n, ()))?
