@@ -238,7 +238,9 @@ pub fn coarse_logits(p: &Tensor) -> Result<Tensor> {
 
 /// `ω·z_p + (1 − ω)·coarse_logits` (shapes broadcast).
 pub fn blend(z_p: &Tensor, omega: &Tensor, coarse_logits: &Tensor) -> Result<Tensor> {
-    Ok((z_p.broadcast_mul(omega)? + coarse_logits.broadcast_mul(&omega.affine(-1.0, 1.0)?)?)?)
+    Ok(z_p
+        .broadcast_mul(omega)?
+        .broadcast_add(&coarse_logits.broadcast_mul(&omega.affine(-1.0, 1.0)?)?)?)
 }
 
 #[cfg(test)]
