@@ -394,6 +394,13 @@ fn train(
                     }
                 }
                 let rc = resolve_refiner(o, &r.cfg.refiner, &src)?;
+                let p2_roi = src
+                    .phase2_sidecar
+                    .as_ref()
+                    .and_then(|v| v["refiner"]["use_roi_crop"].as_bool());
+                if p2_roi == Some(true) && !o.use_roi_crop {
+                    say("note: the Phase 2 model was trained with ROI crop (best_sam.json); add --use-roi-crop to refine crops here too");
+                }
                 let iw = vec![
                     WeightSource {
                         role: "transunet".into(),
