@@ -129,7 +129,7 @@ struct Args {
     /// (centre ± 2.5σ, each side grown by --roi-expand-ratio, at least 64 px of the SAM grid), refined there and
     /// pasted back; outside the box the refined logits are the coarse logits. The crop depends on the mask, so the
     /// encoder runs in every step (no embedding cache; much slower). Recorded in best.json / best_sam.json, so
-    /// Phase 3, evaluate and infer pick it up.
+    /// evaluate and infer pick it up; Phase 3 needs its own --use-roi-crop (it prints a note when missing).
     #[arg(long)]
     use_roi_crop: bool,
     /// ROI expansion: each side of the box grows by r·(box size).
