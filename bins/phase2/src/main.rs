@@ -17,8 +17,8 @@ use ultrarefiner::train::{StopFlag, EXIT_TEMPFAIL};
 ///
 /// Options: LoRA on the image encoder (--use-lora; the encoder then runs in every step and the cache is off),
 /// --curriculum (easy bins first, growing share of the data), Option B mixing of real out-of-fold predictions
-/// (--real-data DIR --real-ratio r), --val-every, an on-disk embedding cache (--embed-cache-dir). Not available in this
-/// version: ROI crop (--use-roi-crop).
+/// (--real-data DIR --real-ratio r), --val-every, an on-disk embedding cache (--embed-cache-dir), ROI crop
+/// (--use-roi-crop: the refiner works on an enlarged crop around the coarse lesion, SPEC §7.7).
 ///
 /// Example (CPU demo; random SAM weights learn only with a higher LR than the paper's 1e-4 for pretrained SAM):
 ///   phase2 --config tiny --dataset PHANTOM --sam-checkpoint random --transunet-img-size 96 --epochs 3 --lr 2e-3
@@ -125,6 +125,16 @@ struct Args {
     /// In-memory embedding cache bound in GiB.
     #[arg(long, default_value_t = 8.0)]
     embed_cache_mem: f64,
+    /// ROI-crop mode (SPEC §7.7): the image and the coarse mask are cropped to a box around the coarse lesion
+    /// (centre ± 2.5σ, each side grown by --roi-expand-ratio, at least 64 px of the SAM grid), refined there and
+    /// pasted back; outside the box the refined logits are the coarse logits. The crop depends on the mask, so the
+    /// encoder runs in every step (no embedding cache; much slower). Recorded in best.json / best_sam.json, so
+    /// evaluate and infer pick it up; Phase 3 needs its own --use-roi-crop (it prints a note when missing).
+    #[arg(long)]
+    use_roi_crop: bool,
+    /// ROI expansion: each side of the box grows by r·(box size).
+    #[arg(long, default_value_t = 0.2)]
+    roi_expand_ratio: f64,
     /// Frozen encoder dtype: bf16 (CUDA only), f32 or auto [default auto: bf16 on CUDA, f32 on CPU and with LoRA].
     #[arg(long)]
     encoder_dtype: Option<String>,
@@ -223,6 +233,8 @@ fn main() {
         embed_cache_dir: a.embed_cache_dir,
         embed_cache_mem: (a.embed_cache_mem * (1u64 << 30) as f64) as usize,
         encoder_dtype: a.encoder_dtype,
+        use_roi_crop: a.use_roi_crop,
+        roi_expand_ratio: a.roi_expand_ratio,
     };
     let stop = match StopFlag::install() {
         Ok(s) => s,

@@ -148,6 +148,15 @@ struct Args {
     /// In-memory embedding-cache bound in GiB.
     #[arg(long, default_value_t = 8.0)]
     embed_cache_mem: f64,
+    /// ROI-crop mode (SPEC §7.7): SAM refines an enlarged crop around the coarse lesion (centre ± 2.5σ, each side
+    /// grown by --roi-expand-ratio, at least 64 px of the SAM grid) that is pasted back; outside it the refined logits
+    /// are the coarse logits. The encoder runs on the crop in every step (no embedding cache, continuous rotation).
+    /// Recorded in the checkpoint sidecar, so evaluate/infer use it without flags.
+    #[arg(long)]
+    use_roi_crop: bool,
+    /// ROI expansion: each side of the box grows by r·(box size).
+    #[arg(long, default_value_t = 0.2)]
+    roi_expand_ratio: f64,
     #[arg(long, default_value = "./checkpoints/ultra_refiner")]
     output_dir: PathBuf,
     /// [default: {DATASET}/fold_{k}]
@@ -228,6 +237,8 @@ fn options(a: Args) -> anyhow::Result<Phase3Options> {
     o.rotation_angles = a.rotation_angles;
     o.embed_cache = !a.no_embed_cache;
     o.embed_cache_mem = (a.embed_cache_mem.max(0.0) * (1u64 << 30) as f64) as usize;
+    o.use_roi_crop = a.use_roi_crop;
+    o.roi_expand_ratio = a.roi_expand_ratio;
     o.output_dir = a.output_dir;
     o.exp_name = a.exp_name;
     o.save_every = a.save_every;

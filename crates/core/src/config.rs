@@ -106,6 +106,10 @@ pub struct RefinerConfig {
     pub sharpen_coarse_mask: bool,
     pub sharpen_temperature: f64,
     pub sam_normalization: String,
+    /// ROI-crop mode (SPEC §7.7, `--use-roi-crop`).
+    pub use_roi_crop: bool,
+    /// `--roi-expand-ratio r` (0.2): each side of the ROI box grows by `r·size`.
+    pub roi_expand_ratio: f64,
 }
 
 impl Default for RefinerConfig {
@@ -120,6 +124,8 @@ impl Default for RefinerConfig {
             sharpen_coarse_mask: false,
             sharpen_temperature: 10.0,
             sam_normalization: "sam".into(),
+            use_roi_crop: false,
+            roi_expand_ratio: 0.2,
         }
     }
 }

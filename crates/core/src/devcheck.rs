@@ -577,6 +577,7 @@ fn e2e_phase3(fx: &Fixtures, dev: &Device, reff: &Device) -> Result<Outcome> {
             selection_temperature: temperature,
             normalization: SamNormalization::Sam,
             sharpen: None,
+            ..SamRefinerSettings::default()
         };
         let model = UltraRefiner::new(tu, SamRefiner::new(s, settings));
         let x = get(&io, "input", d)?;

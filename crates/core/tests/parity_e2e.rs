@@ -137,6 +137,7 @@ fn build(style: MaskPromptStyle) -> Model {
         // Parity: the original normalised with SAM mean/std for every checkpoint (SPEC §7.1).
         normalization: SamNormalization::Sam,
         sharpen: None,
+        ..SamRefinerSettings::default()
     };
     Model {
         model: UltraRefiner::new(tu, SamRefiner::new(sam, settings)),

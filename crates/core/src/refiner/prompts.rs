@@ -137,7 +137,7 @@ fn check_pmap(what: &str, p: &Tensor) -> Result<(usize, usize, usize)> {
 }
 
 /// Index coordinate vector `0, 1, …, n−1` as a `(1, n)` tensor in the dtype/device of `like`.
-fn coord_row(n: usize, like: &Tensor) -> Result<Tensor> {
+pub(crate) fn coord_row(n: usize, like: &Tensor) -> Result<Tensor> {
     let v: Vec<f64> = (0..n).map(|i| i as f64).collect();
     Ok(Tensor::from_vec(v, (1, n), like.device())?.to_dtype(like.dtype())?)
 }
@@ -174,6 +174,21 @@ pub fn positive_point(p: &Tensor) -> Result<Tensor> {
 /// ≤ N−1 (one-sided clamps, SPEC §7.2).
 pub fn soft_box(p: &Tensor, sigma_k: f64, margin: f64) -> Result<Tensor> {
     let (_, h, w) = check_pmap("soft_box", p)?;
+    let [cx, cy, sx_, sy_] = center_sigma(p)?;
+    let half_x = sx_.affine(sigma_k, margin)?;
+    let half_y = sy_.affine(sigma_k, margin)?;
+    let x1 = cx.sub(&half_x)?.maximum(0.0)?;
+    let y1 = cy.sub(&half_y)?.maximum(0.0)?;
+    let x2 = cx.add(&half_x)?.minimum((w - 1) as f64)?;
+    let y2 = cy.add(&half_y)?.minimum((h - 1) as f64)?;
+    Ok(Tensor::stack(&[x1, y1, x2, y2], 1)?)
+}
+
+/// `[c_x, c_y, σ_x, σ_y]`, each `(B,)`: the `P`-weighted centre and standard deviations of SPEC §7.2
+/// (`S_p = ΣP + 1e-6`, `σ = sqrt(Σ P·(X − c)² / S_p + 1e-6)`), through marginals. Shared by the box prompt and the
+/// ROI box (§7.7).
+pub fn center_sigma(p: &Tensor) -> Result<[Tensor; 4]> {
+    let (_, h, w) = check_pmap("center_sigma", p)?;
     let (total, sx, sy, px, py) = moments(p)?;
     let sp = (total + WEIGHT_EPS)?;
     let cx = sx.div(&sp)?;
@@ -186,13 +201,7 @@ pub fn soft_box(p: &Tensor, sigma_k: f64, margin: f64) -> Result<Tensor> {
     };
     let sx_ = sigma(&px, &cx, w)?;
     let sy_ = sigma(&py, &cy, h)?;
-    let half_x = sx_.affine(sigma_k, margin)?;
-    let half_y = sy_.affine(sigma_k, margin)?;
-    let x1 = cx.sub(&half_x)?.maximum(0.0)?;
-    let y1 = cy.sub(&half_y)?.maximum(0.0)?;
-    let x2 = cx.add(&half_x)?.minimum((w - 1) as f64)?;
-    let y2 = cy.add(&half_y)?.minimum((h - 1) as f64)?;
-    Ok(Tensor::stack(&[x1, y1, x2, y2], 1)?)
+    Ok([cx, cy, sx_, sy_])
 }
 
 /// Box corners stacked as `(B, 4, 2)` in the order TL, TR, BL, BR.

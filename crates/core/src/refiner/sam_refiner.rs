@@ -4,6 +4,7 @@ use crate::config::RefinerConfig;
 use crate::models::sam::{EmbeddingCache, Sam};
 use crate::refiner::preprocess::SamNormalization;
 use crate::refiner::prompts::{extract_prompts, MaskPromptStyle, PromptConfig, Prompts};
+use crate::refiner::roi;
 use crate::refiner::select::{selection_weights, soft_select};
 use crate::{Error, Result};
 use candle_core::Tensor;
@@ -18,6 +19,8 @@ pub struct SamRefinerSettings {
     pub normalization: SamNormalization,
     /// Sharpening temperature `T` applied to the coarse probability at `S` (SPEC §7.3), `None` = off.
     pub sharpen: Option<f64>,
+    /// ROI-crop mode (SPEC §7.7): `Some(r)` = on with `--roi-expand-ratio r`, `None` = off (whole image).
+    pub roi_expand_ratio: Option<f64>,
 }
 
 impl Default for SamRefinerSettings {
@@ -27,6 +30,7 @@ impl Default for SamRefinerSettings {
             selection_temperature: 0.1,
             normalization: SamNormalization::Sam,
             sharpen: None,
+            roi_expand_ratio: None,
         }
     }
 }
@@ -60,11 +64,18 @@ impl SamRefinerSettings {
         } else {
             None
         };
+        let roi_expand_ratio = if cfg.use_roi_crop {
+            roi::check_expand_ratio(cfg.roi_expand_ratio)?;
+            Some(cfg.roi_expand_ratio)
+        } else {
+            None
+        };
         Ok(Self {
             prompts,
             selection_temperature: cfg.selection_temperature,
             normalization: SamNormalization::resolve(&cfg.sam_normalization, provenance)?,
             sharpen,
+            roi_expand_ratio,
         })
     }
 }
@@ -81,15 +92,43 @@ pub struct RefinerOutput {
     pub selection_weights: Tensor,
     /// `(B, M, M)` soft-selected logits at the low resolution.
     pub refined_m: Tensor,
-    /// `(B, N, N)` refined logits, `bilinear(ac=false)(refined_m → N)`.
+    /// `(B, N, N)` refined logits, `bilinear(ac=false)(refined_m → N)`; in ROI mode the pasted and blended
+    /// full-image logits (SPEC §7.7.4).
     pub refined_n: Tensor,
+    /// ROI-crop tensors (SPEC §7.7) when ROI mode is on; the fields above are then in crop coordinates, except
+    /// `refined_n`.
+    pub roi: Option<RoiOutput>,
+}
+
+/// The ROI part of a [`RefinerOutput`] (SPEC §7.7), all `(B, N, N)` except `boxes`.
+#[derive(Debug, Clone)]
+pub struct RoiOutput {
+    /// `(B, 4)` ROI boxes `[x1, y1, x2, y2]` on the `N` grid (differentiable in `coarse_n`).
+    pub boxes: Tensor,
+    /// The cropped coarse mask the prompts were built from.
+    pub coarse_crop: Tensor,
+    /// Crop logits `z_c` (soft selection resized to `N`, crop coordinates).
+    pub crop_logits: Tensor,
+    /// Soft window `ω`.
+    pub window: Tensor,
+    /// `logit(clamp(coarse_n, 1e-4, 1 − 1e-4))`, the refined logits outside the ROI.
+    pub coarse_logits: Tensor,
 }
 
 impl RefinerOutput {
     /// Candidates at full resolution `(B, 3, N, N)` (only for the IoU-prediction loss, SPEC §7.4 step 4).
+    /// In ROI mode each candidate is pasted back and blended like `refined_n` (full-image coordinates).
     pub fn candidates_n(&self) -> Result<Tensor> {
         let n = self.refined_n.dim(1)?;
-        crate::nn::resize_bilinear(&self.low_res.contiguous()?, n, n, false)
+        let c = crate::nn::resize_bilinear(&self.low_res.contiguous()?, n, n, false)?;
+        match &self.roi {
+            None => Ok(c),
+            Some(r) => roi::blend(
+                &roi::paste(&c, &r.boxes, n, n)?,
+                &r.window.unsqueeze(1)?,
+                &r.coarse_logits.unsqueeze(1)?,
+            ),
+        }
     }
 }
 
@@ -120,6 +159,41 @@ impl SamRefiner {
         self.sam.encode(sam_image, dropout_seed)
     }
 
+    /// Whether ROI-crop mode (SPEC §7.7) is on.
+    pub fn roi_mode(&self) -> bool {
+        self.settings.roi_expand_ratio.is_some()
+    }
+
+    /// ROI mode: the crop of the normalised SAM image `(B, 3, N, N)` that [`Self::refine`] expects embeddings of,
+    /// for `coarse_n (B, N, N)`. The box is the one `refine` computes (same ops on the same values), detached: the
+    /// image carries no gradient (SPEC §7.1). Errors when ROI mode is off.
+    pub fn roi_image(&self, sam_image: &Tensor, coarse_n: &Tensor) -> Result<Tensor> {
+        let r = self
+            .settings
+            .roi_expand_ratio
+            .ok_or_else(|| Error::msg("SamRefiner::roi_image called with ROI-crop mode off"))?;
+        let n = self.img_size();
+        let boxes = roi::roi_box(&coarse_n.detach(), r)?;
+        Ok(roi::crop(&sam_image.detach(), &boxes, n, n)?.detach())
+    }
+
+    /// The embeddings [`Self::refine`] needs for `(sam_image, coarse_n)`: in ROI mode the encoder on the ROI crop
+    /// (never cached: the crop depends on `P`, SPEC §7.7.5); otherwise [`Self::embed_cached`].
+    pub fn embed_for(
+        &self,
+        cache: Option<&EmbeddingCache>,
+        image_s: &Tensor,
+        sam_image: &Tensor,
+        coarse_n: &Tensor,
+        dropout_seed: Option<u64>,
+    ) -> Result<Tensor> {
+        if self.roi_mode() {
+            self.embed(&self.roi_image(sam_image, coarse_n)?, dropout_seed)
+        } else {
+            self.embed_cached(cache, image_s, sam_image, dropout_seed)
+        }
+    }
+
     /// Image embeddings through the embedding cache (SPEC §6.9): the key is built from the grey `S×S` input
     /// `image_s (B, 1, S, S)`, misses run the frozen encoder on the matching rows of `sam_image (B, 3, N, N)`.
     /// Without a cache, or with LoRA (the cache is disabled), this is [`Self::embed`].
@@ -146,7 +220,44 @@ impl SamRefiner {
     /// Prompts from `coarse_n (B, N, N)`, SAM prompt encoder and mask decoder (multimask), soft selection at `M`,
     /// then the resize to `N`. `embeddings` is `(B, C, g, g)` (or `(1, C, g, g)`, shared), from [`Self::embed`] or the
     /// embedding cache.
+    ///
+    /// ROI mode (SPEC §7.7): `embeddings` must be those of the ROI crop ([`Self::embed_for`] /
+    /// [`Self::roi_image`]); the ROI box comes from `coarse_n`, the prompts from the cropped mask, and the crop
+    /// logits are pasted back and blended with the coarse logits ([`RefinerOutput::roi`]).
     pub fn refine(&self, embeddings: &Tensor, coarse_n: &Tensor) -> Result<RefinerOutput> {
+        let Some(r) = self.settings.roi_expand_ratio else {
+            return self.refine_direct(embeddings, coarse_n);
+        };
+        let n = self.img_size();
+        if coarse_n.dims().len() != 3 || coarse_n.dim(1)? != n || coarse_n.dim(2)? != n {
+            return Err(Error::Arg(format!(
+                "SamRefiner::refine: coarse_n must be (B, {n}, {n}), got {:?}",
+                coarse_n.dims()
+            )));
+        }
+        let boxes = roi::roi_box(coarse_n, r)?;
+        let coarse_crop = roi::crop_map(coarse_n, &boxes, n)?;
+        let mut out = self.refine_direct(embeddings, &coarse_crop)?;
+        let crop_logits = out.refined_n.clone();
+        let window = roi::window(&boxes, n, n)?;
+        let coarse_logits = roi::coarse_logits(coarse_n)?;
+        out.refined_n = roi::blend(
+            &roi::paste_map(&crop_logits, &boxes, n)?,
+            &window,
+            &coarse_logits,
+        )?;
+        out.roi = Some(RoiOutput {
+            boxes,
+            coarse_crop,
+            crop_logits,
+            window,
+            coarse_logits,
+        });
+        Ok(out)
+    }
+
+    /// [`Self::refine`] without ROI cropping: prompts from `coarse_n` as given, SAM, soft selection, resize to `N`.
+    pub fn refine_direct(&self, embeddings: &Tensor, coarse_n: &Tensor) -> Result<RefinerOutput> {
         let n = self.img_size();
         let (b, h, w) = coarse_n.dims3().map_err(|_| {
             Error::Arg(format!(
@@ -192,6 +303,7 @@ impl SamRefiner {
             selection_weights: weights,
             refined_m,
             refined_n,
+            roi: None,
         })
     }
 }

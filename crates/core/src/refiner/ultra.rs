@@ -41,9 +41,11 @@ pub struct ForwardOptions<'a> {
     pub train: bool,
     /// Dropout seed of the TransUNet (and LoRA) in training mode; `None` = no dropout.
     pub dropout_seed: Option<u64>,
-    /// Precomputed image embeddings `(B, C, g, g)`; `None` uses `cache` or runs the SAM image encoder.
+    /// Precomputed image embeddings `(B, C, g, g)` (in ROI mode: of the ROI crop, see [`SamRefiner::roi_image`]);
+    /// `None` uses `cache` or runs the SAM image encoder.
     pub embeddings: Option<&'a Tensor>,
-    /// Embedding cache (only for non-augmented inputs, SPEC §6.9); ignored when `embeddings` is given or with LoRA.
+    /// Embedding cache (only for non-augmented inputs, SPEC §6.9); ignored when `embeddings` is given, with LoRA and
+    /// in ROI mode.
     pub cache: Option<&'a EmbeddingCache>,
 }
 
@@ -150,10 +152,12 @@ impl UltraRefiner {
             phase3_sam_inputs(image_s, coarse_prob, n, self.refiner.settings.normalization)?;
         let emb = match opts.embeddings {
             Some(e) => e.clone(),
-            None => self.refiner.embed_cached(
+            // ROI mode (§7.7): the encoder runs on the crop, the cache is bypassed.
+            None => self.refiner.embed_for(
                 opts.cache,
                 image_s,
                 &sam_inputs.image,
+                &sam_inputs.coarse,
                 opts.dropout_seed,
             )?,
         };

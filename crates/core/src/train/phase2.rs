@@ -7,7 +7,10 @@
 //! and Option B real-data mixing (§11.3 step 4, [`compose`]), `--val-every`, the on-disk embedding cache and
 //! `--embed-cache off` (encoder in every step).
 //!
-//! Entry point: [`run`] with [`Phase2Options`]. Not implemented (rejected, never silently ignored by the CLI): ROI crop.
+//! ROI-crop mode (§7.7, `use_roi_crop`): the encoder runs in every step on the ROI crop of each sample (the crop
+//! depends on the coarse mask), so the embedding cache is off.
+//!
+//! Entry point: [`run`] with [`Phase2Options`].
 pub mod compose;
 
 use crate::augment::run::SampleRecord;
@@ -107,6 +110,9 @@ pub struct Phase2Options {
     pub embed_cache_mem: usize,
     /// `bf16|f32` [default: bf16 on CUDA, f32 on CPU].
     pub encoder_dtype: Option<String>,
+    /// ROI-crop mode (§7.7) and its expand ratio (default 0.2).
+    pub use_roi_crop: bool,
+    pub roi_expand_ratio: f64,
 }
 
 impl Default for Phase2Options {
@@ -159,6 +165,8 @@ impl Default for Phase2Options {
             embed_cache_dir: None,
             embed_cache_mem: 8 << 30,
             encoder_dtype: None,
+            use_roi_crop: false,
+            roi_expand_ratio: crate::refiner::roi::DEFAULT_EXPAND_RATIO,
         }
     }
 }
@@ -542,7 +550,8 @@ pub struct Batch {
 pub enum Embeddings {
     /// One embedding per source (index = source), computed once through the embedding cache (frozen encoder).
     Cached(Vec<Tensor>),
-    /// The encoder runs on every batch: LoRA (differentiable path), or `--embed-cache off` (frozen path).
+    /// The encoder runs on every batch: LoRA (differentiable path), or `--embed-cache off` (frozen path), or ROI
+    /// mode (§7.7: the encoder runs on the ROI crop of each sample).
     PerBatch,
 }
 
@@ -585,16 +594,31 @@ pub fn make_batch(
         c.extend_from_slice(&data.coarse[i]);
     }
     let image_s = Tensor::from_vec(img, (b, 1, s, s), dev)?;
+    let coarse_s = Tensor::from_vec(c, (b, s, s), dev)?;
     let emb = match emb {
+        Embeddings::Cached(_) if refiner.roi_mode() => {
+            return Err(Error::msg(
+                "phase2: cached full-image embeddings cannot be used in ROI-crop mode (the encoder runs on the crop)",
+            ))
+        }
         Embeddings::Cached(e) => {
             let v: Vec<Tensor> = ids.iter().map(|&i| e[data.source_of[i]].clone()).collect();
             Tensor::stack(&v, 0)?.to_dtype(DType::F32)?
+        }
+        Embeddings::PerBatch if refiner.roi_mode() => {
+            let inp = preprocess(
+                &image_s,
+                &coarse_s,
+                refiner.img_size(),
+                refiner.settings.normalization,
+            )?;
+            refiner.embed_for(None, &image_s, &inp.image, &inp.coarse, dropout_seed)?
         }
         Embeddings::PerBatch => encode_batch(refiner, &image_s, dropout_seed)?,
     };
     Ok(Batch {
         image_s,
-        coarse_s: Tensor::from_vec(c, (b, s, s), dev)?,
+        coarse_s,
         gt_s: Tensor::from_vec(g, (b, s, s), dev)?,
         emb,
     })
@@ -768,6 +792,8 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
     rcfg.use_mask_prompt &= !opts.no_mask_prompt;
     rcfg.add_negative_point &= !opts.no_negative_point;
     rcfg.sam_normalization = opts.sam_normalization.clone();
+    rcfg.use_roi_crop = opts.use_roi_crop;
+    rcfg.roi_expand_ratio = opts.roi_expand_ratio;
     let settings = SamRefinerSettings::from_config(&rcfg, Some(provenance))?;
     let lcfg = Phase2LossConfig {
         iou_loss_weight: opts.iou_loss_weight,
@@ -996,7 +1022,10 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
     // Embeddings: one frozen-encoder forward per distinct source image, through the embedding cache (§6.9); with
     // LoRA or `--embed-cache off` the encoder runs in every step instead.
     let fwd0 = refiner.sam.image_encoder.forward_count();
-    let emb = if lora.is_none() && opts.embed_cache {
+    if refiner.roi_mode() && lora.is_none() && opts.embed_cache {
+        say("ROI crop (§7.7): the image encoder runs on the crop in every step; the embedding cache is off");
+    }
+    let emb = if lora.is_none() && opts.embed_cache && !refiner.roi_mode() {
         let cache = EmbeddingCache::new(
             opts.embed_cache_dir.as_deref(),
             &refiner.sam.image_encoder.fingerprint()?,
@@ -1008,6 +1037,12 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
     };
     let encoder_forwards = refiner.sam.image_encoder.forward_count() - fwd0;
 
+    // The refiner configuration as evaluation reads it from `best_sam.json` (normalisation resolved).
+    let sam_refiner_json = {
+        let mut r = rcfg.clone();
+        r.sam_normalization = refiner.settings.normalization.as_str().to_string();
+        serde_json::to_value(&r).map_err(|e| Error::msg(e.to_string()))?
+    };
     let config_json = serde_json::json!({
         "config": opts.config, "sam": sam_cfg, "refiner": rcfg, "epochs": epochs, "batch_size": batch_size,
         "lr": opts.lr, "weight_decay": opts.weight_decay, "min_lr": opts.min_lr,
@@ -1037,13 +1072,17 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
             (
                 "Model".into(),
                 format!(
-                    "SAM ({}), prompt encoder + mask decoder{} trainable",
+                    "SAM ({}), prompt encoder + mask decoder{} trainable{}",
                     opts.config,
                     match &lora {
                         Some(l) => format!(
                             " + LoRA (r {}, α {}, {})",
                             l.rank, l.alpha, opts.lora_targets
                         ),
+                        None => String::new(),
+                    },
+                    match refiner.settings.roi_expand_ratio {
+                        Some(r) => format!(", ROI crop (expand ratio {r})"),
                         None => String::new(),
                     }
                 ),
@@ -1329,6 +1368,7 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
                     "mask_prompt_style": refiner.settings.prompts.mask_style.as_str(),
                     "prompts": {"point": refiner.settings.prompts.use_point, "box": refiner.settings.prompts.use_box,
                                 "mask": refiner.settings.prompts.use_mask, "negative_point": refiner.settings.prompts.add_negative_point},
+                    "refiner": sam_refiner_json,
                     "transunet_img_size": data.store_size, "sam_img_size": n, "config": opts.config,
                     "lora": lora.as_ref().map(|l| serde_json::json!({"rank": l.rank, "alpha": l.alpha, "merged": true,
                         "targets": opts.lora_targets})),

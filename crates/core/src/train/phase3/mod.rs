@@ -12,7 +12,10 @@
 //! std::process::exit(outcome.exit_code());
 //! ```
 //!
-//! Not implemented (the CLI does not offer them): LoRA, ROI crop, gated refinement, disk embedding cache.
+//! ROI-crop mode (§7.7, `use_roi_crop`): the SAM image encoder runs on the ROI crop in every step (training and
+//! validation), so the embedding cache is bypassed and training uses the continuous §3.8 rotation.
+//!
+//! Not implemented (the CLI does not offer them): LoRA, gated refinement, disk embedding cache.
 pub mod data;
 pub mod freeze;
 pub mod options;
@@ -295,7 +298,8 @@ fn train(
         Split::FoldVal(o.fold as usize),
         s,
     )?;
-    let rotation = if o.embed_cache {
+    // ROI mode bypasses the embedding cache (the crop depends on the coarse mask, §7.7.5).
+    let rotation = if o.embed_cache && !o.use_roi_crop {
         RotationPolicy::Fixed(o.rotation_angles)
     } else {
         RotationPolicy::Continuous
@@ -390,6 +394,13 @@ fn train(
                     }
                 }
                 let rc = resolve_refiner(o, &r.cfg.refiner, &src)?;
+                let p2_roi = src
+                    .phase2_sidecar
+                    .as_ref()
+                    .and_then(|v| v["refiner"]["use_roi_crop"].as_bool());
+                if p2_roi == Some(true) && !o.use_roi_crop {
+                    say("note: the Phase 2 model was trained with ROI crop (best_sam.json); add --use-roi-crop to refine crops here too");
+                }
                 let iw = vec![
                     WeightSource {
                         role: "transunet".into(),
@@ -411,6 +422,21 @@ fn train(
                 (tu, src.weights, src.weights_id, src.provenance, rc, iw)
             }
         };
+    if refiner_cfg.use_roi_crop != o.use_roi_crop {
+        return Err(Error::Arg(format!(
+            "the checkpoint being resumed was trained {} ROI crop; {} --use-roi-crop to resume it",
+            if refiner_cfg.use_roi_crop {
+                "with"
+            } else {
+                "without"
+            },
+            if refiner_cfg.use_roi_crop {
+                "pass"
+            } else {
+                "drop"
+            }
+        )));
+    }
     let settings = SamRefinerSettings::from_config(&refiner_cfg, Some(&provenance))?;
     let mut model = Phase3Model::new(
         mcfg,
@@ -441,7 +467,13 @@ fn train(
         &format!("{weights_id}-{}", refiner_cfg.sam_normalization),
         o.embed_cache_mem,
     )?;
-    let train_cache = (o.embed_cache || o.no_augment).then_some(&cache);
+    let train_cache = ((o.embed_cache || o.no_augment) && !o.use_roi_crop).then_some(&cache);
+    if o.use_roi_crop {
+        say(&format!(
+            "ROI crop (§7.7, expand ratio {}): the SAM image encoder runs on the crop in every step; the embedding cache is off",
+            refiner_cfg.roi_expand_ratio
+        ));
+    }
 
     let training = training_json(o, r);
     let model_json = serde_json::to_value(mcfg).map_err(|e| Error::msg(e.to_string()))?;

@@ -3,7 +3,7 @@ use crate::device::DeviceSpec;
 use crate::train::signals::StopFlag;
 use std::path::PathBuf;
 
-/// Every flag of SPEC §11.4 (minus LoRA / ROI / gating) and the common flags of §11.1.7. `Option` fields left `None`
+/// Every flag of SPEC §11.4 (minus LoRA / gating) and the common flags of §11.1.7. `Option` fields left `None`
 /// take the preset's (or the Phase 2 sidecar's) value.
 #[derive(Debug, Clone)]
 pub struct Phase3Options {
@@ -55,6 +55,11 @@ pub struct Phase3Options {
     pub embed_cache: bool,
     /// In-memory LRU bound of the embedding cache in bytes.
     pub embed_cache_mem: usize,
+    /// ROI-crop mode (SPEC §7.7): the refiner works on an enlarged crop around the coarse lesion; the encoder then
+    /// runs on the crop in every step (no embedding cache).
+    pub use_roi_crop: bool,
+    /// `--roi-expand-ratio r` (0.2).
+    pub roi_expand_ratio: f64,
     pub output_dir: PathBuf,
     pub exp_name: Option<String>,
     pub save_every: u64,
@@ -120,6 +125,8 @@ impl Phase3Options {
             rotation_angles: 0,
             embed_cache: true,
             embed_cache_mem: 8 << 30,
+            use_roi_crop: false,
+            roi_expand_ratio: crate::refiner::roi::DEFAULT_EXPAND_RATIO,
             output_dir: PathBuf::from("./checkpoints/ultra_refiner"),
             exp_name: None,
             save_every: 20,

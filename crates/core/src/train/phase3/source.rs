@@ -118,6 +118,8 @@ pub fn resolve_refiner(
     }
     r.sharpen_coarse_mask = o.sharpen_coarse_mask;
     r.sharpen_temperature = o.sharpen_temperature;
+    r.use_roi_crop = o.use_roi_crop;
+    r.roi_expand_ratio = o.roi_expand_ratio;
     let resolved = SamRefinerSettings::from_config(&r, Some(&src.provenance))?;
     r.sam_normalization = resolved.normalization.as_str().to_string();
     Ok(r)
