@@ -106,6 +106,11 @@ pub struct RefinerConfig {
     pub sharpen_coarse_mask: bool,
     pub sharpen_temperature: f64,
     pub sam_normalization: String,
+    /// Gated residual refinement (SPEC §7.8) and its gate `γ`, `g_min`, `g_max`.
+    pub use_gated_refinement: bool,
+    pub gate_gamma: f64,
+    pub gate_min: f64,
+    pub gate_max: f64,
 }
 
 impl Default for RefinerConfig {
@@ -120,6 +125,10 @@ impl Default for RefinerConfig {
             sharpen_coarse_mask: false,
             sharpen_temperature: 10.0,
             sam_normalization: "sam".into(),
+            use_gated_refinement: false,
+            gate_gamma: 1.0,
+            gate_min: 0.0,
+            gate_max: 0.8,
         }
     }
 }
