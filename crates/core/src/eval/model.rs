@@ -338,8 +338,9 @@ pub fn sidecar_settings(
 /// (`config.training.lora_alpha`) sidecar, when that run used LoRA: needed to merge stored adapters (SPEC §6.8).
 pub fn sidecar_lora_alpha(v: &serde_json::Value) -> Option<f64> {
     let c = v.get("config")?;
-    [c, c.get("training")?]
+    [Some(c), c.get("training")]
         .into_iter()
+        .flatten()
         .find(|t| t["use_lora"].as_bool() == Some(true))
         .and_then(|t| t["lora_alpha"].as_f64())
 }

@@ -150,7 +150,11 @@ mod tests {
     #[test]
     fn gate_bounds_and_interpolation() -> Result<()> {
         let dev = Device::Cpu;
-        for g in [Gate::default(), Gate::new(0.5, 0.05, 0.7)?, Gate::new(3.0, 0.2, 1.0)?] {
+        for g in [
+            Gate::default(),
+            Gate::new(0.5, 0.05, 0.7)?,
+            Gate::new(3.0, 0.2, 1.0)?,
+        ] {
             let ends = v(&g.gate(&Tensor::new(&[0f32, 0.5, 1.0], &dev)?)?);
             assert!((ends[0] - g.g_min).abs() < 1e-6, "{g:?}: {ends:?}");
             assert!((ends[1] - g.g_max).abs() < 1e-5, "{g:?}: {ends:?}");
@@ -158,13 +162,19 @@ mod tests {
             let c = Tensor::rand(0f32, 1.0, (4, 8, 8), &dev)?;
             let z = Tensor::randn(0f32, 6.0, (4, 8, 8), &dev)?;
             let gate = v(&g.gate(&c)?.flatten_all()?);
-            assert!(gate.iter().all(|x| *x >= g.g_min - 1e-6 && *x <= g.g_max + 1e-6));
+            assert!(gate
+                .iter()
+                .all(|x| *x >= g.g_min - 1e-6 && *x <= g.g_max + 1e-6));
             let p = v(&g.refined_prob(&z, &c)?.flatten_all()?);
             let s = v(&crate::nn::sigmoid(&z)?.flatten_all()?);
             let cc = v(&c.flatten_all()?);
             for i in 0..p.len() {
                 let (lo, hi) = (cc[i].min(s[i]), cc[i].max(s[i]));
-                assert!(p[i] >= lo - 1e-6 && p[i] <= hi + 1e-6, "{i}: {} ∉ [{lo}, {hi}]", p[i]);
+                assert!(
+                    p[i] >= lo - 1e-6 && p[i] <= hi + 1e-6,
+                    "{i}: {} ∉ [{lo}, {hi}]",
+                    p[i]
+                );
             }
             // Logits round-trip to the probability (inside the clamp).
             let back = v(&crate::nn::sigmoid(&g.apply(&z, &c)?)?.flatten_all()?);
@@ -197,7 +207,11 @@ mod tests {
         let c0 = [0.03f64, 0.2, 0.35, 0.62, 0.8, 0.97];
         let z0 = [-3.0f64, 1.5, -0.4, 0.7, -2.0, 4.0];
         let w = Tensor::new(&[0.7f64, -1.3, 0.4, 2.0, -0.6, 1.1], &dev)?;
-        for g in [Gate::default(), Gate::new(0.5, 0.1, 0.9)?, Gate::new(2.5, 0.0, 1.0)?] {
+        for g in [
+            Gate::default(),
+            Gate::new(0.5, 0.1, 0.9)?,
+            Gate::new(2.5, 0.0, 1.0)?,
+        ] {
             let f = |c: &[f64], z: &[f64]| -> Result<f64> {
                 let out = g.apply(&Tensor::new(z, &dev)?, &Tensor::new(c, &dev)?)?;
                 Ok((out * &w)?.sum_all()?.to_scalar::<f64>()?)
@@ -210,16 +224,21 @@ mod tests {
             let gz = v(grads.get(zv.as_tensor()).expect("refined gradient"));
             let h = 1e-6;
             for i in 0..c0.len() {
-                let (mut cp, mut cm) = (c0, c0);
-                cp[i] += h;
-                cm[i] -= h;
-                let fd = (f(&cp, &z0)? - f(&cm, &z0)?) / (2.0 * h);
-                assert!((fd - gc[i]).abs() < 1e-5 * (1.0 + fd.abs()), "{g:?} dc[{i}]: {} vs fd {fd}", gc[i]);
-                let (mut zp, mut zm) = (z0, z0);
-                zp[i] += h;
-                zm[i] -= h;
-                let fd = (f(&c0, &zp)? - f(&c0, &zm)?) / (2.0 * h);
-                assert!((fd - gz[i]).abs() < 1e-5 * (1.0 + fd.abs()), "{g:?} dz[{i}]: {} vs fd {fd}", gz[i]);
+                // Central difference in input `which` (0: coarse, 1: refined logits) at index i.
+                let fd = |which: usize| -> Result<f64> {
+                    let mut x = [c0, z0];
+                    x[which][i] += h;
+                    let up = f(&x[0], &x[1])?;
+                    x[which][i] -= 2.0 * h;
+                    Ok((up - f(&x[0], &x[1])?) / (2.0 * h))
+                };
+                for (which, name, an) in [(0, "dc", gc[i]), (1, "dz", gz[i])] {
+                    let d = fd(which)?;
+                    assert!(
+                        (d - an).abs() < 1e-5 * (1.0 + d.abs()),
+                        "{g:?} {name}[{i}]: {an} vs fd {d}"
+                    );
+                }
                 assert!(gz[i] != 0.0 && gc[i] != 0.0, "{g:?}: zero gradient at {i}");
             }
         }

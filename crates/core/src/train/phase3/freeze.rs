@@ -316,7 +316,13 @@ mod tests {
         let mut p = FreezePlan::all_trainable(4, 2);
         p.freeze_sam_prompt_encoder = true;
         p.freeze_sam_mask_decoder = true;
-        assert_eq!(names(&p.at(0, &k)).iter().filter(|n| n.starts_with("sam.")).count(), 1);
+        assert_eq!(
+            names(&p.at(0, &k))
+                .iter()
+                .filter(|n| n.starts_with("sam."))
+                .count(),
+            1
+        );
         assert!(p.at(0, &k).keys.contains(&lora));
         p.freeze_sam_epochs = 2;
         assert!(!p.at(1, &k).keys.contains(&lora));

@@ -44,6 +44,7 @@ use super::losses::{Phase3LossConfig, RefinedLossSize};
 use super::metrics::MeanTracker;
 use super::optim::{check_groups_match, AdamW, Optimizer};
 use super::phase1::{check_n_splits, json_norm, resolve_datasets, splits_identity, Phase1Outcome};
+use super::phase2::{lora_from_flags, train_encoder_dtype};
 use super::rundir::{
     epoch_stem, resolve_resume, Durations, ResumeDecision, RunDir, RunStatus, Summary, Versions,
     BEST, FINAL, LATEST,
@@ -56,7 +57,6 @@ use crate::device::DeviceSpec;
 use crate::models::sam::weights::{SamFormat, SamWeights};
 use crate::models::sam::EmbeddingCache;
 use crate::refiner::{Gate, SamRefinerSettings};
-use super::phase2::{lora_from_flags, train_encoder_dtype};
 use crate::{Error, Result};
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -6,8 +6,8 @@ use crate::models::sam::lora::{is_lora_key, merge_adapter_tensors, LoraConfig};
 use crate::models::sam::weights::{
     load_sam_weights_with_adapters, random_weights, SamFormat, SamWeights,
 };
-use crate::refiner::Gate;
 use crate::models::transunet::read_checkpoint;
+use crate::refiner::Gate;
 use crate::refiner::{MaskPromptStyle, SamRefinerSettings};
 use crate::train::checkpoint::sha256_file;
 use crate::{Error, Result};

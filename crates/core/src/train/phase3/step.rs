@@ -5,10 +5,6 @@ use crate::config::ModelConfig;
 use crate::data::loader::Loader;
 use crate::models::sam::weights::SamWeights;
 use crate::models::sam::{EmbeddingCache, LoraConfig};
-use crate::train::phase2::{
-    build_train_sam, checkpoint_tensors as phase2_checkpoint_tensors,
-    param_groups as phase2_param_groups,
-};
 use crate::models::transunet::{build_trainable, load_into_varmap, state_dict, LoadMode};
 use crate::refiner::{ForwardOptions, SamRefiner, SamRefinerSettings, UltraOutput, UltraRefiner};
 use crate::train::console::Console;
@@ -18,6 +14,10 @@ use crate::train::losses::{
 use crate::train::metrics::{MeanTracker, PooledMetrics};
 use crate::train::optim::{AdamW, Grads, Optimizer, ParamGroup};
 use crate::train::phase1::per_image_dice;
+use crate::train::phase2::{
+    build_train_sam, checkpoint_tensors as phase2_checkpoint_tensors,
+    param_groups as phase2_param_groups,
+};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
@@ -55,7 +55,16 @@ impl Phase3Model {
         device: &Device,
         encoder_dtype: DType,
     ) -> Result<Self> {
-        Self::with_lora(cfg, transunet, sam, settings, device, encoder_dtype, None, 0)
+        Self::with_lora(
+            cfg,
+            transunet,
+            sam,
+            settings,
+            device,
+            encoder_dtype,
+            None,
+            0,
+        )
     }
 
     /// [`Self::new`] with optional LoRA adapters on the SAM image encoder (SPEC §6.8): adapter `Var`s join
