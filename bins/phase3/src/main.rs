@@ -15,7 +15,8 @@ use ultrarefiner::train::signals::StopFlag;
     long_about = "Phase 3 of UltraRefiner: the Phase 1 TransUNet and the SAM refiner (a Phase 2 best_sam.safetensors, or a \
 pretrained SAM/MedSAM to skip Phase 2) are trained together through the differentiable prompts, with the loss \
 λc·L_coarse + λr·L_refined (SPEC §9.3) and two AdamW groups (transunet, sam) under one per-epoch cosine schedule.\n\n\
-The SAM image encoder is frozen; its embeddings are cached per training image and flip (see --rotation-angles). \
+The SAM image encoder is frozen (unless --use-lora); its embeddings are cached per training image and flip (see \
+--rotation-angles). \
 Each epoch prints the training losses, a Coarse | Refined | Delta validation table and a Performance Comparison \
 (Phase 1 baseline Dice, coarse Dice with Δ vs baseline, refined Dice with Δ vs coarse), with a warning when the coarse \
 Dice falls more than 0.02 below the baseline.\n\n\
@@ -25,7 +26,9 @@ metrics.csv (coarse and refined metrics), summary.json, train.log and progress.p
 Examples:\n  \
 phase3 --dataset BUSI --fold 0 --sam-checkpoint checkpoints/sam_finetuned/RUN/best_sam.safetensors\n  \
 phase3 --dataset BUSI --fold 0 --sam-checkpoint weights/medsam_vit_b.pth --transunet-lr 1e-4   # skip Phase 2\n  \
-phase3 --config tiny --dataset PHANTOM --sam-checkpoint random --max-epochs 2                  # CPU smoke run\n\n\
+phase3 --config tiny --dataset PHANTOM --sam-checkpoint random --max-epochs 2                  # CPU smoke run\n  \
+phase3 --dataset BUSI --fold 0 --sam-checkpoint RUN/best_sam.safetensors --use-gated-refinement --gate-max 0.8\n  \
+phase3 --dataset BUSI --fold 0 --sam-checkpoint RUN/best.safetensors --use-lora --batch-size 2   # Phase 2 LoRA run\n\n\
 SIGTERM/SIGUSR1 stop at the next step boundary with exit code 75; rerun with --resume auto to continue exactly."
 )]
 struct Args {
@@ -136,6 +139,35 @@ struct Args {
     /// Disable the training augmentation (rotation/flip).
     #[arg(long)]
     no_augment: bool,
+    /// LoRA adapters on the SAM image encoder (SPEC §6.8), trained in the `lora` group at --sam-lr. The embedding
+    /// cache is then off: the encoder runs (with gradients to the adapters) in every step, so it is much slower and
+    /// needs far more memory (batch 1-2 per 80 GB GPU at 1024). A --sam-checkpoint with LoRA adapters (Phase 2/3
+    /// best.safetensors) continues from them (same --lora-rank/--lora-alpha); without --use-lora they are merged.
+    #[arg(long)]
+    use_lora: bool,
+    #[arg(long, default_value_t = 4)]
+    lora_rank: usize,
+    #[arg(long, default_value_t = 4.0)]
+    lora_alpha: f64,
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f64,
+    /// Comma-separated: qkv, proj, mlp (= mlp.lin1 and mlp.lin2).
+    #[arg(long, default_value = "qkv")]
+    lora_targets: String,
+    /// Gated residual refinement (SPEC §7.8): refined = coarse + gate·(σ(SAM) − coarse) with the uncertainty gate
+    /// gate = g_min + (g_max − g_min)·(1 − |2·coarse − 1|^γ), so confident coarse pixels stay and uncertain ones
+    /// follow SAM. Recorded in best.json; evaluate/infer apply it automatically.
+    #[arg(long)]
+    use_gated_refinement: bool,
+    /// γ of the gate (> 0; larger = more of the probability range counts as uncertain).
+    #[arg(long, default_value_t = 1.0)]
+    gate_gamma: f64,
+    /// Gate at confident coarse pixels (coarse 0 or 1).
+    #[arg(long, default_value_t = 0.0)]
+    gate_min: f64,
+    /// Gate at maximally uncertain coarse pixels (coarse 0.5).
+    #[arg(long, default_value_t = 0.8)]
+    gate_max: f64,
     /// Rotation angles of the cached SAM branch: 0 = flip only (2 cached embeddings per training image); K ≥ 1 = the
     /// ±20° rotation snapped to K fixed angles (up to 2(K+1) embeddings per image, K+1 times the encoder work and
     /// cache memory).
@@ -234,6 +266,15 @@ fn options(a: Args) -> anyhow::Result<Phase3Options> {
     o.freeze_sam_epochs = a.freeze_sam_epochs;
     o.sam_unfreeze_decoder_layers = a.sam_unfreeze_decoder_layers;
     o.no_augment = a.no_augment;
+    o.use_lora = a.use_lora;
+    o.lora_rank = a.lora_rank;
+    o.lora_alpha = a.lora_alpha;
+    o.lora_dropout = a.lora_dropout;
+    o.lora_targets = a.lora_targets;
+    o.use_gated_refinement = a.use_gated_refinement;
+    o.gate_gamma = a.gate_gamma;
+    o.gate_min = a.gate_min;
+    o.gate_max = a.gate_max;
     o.rotation_angles = a.rotation_angles;
     o.embed_cache = !a.no_embed_cache;
     o.embed_cache_mem = (a.embed_cache_mem.max(0.0) * (1u64 << 30) as f64) as usize;

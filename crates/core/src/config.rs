@@ -110,6 +110,11 @@ pub struct RefinerConfig {
     pub use_roi_crop: bool,
     /// `--roi-expand-ratio r` (0.2): each side of the ROI box grows by `r·size`.
     pub roi_expand_ratio: f64,
+    /// Gated residual refinement (SPEC §7.8) and its gate `γ`, `g_min`, `g_max`.
+    pub use_gated_refinement: bool,
+    pub gate_gamma: f64,
+    pub gate_min: f64,
+    pub gate_max: f64,
 }
 
 impl Default for RefinerConfig {
@@ -126,6 +131,10 @@ impl Default for RefinerConfig {
             sam_normalization: "sam".into(),
             use_roi_crop: false,
             roi_expand_ratio: 0.2,
+            use_gated_refinement: false,
+            gate_gamma: 1.0,
+            gate_min: 0.0,
+            gate_max: 0.8,
         }
     }
 }

@@ -11,11 +11,13 @@
 //! * [`ModelSource::Ensemble`]: a path pattern with `{k}` and a fold list; each member file is a Phase 3 file
 //!   (detected by its `transunet.` keys) or a Phase 1 file (combined with the shared `sam` when given).
 use crate::config::{Config, ModelConfig, RefinerConfig};
-use crate::models::sam::{load_sam_weights, Sam};
+use crate::models::sam::lora::{is_lora_key, merge_adapter_tensors};
+use crate::models::sam::weights::load_sam_weights_with_adapters;
+use crate::models::sam::Sam;
 use crate::models::transunet::TransUnet;
 use crate::refiner::prompts::sharpen;
 use crate::refiner::ultra::ForwardOptions;
-use crate::refiner::{SamRefiner, SamRefinerSettings, UltraRefiner};
+use crate::refiner::{Gate, SamRefiner, SamRefinerSettings, UltraRefiner};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
@@ -332,6 +334,17 @@ pub fn sidecar_settings(
     Ok((refiner, model))
 }
 
+/// The `--lora-alpha` of the training run recorded in a Phase 2 (`config.lora_alpha`) or Phase 3
+/// (`config.training.lora_alpha`) sidecar, when that run used LoRA: needed to merge stored adapters (SPEC §6.8).
+pub fn sidecar_lora_alpha(v: &serde_json::Value) -> Option<f64> {
+    let c = v.get("config")?;
+    [Some(c), c.get("training")]
+        .into_iter()
+        .flatten()
+        .find(|t| t["use_lora"].as_bool() == Some(true))
+        .and_then(|t| t["lora_alpha"].as_f64())
+}
+
 fn file_has_prefix(path: &Path, prefix: &str) -> Result<bool> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
@@ -342,8 +355,21 @@ fn file_has_prefix(path: &Path, prefix: &str) -> Result<bool> {
 }
 
 fn load_sam(cfg: &ModelConfig, path: &Path, enc: DType, device: &Device) -> Result<Sam> {
-    let w = load_sam_weights(path, Some(&cfg.sam), device)
+    let mut w = load_sam_weights_with_adapters(path, Some(&cfg.sam), device)
         .map_err(|e| Error::file(path, e.to_string()))?;
+    if w.tensors.keys().any(|k| is_lora_key(k)) {
+        // A LoRA training checkpoint (Phase 2/3): merge the adapters with the run's α (SPEC §6.8).
+        let alpha = read_sidecar_json(path)?
+            .as_ref()
+            .and_then(sidecar_lora_alpha)
+            .ok_or_else(|| {
+                Error::file(
+                    path,
+                    "holds LoRA adapters but its JSON sidecar records no lora_alpha to merge them with",
+                )
+            })?;
+        merge_adapter_tensors(&mut w.tensors, alpha)?;
+    }
     let vb = w.var_builder(DType::F32, device);
     Sam::new_parts(&cfg.sam, w.var_builder(enc, device), vb.clone(), vb, None)
 }
@@ -357,10 +383,10 @@ fn check_file(path: &Path, what: &str) -> Result<()> {
 
 fn full(tu: TransUnet, sam: Sam, refiner: &RefinerConfig) -> Result<Member> {
     let settings = SamRefinerSettings::from_config(refiner, None)?;
-    Ok(Member::Full(Box::new(UltraRefiner::new(
-        tu,
-        SamRefiner::new(sam, settings),
-    ))))
+    let mut u = UltraRefiner::new(tu, SamRefiner::new(sam, settings));
+    // Gated residual refinement recorded by a Phase 3 sidecar (SPEC §7.8).
+    u.gate = Gate::from_config(refiner)?;
+    Ok(Member::Full(Box::new(u)))
 }
 
 /// Loads a Phase 3 file: `transunet.*` + (unless `coarse_only`) `sam.*`. Returns the member and the sidecar's

@@ -2,6 +2,7 @@
 use crate::models::sam::EmbeddingCache;
 use crate::models::transunet::TransUnet;
 use crate::nn;
+use crate::refiner::gate::Gate;
 use crate::refiner::preprocess::{preprocess, SamInputs, SamNormalization};
 use crate::refiner::prompts::{sharpen, Prompts};
 use crate::refiner::sam_refiner::{RefinerOutput, SamRefiner};
@@ -75,6 +76,9 @@ pub struct UltraRefiner {
     pub refiner: SamRefiner,
     /// `--transunet-grad-scale α` (1.0).
     pub transunet_grad_scale: f64,
+    /// Gated residual refinement (SPEC §7.8), `None` = off: the refined logits at `N` become
+    /// `logit(clamp(coarse_n + gate·(σ(refined_N) − coarse_n)))`.
+    pub gate: Option<Gate>,
 }
 
 impl UltraRefiner {
@@ -83,6 +87,7 @@ impl UltraRefiner {
             transunet,
             refiner,
             transunet_grad_scale: 1.0,
+            gate: None,
         }
     }
 
@@ -138,7 +143,7 @@ impl UltraRefiner {
     }
 
     /// The refiner half for a given coarse probability `P' (B, S, S)`: shared preprocessing, embeddings (cached or
-    /// fresh), prompts, SAM and soft selection; returns the SAM inputs, the embeddings, the refiner output and the
+    /// fresh), prompts, SAM and soft selection (then the gate of §7.8 on `refined_n`, when set); returns the SAM inputs, the embeddings, the refiner output and the
     /// refined logits at `S`.
     pub fn refine_coarse(
         &self,
@@ -161,7 +166,10 @@ impl UltraRefiner {
                 opts.dropout_seed,
             )?,
         };
-        let r = self.refiner.refine(&emb, &sam_inputs.coarse)?;
+        let mut r = self.refiner.refine(&emb, &sam_inputs.coarse)?;
+        if let Some(g) = &self.gate {
+            r.refined_n = g.apply(&r.refined_n, &sam_inputs.coarse)?;
+        }
         let refined_s = nn::resize_bilinear(&r.refined_n.unsqueeze(1)?.contiguous()?, s, s, false)?
             .squeeze(1)?;
         Ok((sam_inputs, emb, r, refined_s))

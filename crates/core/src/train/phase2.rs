@@ -691,9 +691,104 @@ pub fn embed_sources(
     Ok(emb)
 }
 
-/// Whether a SAM key is a LoRA adapter (`…lora_a`, `…lora_b`, §6.8).
-pub fn is_lora_key(k: &str) -> bool {
-    k.ends_with(".lora_a") || k.ends_with(".lora_b")
+pub use crate::models::sam::lora::is_lora_key;
+
+/// The LoRA configuration of the `--use-lora`, `--lora-rank`, `--lora-alpha`, `--lora-dropout`, `--lora-targets`
+/// flags (Phases 2 and 3; SPEC §6.8), checked; `None` without `--use-lora`.
+pub fn lora_from_flags(
+    use_lora: bool,
+    rank: usize,
+    alpha: f64,
+    dropout: f64,
+    targets: &str,
+) -> Result<Option<LoraConfig>> {
+    if !use_lora {
+        return Ok(None);
+    }
+    let l = LoraConfig {
+        rank,
+        alpha,
+        dropout,
+        targets: LoraTarget::parse_list(targets)?,
+    };
+    l.validate()?;
+    if l.targets.is_empty() {
+        return Err(Error::Arg("--lora-targets is empty".into()));
+    }
+    Ok(Some(l))
+}
+
+/// SAM image-encoder dtype of a training run: LoRA trains the encoder, so its default is f32 even on CUDA; otherwise
+/// the frozen encoder's default (`--encoder-dtype`, SPEC §15).
+pub fn train_encoder_dtype(requested: Option<&str>, lora: bool, dev: &Device) -> Result<DType> {
+    match requested {
+        None | Some("auto") if lora => Ok(DType::F32),
+        requested => crate::device::encoder_dtype(requested, dev),
+    }
+}
+
+/// SAM for training: prompt encoder and mask decoder as `Var`s in `varmap`, the image encoder frozen (plain tensors
+/// in `encoder_dtype`), with LoRA adapters (`Var`s in `varmap`) when `lora` is set. Adapters present in `weights`
+/// (`…lora_a`/`…lora_b`: a resumed run, or a LoRA checkpoint carried into Phase 3) are the starting values; the other
+/// targets start from the §6.8 initialisation, drawn from the project RNG with `seed` (SPEC §0; per adapter name).
+/// Adapters without `lora` are an error (merge them first).
+pub fn build_train_sam(
+    cfg: &SamConfig,
+    mut weights: SamWeights,
+    varmap: &VarMap,
+    dev: &Device,
+    encoder_dtype: DType,
+    lora: Option<&LoraConfig>,
+    seed: u64,
+) -> Result<Sam> {
+    let adapters: Vec<(String, Tensor)> = weights
+        .tensors
+        .iter()
+        .filter(|(k, _)| is_lora_key(k))
+        .map(|(k, t)| (k.clone(), t.clone()))
+        .collect();
+    match lora {
+        Some(l) => crate::models::sam::lora::check_adapter_tensors(
+            adapters.iter().map(|(k, t)| (k, t)),
+            l,
+            cfg.encoder_depth,
+        )?,
+        None if !adapters.is_empty() => {
+            return Err(Error::Weights(format!(
+                "the SAM weights hold LoRA adapters (e.g. `{}`) but LoRA is off",
+                adapters[0].0
+            )))
+        }
+        None => {}
+    }
+    if !adapters.is_empty() {
+        let mut d = varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::msg("VarMap lock poisoned"))?;
+        for (k, t) in &adapters {
+            d.insert(
+                k.clone(),
+                Var::from_tensor(&t.to_dtype(DType::F32)?.copy()?)?,
+            );
+        }
+    }
+    weights.tensors.retain(|k, _| !is_lora_key(k));
+    // As `Sam::from_weights`, but new adapters come from a seeded builder (candle's `Init` uses a thread RNG).
+    weights.seed_varmap(varmap)?;
+    let vb_tr = crate::models::transunet::layers::seeded_varbuilder(
+        varmap,
+        crate::rng::mix(seed, "lora-init", &[]),
+        DType::F32,
+        dev,
+    );
+    Sam::new_parts(
+        cfg,
+        weights.var_builder(encoder_dtype, dev),
+        weights.var_builder(DType::F32, dev),
+        vb_tr,
+        lora,
+    )
 }
 
 /// AdamW groups of Phase 2 (§11.3 step 5): `sam` (prompt encoder + mask decoder) and, with LoRA, `lora` (same LR and
@@ -805,21 +900,13 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
             opts.sam_model_type
         )));
     }
-    let lora = if opts.use_lora {
-        let l = LoraConfig {
-            rank: opts.lora_rank,
-            alpha: opts.lora_alpha,
-            dropout: opts.lora_dropout,
-            targets: LoraTarget::parse_list(&opts.lora_targets)?,
-        };
-        l.validate()?;
-        if l.targets.is_empty() {
-            return Err(Error::Arg("--lora-targets is empty".into()));
-        }
-        Some(l)
-    } else {
-        None
-    };
+    let lora = lora_from_flags(
+        opts.use_lora,
+        opts.lora_rank,
+        opts.lora_alpha,
+        opts.lora_dropout,
+        &opts.lora_targets,
+    )?;
     if !(0.0..=1.0).contains(&opts.real_ratio) {
         return Err(Error::Arg(format!(
             "--real-ratio must be in [0, 1], got {}",
@@ -841,11 +928,7 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
         Some(d) => d.parse::<crate::device::DeviceSpec>()?.open()?,
         None => crate::device::DeviceSpec::default_for_build().open()?,
     };
-    // LoRA trains the encoder, so its default is f32 even on CUDA; otherwise the frozen encoder's default (§15).
-    let encoder_dtype = match opts.encoder_dtype.as_deref() {
-        None | Some("auto") if lora.is_some() => DType::F32,
-        requested => crate::device::encoder_dtype(requested, &dev)?,
-    };
+    let encoder_dtype = train_encoder_dtype(opts.encoder_dtype.as_deref(), lora.is_some(), &dev)?;
 
     let run_dir = RunDir::new(&opts.output_dir, &run_name(opts)?);
     let style = if opts.quiet {
@@ -977,30 +1060,15 @@ pub fn run(opts: &Phase2Options, stop: &StopFlag) -> Result<Phase2Outcome> {
         None => load_initial_weights(opts, &sam_cfg, &dev)?,
     };
     let varmap = VarMap::new();
-    if lora.is_some() {
-        // Resumed LoRA adapters: pre-seed the map so the adapters are built over the checkpoint's values.
-        let mut d = varmap
-            .data()
-            .lock()
-            .map_err(|_| Error::msg("VarMap lock poisoned"))?;
-        for (k, t) in weights.tensors.iter().filter(|(k, _)| is_lora_key(k)) {
-            d.insert(
-                k.clone(),
-                Var::from_tensor(&t.to_dtype(DType::F32)?.copy()?)?,
-            );
-        }
-    }
-    let mut enc_weights = weights;
-    enc_weights.tensors.retain(|k, _| !is_lora_key(k));
-    let sam = Sam::from_weights(
+    let sam = build_train_sam(
         &sam_cfg,
-        &enc_weights,
+        weights,
         &varmap,
         &dev,
         encoder_dtype,
         lora.as_ref(),
+        opts.seed,
     )?;
-    drop(enc_weights);
     let refiner = SamRefiner::new(sam, settings);
     let n = refiner.img_size();
     let mut opt = AdamW::new(param_groups(&varmap, opts.lr, opts.weight_decay)?)?;

@@ -188,3 +188,100 @@ impl LoraLinear {
         Ok(())
     }
 }
+
+/// Whether a SAM key is a LoRA adapter (`…lora_a`, `…lora_b`, §6.8).
+pub fn is_lora_key(k: &str) -> bool {
+    k.ends_with(".lora_a") || k.ends_with(".lora_b")
+}
+
+/// The encoder linear (below `image_encoder.blocks.{i}.`) that a LoRA target adapts.
+fn target_linears(t: LoraTarget) -> &'static [&'static str] {
+    match t {
+        LoraTarget::Qkv => &["attn.qkv"],
+        LoraTarget::Proj => &["attn.proj"],
+        LoraTarget::Mlp => &["mlp.lin1", "mlp.lin2"],
+    }
+}
+
+/// Checks adapter tensors found in a checkpoint (§6.5 keys, `…lora_a (r,in)` / `…lora_b (out,r)`) against the
+/// adapters `cfg` builds on an encoder of `depth` blocks: every adapter must belong to a selected target, come in an
+/// `a`/`b` pair and have rank `cfg.rank`. Targets without a stored adapter are initialised as usual.
+pub fn check_adapter_tensors<'a>(
+    adapters: impl IntoIterator<Item = (&'a String, &'a Tensor)>,
+    cfg: &LoraConfig,
+    depth: usize,
+) -> Result<()> {
+    let allowed: std::collections::HashSet<String> = (0..depth)
+        .flat_map(|i| {
+            cfg.targets.iter().flat_map(move |t| {
+                target_linears(*t)
+                    .iter()
+                    .map(move |l| format!("image_encoder.blocks.{i}.{l}"))
+            })
+        })
+        .collect();
+    let adapters: Vec<(&String, &Tensor)> = adapters.into_iter().collect();
+    let have: std::collections::HashSet<&str> = adapters.iter().map(|(k, _)| k.as_str()).collect();
+    for (k, t) in &adapters {
+        let (base, is_a) = match (k.strip_suffix(".lora_a"), k.strip_suffix(".lora_b")) {
+            (Some(b), _) => (b, true),
+            (_, Some(b)) => (b, false),
+            _ => continue,
+        };
+        if !allowed.contains(base) {
+            return Err(Error::Weights(format!(
+                "LoRA adapter `{k}` is not among the selected --lora-targets"
+            )));
+        }
+        let other = format!("{base}.{}", if is_a { "lora_b" } else { "lora_a" });
+        if !have.contains(other.as_str()) {
+            return Err(Error::Weights(format!(
+                "LoRA adapter `{k}` has no `{other}`"
+            )));
+        }
+        let r = t.dim(if is_a { 0 } else { 1 })?;
+        if r != cfg.rank {
+            return Err(Error::Weights(format!(
+                "LoRA adapter `{k}` has rank {r}, --lora-rank is {}",
+                cfg.rank
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Folds every adapter pair of a §6.5 tensor map into its weight, `W' = W + (α/r)·B·A` (the arithmetic of
+/// [`LoraLinear::merge`], so the result equals a merged export), and removes the adapters. `r` is read from the
+/// shapes, `alpha` is the training run's `--lora-alpha`. Returns the number of merged linears.
+pub fn merge_adapter_tensors(
+    tensors: &mut std::collections::HashMap<String, Tensor>,
+    alpha: f64,
+) -> Result<usize> {
+    let mut bases: Vec<String> = tensors
+        .keys()
+        .filter(|k| is_lora_key(k))
+        .map(|k| k[..k.len() - ".lora_a".len()].to_string())
+        .collect();
+    bases.sort();
+    bases.dedup();
+    for base in &bases {
+        let get = |s: &str| {
+            tensors
+                .get(&format!("{base}.{s}"))
+                .cloned()
+                .ok_or_else(|| Error::Weights(format!("LoRA merge: `{base}.{s}` is missing")))
+        };
+        let (a, b, w) = (get("lora_a")?, get("lora_b")?, get("weight")?);
+        let adapter = LoraAdapter {
+            scale: alpha / a.dim(0)? as f64,
+            a,
+            b,
+            dropout: 0.0,
+        };
+        let dw = adapter.delta_weight()?.detach().to_dtype(w.dtype())?;
+        tensors.insert(format!("{base}.weight"), (w.detach() + dw)?);
+        tensors.remove(&format!("{base}.lora_a"));
+        tensors.remove(&format!("{base}.lora_b"));
+    }
+    Ok(bases.len())
+}

@@ -1,5 +1,6 @@
 //! SAM weight handling (SPEC §6.5, §6.6): the expected key/shape list of a configuration, reading `.pth` /
 //! `.safetensors` / HF files, normalising them to the §6.5 names and strict loading.
+use super::lora::is_lora_key;
 use super::mask_decoder::MaskDecoder;
 use super::prompt_encoder::PromptEncoder;
 use crate::config::SamConfig;
@@ -391,11 +392,30 @@ pub fn load_sam_weights(
     cfg: Option<&SamConfig>,
     device: &Device,
 ) -> Result<SamWeights> {
+    let w = load_sam_weights_with_adapters(path, cfg, device)?;
+    if let Some(k) = w.tensors.keys().find(|k| is_lora_key(k)) {
+        return Err(Error::Weights(format!(
+            "{}: holds unmerged LoRA adapters (e.g. `{k}`): use the run's best_sam.safetensors (merged), or load it \
+             as a Phase 3 checkpoint / with --use-lora",
+            path.display()
+        )));
+    }
+    Ok(w)
+}
+
+/// [`load_sam_weights`] for training checkpoints that may also hold LoRA adapters (`…lora_a`/`…lora_b`, SPEC §6.8):
+/// the §6.5 tensors are checked strictly, the adapters are returned alongside them in `tensors` (f32).
+pub fn load_sam_weights_with_adapters(
+    path: &Path,
+    cfg: Option<&SamConfig>,
+    device: &Device,
+) -> Result<SamWeights> {
     let source = path.display().to_string();
     let raw = read_raw_tensors(path)?;
     let (map, format) = normalize_keys(raw, &source)?;
     let shapes: HashMap<String, Vec<usize>> = map
         .iter()
+        .filter(|(k, _)| !is_lora_key(k))
         .map(|(k, t)| (k.clone(), t.dims().to_vec()))
         .collect();
     let inferred;

@@ -128,6 +128,11 @@ impl FreezePlan {
             return !self.transunet_frozen(epoch) && self.transunet_subset(k);
         }
         if let Some(k) = key.strip_prefix(SAM_PREFIX) {
+            if crate::models::sam::lora::is_lora_key(k) {
+                // LoRA adapters of the image encoder (§6.8): frozen only with the whole SAM (`--freeze-sam-all`,
+                // `--freeze-sam-epochs`), not by the prompt-encoder / mask-decoder flags.
+                return !self.freeze_sam_all && epoch >= self.freeze_sam_epochs;
+            }
             if self.sam_frozen(epoch) {
                 return false;
             }
@@ -137,7 +142,7 @@ impl FreezePlan {
             if let Some(d) = k.strip_prefix("mask_decoder.") {
                 return !self.freeze_sam_mask_decoder && self.sam_decoder_subset(d);
             }
-            // LoRA adapters or anything else SAM-side: trainable with SAM.
+            // Anything else SAM-side: trainable with SAM.
             return true;
         }
         false
@@ -301,5 +306,28 @@ mod tests {
         p.freeze_sam_epochs = 1;
         assert!(!p.at(0, &keys()).sam_any);
         assert!(p.at(1, &keys()).sam_any);
+    }
+
+    #[test]
+    fn lora_adapters_follow_the_whole_sam_flags() {
+        let mut k = keys();
+        let lora = "sam.image_encoder.blocks.0.attn.qkv.lora_a".to_string();
+        k.push(lora.clone());
+        let mut p = FreezePlan::all_trainable(4, 2);
+        p.freeze_sam_prompt_encoder = true;
+        p.freeze_sam_mask_decoder = true;
+        assert_eq!(
+            names(&p.at(0, &k))
+                .iter()
+                .filter(|n| n.starts_with("sam."))
+                .count(),
+            1
+        );
+        assert!(p.at(0, &k).keys.contains(&lora));
+        p.freeze_sam_epochs = 2;
+        assert!(!p.at(1, &k).keys.contains(&lora));
+        assert!(p.at(2, &k).keys.contains(&lora));
+        p.freeze_sam_all = true;
+        assert!(!p.at(3, &k).keys.contains(&lora));
     }
 }

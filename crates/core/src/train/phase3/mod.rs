@@ -12,10 +12,11 @@
 //! std::process::exit(outcome.exit_code());
 //! ```
 //!
-//! ROI-crop mode (§7.7, `use_roi_crop`): the SAM image encoder runs on the ROI crop in every step (training and
-//! validation), so the embedding cache is bypassed and training uses the continuous §3.8 rotation.
-//!
-//! Not implemented (the CLI does not offer them): LoRA, gated refinement, disk embedding cache.
+//! Extensions: LoRA on the SAM image encoder (§6.8, `use_lora`: the encoder runs with gradients in every step, the
+//! embedding cache is off), gated residual refinement (§7.8, `use_gated_refinement`, recorded in the sidecar's
+//! refiner configuration) and ROI-crop mode (§7.7, `use_roi_crop`): the SAM image encoder runs on the ROI crop in
+//! every step (training and validation), so the embedding cache is bypassed and training uses the continuous §3.8
+//! rotation. Not implemented (the CLI does not offer it): a disk embedding cache.
 pub mod data;
 pub mod freeze;
 pub mod options;
@@ -45,6 +46,7 @@ use super::losses::{Phase3LossConfig, RefinedLossSize};
 use super::metrics::MeanTracker;
 use super::optim::{check_groups_match, AdamW, Optimizer};
 use super::phase1::{check_n_splits, json_norm, resolve_datasets, splits_identity, Phase1Outcome};
+use super::phase2::{lora_from_flags, train_encoder_dtype};
 use super::rundir::{
     epoch_stem, resolve_resume, Durations, ResumeDecision, RunDir, RunStatus, Summary, Versions,
     BEST, FINAL, LATEST,
@@ -56,7 +58,7 @@ use crate::data::loader::{Loader, LoaderOptions};
 use crate::device::DeviceSpec;
 use crate::models::sam::weights::{SamFormat, SamWeights};
 use crate::models::sam::EmbeddingCache;
-use crate::refiner::SamRefinerSettings;
+use crate::refiner::{Gate, SamRefinerSettings};
 use crate::{Error, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -167,7 +169,7 @@ fn freeze_plan(o: &Phase3Options, cfg: &Config) -> Result<FreezePlan> {
 
 /// Training hyper-parameters recorded in the sidecar (a change on resume needs `--allow-config-change`).
 fn training_json(o: &Phase3Options, r: &Resolved) -> serde_json::Value {
-    serde_json::json!({
+    let mut t = serde_json::json!({
         "transunet_lr": o.transunet_lr, "sam_lr": o.sam_lr, "weight_decay": o.weight_decay, "min_lr": o.min_lr,
         "batch_size": r.batch_size, "max_epochs": r.max_epochs,
         "coarse_loss_weight": o.coarse_loss_weight, "refined_loss_weight": o.refined_loss_weight,
@@ -180,7 +182,20 @@ fn training_json(o: &Phase3Options, r: &Resolved) -> serde_json::Value {
         "sam_unfreeze_decoder_layers": o.sam_unfreeze_decoder_layers,
         "augment": !o.no_augment, "rotation_angles": o.rotation_angles, "embed_cache": o.embed_cache,
         "val_every": o.val_every, "seed": o.seed, "schedule": "cosine per epoch",
-    })
+    });
+    if o.use_lora {
+        // Only with LoRA, so checkpoints written before LoRA existed still resume without a config change.
+        for (k, v) in [
+            ("use_lora", serde_json::json!(true)),
+            ("lora_rank", serde_json::json!(o.lora_rank)),
+            ("lora_alpha", serde_json::json!(o.lora_alpha)),
+            ("lora_dropout", serde_json::json!(o.lora_dropout)),
+            ("lora_targets", serde_json::json!(o.lora_targets)),
+        ] {
+            t[k] = v;
+        }
+    }
+    t
 }
 
 /// Runs Phase 3 with `o`. Errors after the run directory exists also mark `summary.json` as `failed`.
@@ -283,6 +298,15 @@ fn train(
     let mcfg = &r.cfg.model;
     let s = mcfg.transunet.img_size;
     let plan = freeze_plan(o, &r.cfg)?;
+    let lora = lora_from_flags(
+        o.use_lora,
+        o.lora_rank,
+        o.lora_alpha,
+        o.lora_dropout,
+        &o.lora_targets,
+    )?;
+    // The embedding cache holds frozen-encoder outputs; LoRA changes the encoder every step (§6.8, §6.9).
+    let embed_cache = o.embed_cache && lora.is_none();
 
     // Data (§11.4.1 step 1; the test split is never read).
     check_n_splits(&o.data_root, &r.datasets, o.n_splits)?;
@@ -299,7 +323,7 @@ fn train(
         s,
     )?;
     // ROI mode bypasses the embedding cache (the crop depends on the coarse mask, §7.7.5).
-    let rotation = if o.embed_cache && !o.use_roi_crop {
+    let rotation = if embed_cache && !o.use_roi_crop {
         RotationPolicy::Fixed(o.rotation_angles)
     } else {
         RotationPolicy::Continuous
@@ -353,7 +377,7 @@ fn train(
         }
         _ => None,
     };
-    let encoder_dtype = crate::device::encoder_dtype(o.encoder_dtype.as_deref(), &device)?;
+    let encoder_dtype = train_encoder_dtype(o.encoder_dtype.as_deref(), lora.is_some(), &device)?;
     let (tu_tensors, sam_weights, weights_id, provenance, refiner_cfg, init_weights) =
         match &resume_ck {
             Some(ck) => {
@@ -380,7 +404,10 @@ fn train(
             }
             None => {
                 let tu = load_transunet(&r.transunet_checkpoint, s)?;
-                let src = load_sam_source(&o.sam_checkpoint, &mcfg.sam, o.seed, &device)?;
+                let mut src = load_sam_source(&o.sam_checkpoint, &mcfg.sam, o.seed, &device)?;
+                if let Some(line) = src.reconcile_adapters(lora.as_ref())? {
+                    say(&line);
+                }
                 if let Some(ts) = src
                     .phase2_sidecar
                     .as_ref()
@@ -438,16 +465,32 @@ fn train(
         )));
     }
     let settings = SamRefinerSettings::from_config(&refiner_cfg, Some(&provenance))?;
-    let mut model = Phase3Model::new(
+    let mut model = Phase3Model::with_lora(
         mcfg,
         &tu_tensors,
         &sam_weights,
         settings,
         &device,
         encoder_dtype,
+        lora.as_ref(),
+        o.seed,
     )?;
     drop(sam_weights);
     model.ultra.transunet_grad_scale = o.transunet_grad_scale;
+    model.ultra.gate = Gate::from_config(&refiner_cfg)?;
+    if let Some(l) = &lora {
+        say(&format!(
+            "LoRA on the SAM image encoder (r {}, α {}, dropout {}, {}): embedding cache off, the encoder runs with \
+             gradients in every step",
+            l.rank, l.alpha, l.dropout, o.lora_targets
+        ));
+    }
+    if let Some(g) = &model.ultra.gate {
+        say(&format!(
+            "Gated residual refinement: γ {}, g_min {}, g_max {}",
+            g.gamma, g.g_min, g.g_max
+        ));
+    }
     let n = model.ultra.refiner.img_size();
     let loss_size = RefinedLossSize::from_flag(o.refined_loss_size.unwrap_or(n), s, n)?;
     let step_cfg = StepConfig {
@@ -467,7 +510,8 @@ fn train(
         &format!("{weights_id}-{}", refiner_cfg.sam_normalization),
         o.embed_cache_mem,
     )?;
-    let train_cache = ((o.embed_cache || o.no_augment) && !o.use_roi_crop).then_some(&cache);
+    let train_cache =
+        ((embed_cache || o.no_augment) && lora.is_none() && !o.use_roi_crop).then_some(&cache);
     if o.use_roi_crop {
         say(&format!(
             "ROI crop (§7.7, expand ratio {}): the SAM image encoder runs on the crop in every step; the embedding cache is off",

@@ -3,7 +3,7 @@ use crate::device::DeviceSpec;
 use crate::train::signals::StopFlag;
 use std::path::PathBuf;
 
-/// Every flag of SPEC §11.4 (minus LoRA / gating) and the common flags of §11.1.7. `Option` fields left `None`
+/// Every flag of SPEC §11.4 and the common flags of §11.1.7. `Option` fields left `None`
 /// take the preset's (or the Phase 2 sidecar's) value.
 #[derive(Debug, Clone)]
 pub struct Phase3Options {
@@ -49,6 +49,20 @@ pub struct Phase3Options {
     pub freeze_sam_epochs: u64,
     pub sam_unfreeze_decoder_layers: i64,
     pub no_augment: bool,
+    /// LoRA on the SAM image encoder (SPEC §6.8; flags as Phase 2's): the encoder then runs with gradients in every
+    /// step and the embedding cache is off. Adapters stored in `--sam-checkpoint` (a Phase 2/3 LoRA checkpoint) are
+    /// carried over.
+    pub use_lora: bool,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    /// Comma-separated `qkv`, `proj`, `mlp`.
+    pub lora_targets: String,
+    /// Gated residual refinement (SPEC §7.8) with `γ` (`--gate-gamma`), `g_min` (`--gate-min`), `g_max` (`--gate-max`).
+    pub use_gated_refinement: bool,
+    pub gate_gamma: f64,
+    pub gate_min: f64,
+    pub gate_max: f64,
     /// Fixed rotation angles of the cached SAM branch ([`RotationPolicy::Fixed`]); 0 = flip only.
     pub rotation_angles: usize,
     /// Embedding cache for the frozen encoder; off = encoder every step with continuous §3.8 rotation.
@@ -122,6 +136,15 @@ impl Phase3Options {
             freeze_sam_epochs: 0,
             sam_unfreeze_decoder_layers: -1,
             no_augment: false,
+            use_lora: false,
+            lora_rank: 4,
+            lora_alpha: 4.0,
+            lora_dropout: 0.0,
+            lora_targets: "qkv".into(),
+            use_gated_refinement: false,
+            gate_gamma: 1.0,
+            gate_min: 0.0,
+            gate_max: 0.8,
             rotation_angles: 0,
             embed_cache: true,
             embed_cache_mem: 8 << 30,

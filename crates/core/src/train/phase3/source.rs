@@ -2,8 +2,12 @@
 //! settings resolved from the flags, the Phase 2 `best_sam.json` and the preset (SPEC §11.4 table, §11.4.1 step 2).
 use super::Phase3Options;
 use crate::config::RefinerConfig;
-use crate::models::sam::weights::{load_sam_weights, random_weights, SamFormat, SamWeights};
+use crate::models::sam::lora::{is_lora_key, merge_adapter_tensors, LoraConfig};
+use crate::models::sam::weights::{
+    load_sam_weights_with_adapters, random_weights, SamFormat, SamWeights,
+};
 use crate::models::transunet::read_checkpoint;
+use crate::refiner::Gate;
 use crate::refiner::{MaskPromptStyle, SamRefinerSettings};
 use crate::train::checkpoint::sha256_file;
 use crate::{Error, Result};
@@ -20,11 +24,64 @@ pub struct SamSource {
     pub provenance: String,
     /// The Phase 2 `best_sam.json` next to the file, if any.
     pub phase2_sidecar: Option<serde_json::Value>,
+    /// `--lora-alpha` of the run that wrote LoRA adapters into the file (a Phase 2/3 LoRA training checkpoint,
+    /// whose adapters `weights` then holds as `…lora_a`/`…lora_b`), from its sidecar.
+    pub lora_alpha: Option<f64>,
+}
+
+impl SamSource {
+    /// Whether the weights hold LoRA adapters (SPEC §6.8).
+    pub fn has_adapters(&self) -> bool {
+        self.weights.tensors.keys().any(|k| is_lora_key(k))
+    }
+
+    /// Reconciles stored LoRA adapters with the run's LoRA setting: with `lora` they are carried over (same α
+    /// required; rank and targets are checked when the model is built); without it they are merged into the encoder
+    /// weights with the recorded α. Returns a line for the log, `None` when the file has no adapters.
+    pub fn reconcile_adapters(&mut self, lora: Option<&LoraConfig>) -> Result<Option<String>> {
+        if !self.has_adapters() {
+            return Ok(None);
+        }
+        let n = self
+            .weights
+            .tensors
+            .keys()
+            .filter(|k| k.ends_with(".lora_a"))
+            .count();
+        match lora {
+            Some(l) => {
+                if let Some(a) = self.lora_alpha {
+                    if a != l.alpha {
+                        return Err(Error::Arg(format!(
+                            "--lora-alpha {} differs from the α {a} the LoRA adapters of the SAM checkpoint were trained with",
+                            l.alpha
+                        )));
+                    }
+                }
+                Ok(Some(format!(
+                    "LoRA: {n} adapters carried over from the SAM checkpoint"
+                )))
+            }
+            None => {
+                let a = self.lora_alpha.ok_or_else(|| {
+                    Error::Arg(
+                        "the SAM checkpoint holds LoRA adapters but its sidecar records no lora_alpha: pass --use-lora \
+                         (with the training run's --lora-alpha) or use its best_sam.safetensors"
+                            .into(),
+                    )
+                })?;
+                merge_adapter_tensors(&mut self.weights.tensors, a)?;
+                Ok(Some(format!(
+                    "LoRA: {n} adapters of the SAM checkpoint merged into the encoder (α {a}); pass --use-lora to keep training them"
+                )))
+            }
+        }
+    }
 }
 
 /// Loads `--sam-checkpoint`: `random`, a Phase 2 `best_sam.safetensors` (+ `best_sam.json`), a converted SAM/MedSAM
-/// safetensors, an original `.pth`, a Phase 2/3 checkpoint (`sam.*` keys) or an HF file — any §6.6 form, strictly
-/// checked against `cfg`.
+/// safetensors, an original `.pth`, a Phase 2/3 checkpoint (`sam.*` keys, LoRA adapters included: see
+/// [`SamSource::reconcile_adapters`]) or an HF file — any §6.6 form, strictly checked against `cfg`.
 pub fn load_sam_source(
     spec: &str,
     cfg: &crate::config::SamConfig,
@@ -40,6 +97,7 @@ pub fn load_sam_source(
             weights_id: format!("random-seed{seed}"),
             provenance: "random".into(),
             phase2_sidecar: None,
+            lora_alpha: None,
         });
     }
     if spec.is_empty() {
@@ -49,8 +107,11 @@ pub fn load_sam_source(
         ));
     }
     let p = Path::new(spec);
-    let weights = load_sam_weights(p, Some(cfg), device)?;
+    let weights = load_sam_weights_with_adapters(p, Some(cfg), device)?;
     let sidecar = crate::eval::model::read_sidecar_json(p)?;
+    let lora_alpha = sidecar
+        .as_ref()
+        .and_then(crate::eval::model::sidecar_lora_alpha);
     let provenance = sidecar
         .as_ref()
         .and_then(|v| v["provenance"].as_str())
@@ -68,11 +129,12 @@ pub fn load_sam_source(
         weights_id: sha256_file(p)?,
         provenance,
         phase2_sidecar,
+        lora_alpha,
     })
 }
 
 /// The refiner configuration of the run (§11.4 table): flags > Phase 2 `best_sam.json` > preset, with the style
-/// check; `sam_normalization` is stored resolved (`sam`/`unit`) so evaluation needs no provenance.
+/// check; gating (§7.8) comes from the flags only; `sam_normalization` is stored resolved (`sam`/`unit`) so evaluation needs no provenance.
 pub fn resolve_refiner(
     o: &Phase3Options,
     preset: &RefinerConfig,
@@ -120,6 +182,11 @@ pub fn resolve_refiner(
     r.sharpen_temperature = o.sharpen_temperature;
     r.use_roi_crop = o.use_roi_crop;
     r.roi_expand_ratio = o.roi_expand_ratio;
+    r.use_gated_refinement = o.use_gated_refinement;
+    r.gate_gamma = o.gate_gamma;
+    r.gate_min = o.gate_min;
+    r.gate_max = o.gate_max;
+    Gate::from_config(&r)?;
     let resolved = SamRefinerSettings::from_config(&r, Some(&src.provenance))?;
     r.sam_normalization = resolved.normalization.as_str().to_string();
     Ok(r)

@@ -4,7 +4,7 @@ use super::freeze::{EpochTrainable, SAM_PREFIX, TRANSUNET_PREFIX};
 use crate::config::ModelConfig;
 use crate::data::loader::Loader;
 use crate::models::sam::weights::SamWeights;
-use crate::models::sam::{EmbeddingCache, Sam};
+use crate::models::sam::{EmbeddingCache, LoraConfig};
 use crate::models::transunet::{build_trainable, load_into_varmap, state_dict, LoadMode};
 use crate::refiner::{ForwardOptions, SamRefiner, SamRefinerSettings, UltraOutput, UltraRefiner};
 use crate::train::console::Console;
@@ -14,6 +14,10 @@ use crate::train::losses::{
 use crate::train::metrics::{MeanTracker, PooledMetrics};
 use crate::train::optim::{AdamW, Grads, Optimizer, ParamGroup};
 use crate::train::phase1::per_image_dice;
+use crate::train::phase2::{
+    build_train_sam, checkpoint_tensors as phase2_checkpoint_tensors,
+    param_groups as phase2_param_groups,
+};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
@@ -51,6 +55,32 @@ impl Phase3Model {
         device: &Device,
         encoder_dtype: DType,
     ) -> Result<Self> {
+        Self::with_lora(
+            cfg,
+            transunet,
+            sam,
+            settings,
+            device,
+            encoder_dtype,
+            None,
+            0,
+        )
+    }
+
+    /// [`Self::new`] with optional LoRA adapters on the SAM image encoder (SPEC §6.8): adapter `Var`s join
+    /// `sam_vars` (starting from the adapters `sam` holds, if any; new ones initialised from `seed`), and the encoder
+    /// runs its differentiable path.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_lora(
+        cfg: &ModelConfig,
+        transunet: &HashMap<String, Tensor>,
+        sam: &SamWeights,
+        settings: SamRefinerSettings,
+        device: &Device,
+        encoder_dtype: DType,
+        lora: Option<&LoraConfig>,
+        seed: u64,
+    ) -> Result<Self> {
         let transunet_vars = VarMap::new();
         let tu = build_trainable(
             &cfg.transunet,
@@ -63,7 +93,15 @@ impl Phase3Model {
         )?;
         load_into_varmap(&tu, &transunet_vars, transunet, LoadMode::Strict)?;
         let sam_vars = VarMap::new();
-        let s = Sam::from_weights(&cfg.sam, sam, &sam_vars, device, encoder_dtype, None)?;
+        let s = build_train_sam(
+            &cfg.sam,
+            sam.clone(),
+            &sam_vars,
+            device,
+            encoder_dtype,
+            lora,
+            seed,
+        )?;
         Ok(Phase3Model {
             ultra: UltraRefiner::new(tu, SamRefiner::new(s, settings)),
             transunet_vars,
@@ -72,27 +110,21 @@ impl Phase3Model {
     }
 
     /// The two AdamW groups of §11.4.1 step 5, holding every parameter that may become trainable, keys prefixed
-    /// `transunet.` / `sam.` and sorted.
+    /// `transunet.` / `sam.` and sorted; with LoRA a third group `lora` (the SAM learning rate, as in Phase 2).
     pub fn param_groups(
         &self,
         transunet_lr: f64,
         sam_lr: f64,
         weight_decay: f64,
     ) -> Result<Vec<ParamGroup>> {
-        Ok(vec![
-            ParamGroup::new(
-                "transunet",
-                transunet_lr,
-                weight_decay,
-                sorted(&self.transunet_vars, "")?,
-            ),
-            ParamGroup::new(
-                "sam",
-                sam_lr,
-                weight_decay,
-                sorted(&self.sam_vars, SAM_PREFIX)?,
-            ),
-        ])
+        let mut groups = vec![ParamGroup::new(
+            "transunet",
+            transunet_lr,
+            weight_decay,
+            sorted(&self.transunet_vars, "")?,
+        )];
+        groups.extend(phase2_param_groups(&self.sam_vars, sam_lr, weight_decay)?);
+        Ok(groups)
     }
 
     /// TransUNet tensors under canonical keys (parameters + BatchNorm buffers, no prefix).
@@ -102,14 +134,15 @@ impl Phase3Model {
             .collect())
     }
 
-    /// Every model tensor of the checkpoint (§11.1.4): `transunet.` + §5.3 and `sam.` + §6.5.
+    /// Every model tensor of the checkpoint (§11.1.4): `transunet.` + §5.3 and `sam.` + §6.5 (with LoRA: encoder
+    /// weights unmerged plus the adapters, as Phase 2 stores them).
     pub fn checkpoint_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out: HashMap<String, Tensor> = self
             .transunet_state()?
             .into_iter()
             .map(|(k, t)| (format!("{TRANSUNET_PREFIX}{k}"), t))
             .collect();
-        for (k, t) in self.ultra.refiner.sam.export_tensors(false)? {
+        for (k, t) in phase2_checkpoint_tensors(&self.ultra.refiner.sam)? {
             out.insert(format!("{SAM_PREFIX}{k}"), t);
         }
         Ok(out)
@@ -187,9 +220,14 @@ pub fn forward_loss(
     } else {
         logits.detach()
     };
+    // LoRA dropout (SPEC §6.8) while SAM trains; the frozen encoder path ignores the seed.
+    let lora_seed = mb
+        .dropout_seed
+        .filter(|_| train && trainable.sam_any)
+        .map(|s| crate::rng::mix(s, "lora-dropout", &[]));
     let fo = ForwardOptions {
         train: tu_train,
-        dropout_seed: seed,
+        dropout_seed: lora_seed,
         embeddings: mb.embeddings.as_ref(),
         cache,
     };
