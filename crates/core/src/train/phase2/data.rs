@@ -135,18 +135,31 @@ impl CoarseMasks {
 
     /// Appends the `S·S` values of record `i`'s mask to `out`. Errors name the shard file and the sample.
     pub fn read_into(&self, i: usize, out: &mut Vec<f32>) -> Result<()> {
-        let mut scratch = Vec::new();
-        self.read_with(i, out, &mut scratch)
+        self.read_batch(&[i], out)
     }
 
-    /// Appends the masks of records `ids` to `out`, in order (one positioned read per mask).
+    /// Appends the masks of records `ids` to `out`, in order: one positioned read per mask, the masks of a batch
+    /// read in parallel (rayon), so that a batch costs about one mask's read where cores are idle.
     pub fn read_batch(&self, ids: &[usize], out: &mut Vec<f32>) -> Result<()> {
-        out.reserve(ids.len() * self.s * self.s);
-        let mut scratch = Vec::new();
-        for &i in ids {
-            self.read_with(i, out, &mut scratch)?;
+        use rayon::prelude::*;
+        let plane = self.s * self.s;
+        let start = out.len();
+        out.resize(start + ids.len() * plane, 0.0);
+        let dst = &mut out[start..];
+        let res = if ids.len() > 1 {
+            dst.par_chunks_mut(plane)
+                .zip(ids.par_iter())
+                .try_for_each_init(Scratch::default, |sc, (d, &i)| self.read_plane(i, d, sc))
+        } else {
+            let mut sc = Scratch::default();
+            dst.chunks_mut(plane)
+                .zip(ids)
+                .try_for_each(|(d, &i)| self.read_plane(i, d, &mut sc))
+        };
+        if res.is_err() {
+            out.truncate(start);
         }
-        Ok(())
+        res
     }
 
     /// Record `i`'s mask.
@@ -161,26 +174,21 @@ impl CoarseMasks {
         (0..self.len()).map(|i| self.get(i))
     }
 
-    fn read_with(&self, i: usize, out: &mut Vec<f32>, scratch: &mut Vec<u8>) -> Result<()> {
+    /// Record `i`'s mask into `dst` (`S·S` values).
+    fn read_plane(&self, i: usize, dst: &mut [f32], scratch: &mut Scratch) -> Result<()> {
         let n = self.len();
+        let range = || Error::msg(format!("coarse mask {i} out of range ({n} records)"));
         match &self.store {
-            Store::Memory(v) => {
-                let p = v.get(i).ok_or_else(|| {
-                    Error::msg(format!("coarse mask {i} out of range ({n} records)"))
-                })?;
-                out.extend_from_slice(p);
-            }
+            Store::Memory(v) => dst.copy_from_slice(v.get(i).ok_or_else(range)?),
             Store::Shards { shards, locs } => {
-                let loc = locs.get(i).ok_or_else(|| {
-                    Error::msg(format!("coarse mask {i} out of range ({n} records)"))
-                })?;
+                let loc = locs.get(i).ok_or_else(range)?;
                 let sh = &shards[loc.shard as usize];
-                let plane = self.s * self.s;
-                scratch.resize(plane * sh.elem.size(), 0);
-                let off = sh.data_start + (loc.row as u64) * scratch.len() as u64;
+                let buf = &mut scratch.bytes;
+                buf.resize(dst.len() * sh.elem.size(), 0);
+                let off = sh.data_start + (loc.row as u64) * buf.len() as u64;
                 let res = match &sh.file {
-                    Some(f) => read_exact_at(f, scratch, off),
-                    None => File::open(&sh.path).and_then(|f| read_exact_at(&f, scratch, off)),
+                    Some(f) => read_exact_at(f, buf, off),
+                    None => File::open(&sh.path).and_then(|f| read_exact_at(&f, buf, off)),
                 };
                 res.map_err(|e| {
                     Error::file(
@@ -191,7 +199,7 @@ impl CoarseMasks {
                         ),
                     )
                 })?;
-                decode(sh.elem, scratch, out);
+                decode(sh.elem, &scratch.bytes, &mut scratch.bits, dst);
             }
         }
         Ok(())
@@ -245,6 +253,13 @@ impl CoarseMasks {
     }
 }
 
+/// Reusable buffers of the shard reads.
+#[derive(Default)]
+struct Scratch {
+    bytes: Vec<u8>,
+    bits: Vec<u16>,
+}
+
 /// Iterates over the masks in record order, for tests and tools that want plain `Vec<f32>`s. Panics with the
 /// [`CoarseMasks::read_into`] error (file and sample) on a read failure; the trainer uses the fallible methods.
 impl<'a> IntoIterator for &'a CoarseMasks {
@@ -255,18 +270,26 @@ impl<'a> IntoIterator for &'a CoarseMasks {
     }
 }
 
-fn decode(elem: Elem, bytes: &[u8], out: &mut Vec<f32>) {
+/// Writes the little-endian values of `bytes` into `dst` as f32 (f16 widened exactly, with F16C where the CPU has
+/// it); `bits` is scratch.
+fn decode(elem: Elem, bytes: &[u8], bits: &mut Vec<u16>, dst: &mut [f32]) {
+    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
     match elem {
-        Elem::F32 => out.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        ),
-        Elem::F16 => out.extend(
-            bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
-        ),
+        Elem::F32 => {
+            for (o, b) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        Elem::F16 => {
+            bits.clear();
+            bits.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]])),
+            );
+            bits.reinterpret_cast::<half::f16>()
+                .convert_to_f32_slice(dst);
+        }
     }
 }
 
@@ -700,13 +723,13 @@ mod tests {
             let bytes = std::fs::read(aug.join("BENCH/shards/coarse-00002.safetensors")).unwrap();
             let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
             let c = st.tensor("coarse").unwrap();
-            let mut want = Vec::new();
+            let mut want = vec![0f32; c.data().len() / c.dtype().size()];
             let el = if dtype == StoreDtype::F16 {
                 Elem::F16
             } else {
                 Elem::F32
             };
-            decode(el, c.data(), &mut want);
+            decode(el, c.data(), &mut Vec::new(), &mut want);
             let mut got = Vec::new();
             d.coarse.read_batch(&[8, 9, 10], &mut got).unwrap();
             assert_eq!(got, want);
