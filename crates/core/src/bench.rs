@@ -115,6 +115,12 @@ pub fn workloads() -> Vec<(&'static str, &'static str, Setup)> {
             phase2_epoch_cached,
         ),
         (
+            "phase2-loader",
+            "Phase 2 data access: open a written augmented run (shard headers, 8 sources) and read every stored \
+             coarse mask once in shuffled batches of 8, as an epoch does (--batch = samples, default 2048; f32 at S)",
+            phase2_loader,
+        ),
+        (
             "phase2-epoch-uncached",
             "as phase2-epoch, with the frozen SAM image encoder run in every step (--embed-cache off)",
             phase2_epoch_uncached,
@@ -655,6 +661,41 @@ fn augment_throughput(opts: &BenchOptions, _cfg: &Config) -> Result<Prepared> {
     })
 }
 
+/// Phase 2's augmented-data access without the model: `load_data` of a run written once in the setup (f32 shards of
+/// 256 samples at S, so the page cache holds it as on a machine with spare memory), then every mask once through
+/// [`crate::train::phase2::CoarseMasks::read_batch`] in a shuffled order, batch 8 (items = samples).
+fn phase2_loader(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
+    use rand::seq::SliceRandom;
+    let n = opts.batch.unwrap_or(2048).max(1);
+    let s = cfg.model.transunet.img_size;
+    let scratch = ScratchDir::new("phase2-loader")?;
+    let (aug, processed) = crate::train::phase2::data::write_synthetic_run(
+        &scratch.0,
+        n,
+        8,
+        s,
+        256,
+        crate::augment::soft::StoreDtype::F32,
+    )?;
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut crate::rng::stream_rng(42, "bench-phase2-loader", &[]));
+    Ok(Prepared {
+        batch: 8,
+        items: Some(n),
+        step: Box::new(move || {
+            let _keep = &scratch;
+            let data = crate::train::phase2::load_data(&aug, "BENCH", &processed, s)?;
+            let mut buf = Vec::with_capacity(8 * s * s);
+            for ids in order.chunks(8) {
+                buf.clear();
+                data.coarse.read_batch(ids, &mut buf)?;
+            }
+            std::hint::black_box(&buf);
+            Ok(())
+        }),
+    })
+}
+
 fn phase2_epoch_cached(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
     phase2_epoch(opts, cfg, true)
 }
@@ -698,7 +739,7 @@ fn phase2_epoch(opts: &BenchOptions, cfg: &Config, cached: bool) -> Result<Prepa
         .collect();
     let data = Phase2Data {
         records: Vec::new(),
-        coarse,
+        coarse: crate::train::phase2::CoarseMasks::in_memory(coarse, s)?,
         source_of: (0..n_samples).map(|j| j % n_src).collect(),
         is_real: vec![false; n_samples],
         sources: (0..n_src)
@@ -770,6 +811,7 @@ mod tests {
             "infer-per-image",
             "phase2-epoch",
             "phase2-epoch-uncached",
+            "phase2-loader",
             "augment-throughput",
         ] {
             let opts = BenchOptions {
