@@ -63,108 +63,101 @@ pub const UNIT_MAX_EXTENT: usize = 65_535;
 
 /// Squared EDT on the unit grid in integer arithmetic: for every pixel the squared distance (an exact integer) to the
 /// nearest pixel where `is_site` is true; all [`NO_SITE`] when there is no site. Columns by two linear scans, rows by
-/// Meijster's lower envelope with exact integer separators. Equal to [`squared_distance_to_sites`] with unit sampling
-/// (both are exact), several times faster.
+/// the Felzenszwalb–Huttenlocher lower envelope with every intersection comparison cross-multiplied in exact integers
+/// (no division). Equal to [`squared_distance_to_sites`] with unit sampling (both are exact), several times faster.
 pub fn squared_distance_unit(is_site: &[bool], h: usize, w: usize) -> Vec<u32> {
-    let mut out = Vec::new();
-    let mut scratch = EdtScratch::default();
-    squared_distance_unit_into(is_site, h, w, &mut out, &mut scratch);
-    out
-}
-
-/// Reusable buffers of [`squared_distance_unit_into`].
-#[derive(Default)]
-pub struct EdtScratch {
-    g: Vec<u32>,
-    s: Vec<u32>,
-    t: Vec<u32>,
-}
-
-/// [`squared_distance_unit`] writing into `out` (resized to `h·w`) with caller-owned scratch buffers.
-pub fn squared_distance_unit_into(
-    is_site: &[bool],
-    h: usize,
-    w: usize,
-    out: &mut Vec<u32>,
-    scratch: &mut EdtScratch,
-) {
     assert_eq!(is_site.len(), h * w, "mask length must be h*w");
-    assert!(h + w < UNIT_MAX_EXTENT, "integer EDT needs h + w < {UNIT_MAX_EXTENT}");
-    out.clear();
+    assert!(
+        h + w < UNIT_MAX_EXTENT,
+        "integer EDT needs h + w < {UNIT_MAX_EXTENT}"
+    );
     if h == 0 || w == 0 {
-        return;
+        return Vec::new();
     }
-    // Column distances g (unsquared), `inf` where a column has no site. inf² exceeds every finite answer
-    // ((h−1)² + (w−1)² < (h+w)²), so inf entries never win the row minimum when the row has a finite one, and every
-    // row has one as soon as any site exists.
-    let inf = (h + w) as u32;
-    let g = &mut scratch.g;
-    g.clear();
-    g.resize(h * w, 0);
-    for (gv, &s) in g[..w].iter_mut().zip(&is_site[..w]) {
-        *gv = if s { 0 } else { inf };
-    }
-    let mut any = is_site[..w].iter().any(|&s| s);
-    for i in 1..h {
-        let (prev, cur) = g[(i - 1) * w..(i + 1) * w].split_at_mut(w);
-        let sites = &is_site[i * w..(i + 1) * w];
-        for ((c, &p), &s) in cur.iter_mut().zip(prev.iter()).zip(sites) {
-            *c = if s { 0 } else { (p + 1).min(inf) };
+    EDT_SCRATCH.with(|sc| {
+        let mut sc = sc.borrow_mut();
+        let EdtScratch { g, v, f } = &mut *sc;
+        // Column distances g (unsquared), `inf` where the column has no site above/below.
+        let inf = (h + w) as u32;
+        g.clear();
+        g.resize(h * w, 0);
+        for (gv, &s) in g[..w].iter_mut().zip(&is_site[..w]) {
+            *gv = if s { 0 } else { inf };
         }
-        any |= sites.iter().any(|&s| s);
-    }
-    if !any {
-        out.resize(h * w, NO_SITE);
-        return;
-    }
-    for i in (0..h.saturating_sub(1)).rev() {
-        let (cur, next) = g[i * w..(i + 2) * w].split_at_mut(w);
-        for (c, &n) in cur.iter_mut().zip(next.iter()) {
-            *c = (*c).min(n + 1);
-        }
-    }
-    // Rows: Meijster et al. (2000), phase 2, with f(x, i) = (x − i)² + g(i)².
-    out.resize(h * w, 0);
-    let (s, t) = (&mut scratch.s, &mut scratch.t);
-    s.clear();
-    s.resize(w, 0);
-    t.clear();
-    t.resize(w, 0);
-    for i in 0..h {
-        let gr = &g[i * w..(i + 1) * w];
-        let g2 = |k: usize| -> i64 { (gr[k] as i64) * (gr[k] as i64) };
-        let f = |x: i64, k: usize| -> i64 { (x - k as i64) * (x - k as i64) + g2(k) };
-        let mut q: isize = 0;
-        s[0] = 0;
-        t[0] = 0;
-        for u in 1..w {
-            while q >= 0 && f(t[q as usize] as i64, s[q as usize] as usize) > f(t[q as usize] as i64, u) {
-                q -= 1;
+        let mut any = is_site[..w].iter().any(|&s| s);
+        for i in 1..h {
+            let (prev, cur) = g[(i - 1) * w..(i + 1) * w].split_at_mut(w);
+            let sites = &is_site[i * w..(i + 1) * w];
+            for ((c, &p), &s) in cur.iter_mut().zip(prev.iter()).zip(sites) {
+                *c = if s { 0 } else { (p + 1).min(inf) };
             }
-            if q < 0 {
-                q = 0;
-                s[0] = u as u32;
-            } else {
-                let si = s[q as usize] as usize;
-                // Sep(si, u) = ⌊(u² − si² + g(u)² − g(si)²) / (2(u − si))⌋.
-                let num = (u * u) as i64 - (si * si) as i64 + g2(u) - g2(si);
-                let sep = num.div_euclid(2 * (u - si) as i64);
-                let wv = 1 + sep;
-                if wv < w as i64 {
-                    q += 1;
-                    s[q as usize] = u as u32;
-                    t[q as usize] = wv as u32;
+            any |= sites.iter().any(|&s| s);
+        }
+        if !any {
+            return vec![NO_SITE; h * w];
+        }
+        for i in (0..h - 1).rev() {
+            let (cur, next) = g[i * w..(i + 2) * w].split_at_mut(w);
+            for (c, &n) in cur.iter_mut().zip(next.iter()) {
+                *c = (*c).min(n + 1);
+            }
+        }
+        // Rows: lower envelope of the parabolas (x − p)² + g(p)² over the columns p with a finite g (every row has
+        // one as soon as any site exists). F(p) = p² + g(p)²; the intersection of parabolas a < b is
+        // (F(b) − F(a)) / (2(b − a)), compared by cross-multiplication.
+        let mut out = vec![0u32; h * w];
+        v.clear();
+        v.resize(w, 0);
+        f.clear();
+        f.resize(w, 0);
+        for i in 0..h {
+            let gr = &g[i * w..(i + 1) * w];
+            let mut k = 0usize;
+            for (q, &gq) in gr.iter().enumerate() {
+                if gq >= inf {
+                    continue;
                 }
+                let q = q as i64;
+                let fq = q * q + gq as i64 * gq as i64;
+                // Pop the top while its interval is empty: x(q, top) ≤ x(top, below).
+                while k >= 2 {
+                    let (a, fa) = (v[k - 2], f[k - 2]);
+                    let (b, fb) = (v[k - 1], f[k - 1]);
+                    if (fq - fb) * (b - a) <= (fb - fa) * (q - b) {
+                        k -= 1;
+                    } else {
+                        break;
+                    }
+                }
+                v[k] = q;
+                f[k] = fq;
+                k += 1;
+            }
+            let row = &mut out[i * w..(i + 1) * w];
+            let mut j = 0usize;
+            for (u, d) in row.iter_mut().enumerate() {
+                let u = u as i64;
+                // Move to the next parabola once it is strictly lower: x(j, j+1) < u.
+                while j + 1 < k && f[j + 1] - f[j] < 2 * u * (v[j + 1] - v[j]) {
+                    j += 1;
+                }
+                *d = (f[j] - 2 * u * v[j] + u * u) as u32;
             }
         }
-        let row = &mut out[i * w..(i + 1) * w];
-        for u in (0..w).rev() {
-            row[u] = f(u as i64, s[q as usize] as usize) as u32;
-            if u as u32 == t[q as usize] {
-                q -= 1;
-            }
-        }
-    }
+        out
+    })
+}
+
+/// Reusable buffers of [`squared_distance_unit`] (one set per thread).
+#[derive(Default)]
+struct EdtScratch {
+    g: Vec<u32>,
+    v: Vec<i64>,
+    f: Vec<i64>,
+}
+
+thread_local! {
+    static EDT_SCRATCH: std::cell::RefCell<EdtScratch> = std::cell::RefCell::new(EdtScratch::default());
 }
 
 /// Squared EDT: for every pixel, the squared distance to the nearest pixel where `is_site` is true.
@@ -180,7 +173,13 @@ pub fn squared_distance_to_sites(
     if sampling == (1.0, 1.0) && h + w < UNIT_MAX_EXTENT {
         return squared_distance_unit(is_site, h, w)
             .into_iter()
-            .map(|d| if d == NO_SITE { f64::INFINITY } else { d as f64 })
+            .map(|d| {
+                if d == NO_SITE {
+                    f64::INFINITY
+                } else {
+                    d as f64
+                }
+            })
             .collect();
     }
     squared_distance_float(is_site, h, w, sampling)

@@ -459,9 +459,9 @@ impl SourceContext {
                 if !in0 && !in1 {
                     continue;
                 }
-                let zero = [0f32; 0];
-                let ra: &[f32] = if in0 { &tmp[(i0 - ry0) * nc..(i0 - ry0 + 1) * nc] } else { &zero };
-                let rb: &[f32] = if in1 { &tmp[(i1 - ry0) * nc..(i1 - ry0 + 1) * nc] } else { &zero };
+                let row_of = |i: usize| &tmp[(i - ry0) * nc..(i - ry0 + 1) * nc];
+                let ra: &[f32] = if in0 { row_of(i0) } else { &[] };
+                let rb: &[f32] = if in1 { row_of(i1) } else { &[] };
                 let gt = &self.gt_s[o * s..(o + 1) * s];
                 for (k, c) in cols.iter().enumerate() {
                     let a = if in0 { ra[k] } else { 0.0 };
