@@ -471,7 +471,8 @@ fn sigmoid_soft_mask_equals_the_full_image_formula() {
                     } else {
                         0.0
                     };
-                    let inside = i >= reg.y0 && j >= reg.x0 && i < reg.y0 + reg.h && j < reg.x0 + reg.w;
+                    let inside =
+                        i >= reg.y0 && j >= reg.x0 && i < reg.y0 + reg.h && j < reg.x0 + reg.w;
                     let got = if inside {
                         vals[(i - reg.y0) * reg.w + (j - reg.x0)]
                     } else {
