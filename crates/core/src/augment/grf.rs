@@ -71,6 +71,13 @@ thread_local! {
     static PLANNER: std::cell::RefCell<FftPlanner<f64>> = std::cell::RefCell::new(FftPlanner::new());
 }
 
+type ComplexBuffers = (Vec<Complex<f64>>, Vec<Complex<f64>>);
+
+thread_local! {
+    /// Per-thread noise and transpose buffers of `filtered_noise`.
+    static SCRATCH: std::cell::RefCell<ComplexBuffers> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
 fn fft_freq(k: usize, n: usize) -> f64 {
     if 2 * k < n {
         k as f64 / n as f64
@@ -93,7 +100,9 @@ fn filtered_noise<R: Rng + ?Sized>(
     let px = (3.0 * lx).ceil() as usize;
     let nh = fast_len(h + 2 * py);
     let nw = fast_len(w + 2 * px);
-    let mut buf: Vec<Complex<f64>> = Vec::with_capacity(nh * nw);
+    // Per-thread buffers, reused across fields (no zeroing, no fresh pages per field).
+    let (mut buf, mut col) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    buf.clear();
     while buf.len() < nh * nw {
         let (a, b) = standard_normal_pair(rng);
         buf.push(Complex::new(a, 0.0));
@@ -113,7 +122,7 @@ fn filtered_noise<R: Rng + ?Sized>(
     // Rows.
     fw.process(&mut buf);
     // Columns (transpose into a scratch buffer).
-    let mut col: Vec<Complex<f64>> = vec![Complex::new(0.0, 0.0); nh * nw];
+    col.resize(nh * nw, Complex::new(0.0, 0.0));
     transpose(&buf, nw, 0, &mut col, nh, nw);
     fh.process(&mut col);
     // Filter (col is laid out [j][i]).
@@ -156,6 +165,7 @@ fn filtered_noise<R: Rng + ?Sized>(
     for i in 0..h {
         out.extend(rows[i * nw + px..i * nw + px + w].iter().map(|c| c.re));
     }
+    SCRATCH.with(|s| *s.borrow_mut() = (buf, col));
     out
 }
 

@@ -918,15 +918,25 @@ impl Composition {
             .deform_field
             .as_ref()
             .filter(|_| self.has(Mode::Deform));
-        for (p, v) in phi.iter_mut().enumerate() {
-            let mut dv = offset;
-            if let Some(f) = shrink_field {
-                dv += 0.2 * shrink_o * f[p];
+        // dv = offset (+ 0.2·o_shrink·f_shrink) (+ a_deform·f_deform), one loop per combination.
+        let ks = 0.2 * shrink_o;
+        match (shrink_field, deform_field) {
+            (None, None) => phi.iter_mut().for_each(|v| *v += offset),
+            (Some(fs), None) => {
+                for (v, &a) in phi.iter_mut().zip(fs) {
+                    *v += offset + ks * a;
+                }
             }
-            if let Some(f) = deform_field {
-                dv += deform_a * f[p];
+            (None, Some(fd)) => {
+                for (v, &b) in phi.iter_mut().zip(fd) {
+                    *v += offset + deform_a * b;
+                }
             }
-            *v += dv;
+            (Some(fs), Some(fd)) => {
+                for ((v, &a), &b) in phi.iter_mut().zip(fs).zip(fd) {
+                    *v += offset + ks * a + deform_a * b;
+                }
+            }
         }
         // Margin of the jitter band, so set operations are evaluated wherever the band could reach.
         let jit_a = if self.has(Mode::Jitter) {
