@@ -417,3 +417,70 @@ fn composition_is_size_and_shape_conditioned() {
     // Tiny lesions are corrupted harder (intensity boost).
     assert!(tiny_s > big_s * 1.2, "tiny {tiny_s} vs big {big_s}");
 }
+
+/// Corrupted window masks of a context: a few random compositions rendered at several gains.
+fn rendered_masks(ctx: &SourceContext, n: u64) -> Vec<Vec<bool>> {
+    let mut out = Vec::new();
+    for k in 0..n {
+        let mut rng = ChaCha8Rng::seed_from_u64(100 + k);
+        let class = [BinClass::High, BinClass::Medium, BinClass::Low][k as usize % 3];
+        let c = Composition::draw(ctx, class, (2.0, 8.0), Spectrum::Gaussian, &mut rng);
+        for g in [0.3, 1.0, 2.5] {
+            out.push(c.render(ctx, g));
+        }
+    }
+    out
+}
+
+/// The proxy Dice (computed without the f32 plane) equals resizing the 0/1 plane and thresholding, bit for bit.
+#[test]
+fn proxy_dice_equals_the_plane_resize() {
+    for (r, irr) in [(6.0, 0.3), (25.0, 0.15), (70.0, 0.5)] {
+        let ctx = context(r, irr);
+        for m in rendered_masks(&ctx, 6) {
+            let vals: Vec<f32> = m.iter().map(|&b| b as u8 as f32).collect();
+            let plane = ctx.resize_region(&vals, &ctx.win);
+            assert_eq!(ctx.proxy_dice(&m), ctx.dice_s(&plane), "r={r}");
+        }
+    }
+}
+
+/// The sigmoid soft mask (region EDTs, memoised σ) equals σ(−φ_m/T) of the full-image SDF of m, zero where
+/// φ_m > 16T, bit for bit.
+#[test]
+fn sigmoid_soft_mask_equals_the_full_image_formula() {
+    use ultrarefiner::augment::soft::{soft_mask, SoftKind, SIGMOID_CUTOFF_T};
+    for (r, irr) in [(6.0, 0.3), (40.0, 0.4)] {
+        let ctx = context(r, irr);
+        for (k, m) in rendered_masks(&ctx, 4).into_iter().enumerate() {
+            let t = [2.0, 3.7, 8.0][k % 3];
+            let (reg, vals) = soft_mask(&ctx, &m, SoftKind::Sigmoid, t);
+            let (h, w, win) = (ctx.h, ctx.w, ctx.win);
+            let mut full = vec![false; h * w];
+            for i in 0..win.h {
+                for j in 0..win.w {
+                    full[(win.y0 + i) * w + win.x0 + j] = m[i * win.w + j];
+                }
+            }
+            let phi = sdf(&full, h, w, (1.0, 1.0));
+            for i in 0..h {
+                for j in 0..w {
+                    let f = phi[i * w + j];
+                    let want = if f <= SIGMOID_CUTOFF_T * t {
+                        (1.0 / (1.0 + (f / t).exp())) as f32
+                    } else {
+                        0.0
+                    };
+                    let inside =
+                        i >= reg.y0 && j >= reg.x0 && i < reg.y0 + reg.h && j < reg.x0 + reg.w;
+                    let got = if inside {
+                        vals[(i - reg.y0) * reg.w + (j - reg.x0)]
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(got, want, "r={r} mask {k} at ({i},{j})");
+                }
+            }
+        }
+    }
+}

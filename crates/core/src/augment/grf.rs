@@ -71,6 +71,13 @@ thread_local! {
     static PLANNER: std::cell::RefCell<FftPlanner<f64>> = std::cell::RefCell::new(FftPlanner::new());
 }
 
+type ComplexBuffers = (Vec<Complex<f64>>, Vec<Complex<f64>>);
+
+thread_local! {
+    /// Per-thread noise and transpose buffers of `filtered_noise`.
+    static SCRATCH: std::cell::RefCell<ComplexBuffers> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
 fn fft_freq(k: usize, n: usize) -> f64 {
     if 2 * k < n {
         k as f64 / n as f64
@@ -93,7 +100,9 @@ fn filtered_noise<R: Rng + ?Sized>(
     let px = (3.0 * lx).ceil() as usize;
     let nh = fast_len(h + 2 * py);
     let nw = fast_len(w + 2 * px);
-    let mut buf: Vec<Complex<f64>> = Vec::with_capacity(nh * nw);
+    // Per-thread buffers, reused across fields (no zeroing, no fresh pages per field).
+    let (mut buf, mut col) = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    buf.clear();
     while buf.len() < nh * nw {
         let (a, b) = standard_normal_pair(rng);
         buf.push(Complex::new(a, 0.0));
@@ -113,12 +122,8 @@ fn filtered_noise<R: Rng + ?Sized>(
     // Rows.
     fw.process(&mut buf);
     // Columns (transpose into a scratch buffer).
-    let mut col: Vec<Complex<f64>> = vec![Complex::new(0.0, 0.0); nh * nw];
-    for i in 0..nh {
-        for j in 0..nw {
-            col[j * nh + i] = buf[i * nw + j];
-        }
-    }
+    col.resize(nh * nw, Complex::new(0.0, 0.0));
+    transpose(&buf, nw, 0, &mut col, nh, nw);
     fh.process(&mut col);
     // Filter (col is laid out [j][i]).
     let two_pi2 = 2.0 * std::f64::consts::PI * std::f64::consts::PI;
@@ -152,19 +157,39 @@ fn filtered_noise<R: Rng + ?Sized>(
         }
     }
     ih.process(&mut col);
-    for i in 0..nh {
-        for j in 0..nw {
-            buf[i * nw + j] = col[j * nh + i];
-        }
-    }
-    iw.process(&mut buf);
+    // Only the rows kept by the crop need the inverse row transform (rows are independent).
+    let rows = &mut buf[..h * nw];
+    transpose(&col, nh, py, rows, nw, h);
+    iw.process(rows);
     let mut out = Vec::with_capacity(h * w);
     for i in 0..h {
-        for j in 0..w {
-            out.push(buf[(i + py) * nw + j + px].re);
+        out.extend(rows[i * nw + px..i * nw + px + w].iter().map(|c| c.re));
+    }
+    SCRATCH.with(|s| *s.borrow_mut() = (buf, col));
+    out
+}
+
+/// `dst[c·rows + r] = src[r·stride + c0 + c]` for `r < rows`, `c < cols` (the transpose of a column block of a
+/// row-major plane), in cache-friendly tiles.
+fn transpose(
+    src: &[Complex<f64>],
+    stride: usize,
+    c0: usize,
+    dst: &mut [Complex<f64>],
+    rows: usize,
+    cols: usize,
+) {
+    const T: usize = 16;
+    for r0 in (0..rows).step_by(T) {
+        for cb in (0..cols).step_by(T) {
+            for r in r0..(r0 + T).min(rows) {
+                let srow = &src[r * stride + c0..r * stride + c0 + cols];
+                for c in cb..(cb + T).min(cols) {
+                    dst[c * rows + r] = srow[c];
+                }
+            }
         }
     }
-    out
 }
 
 /// Normalise in place to zero mean and unit standard deviation (population std). A constant field becomes all zeros.

@@ -93,11 +93,20 @@ pub fn synthetic_sources(n: usize, h: usize, w: usize, seed: u64) -> Vec<run::So
         .collect()
 }
 
+/// The GT sources of the `augment-throughput` bench: 16 synthetic 480×560 lesion masks (tiny to large).
+pub fn bench_sources() -> Vec<run::Source> {
+    synthetic_sources(16, 480, 560, 7)
+}
+
 /// Bench workload `augment-throughput` (SPEC §13.7): generates `n` samples (default configuration: sigmoid soft
-/// masks, S = 224, default bins) at the original resolution of 16 synthetic 480×560 lesion masks on `threads`
-/// threads, and returns samples per second (generation only, no disk I/O).
+/// masks, S = 224, default bins) at the original resolution of the [`bench_sources`] on `threads` threads, and returns
+/// samples per second (generation only: no source synthesis, no disk I/O).
 pub fn bench_throughput(n: usize, threads: usize) -> Result<f64> {
-    let sources = synthetic_sources(16, 480, 560, 7);
+    bench_throughput_on(&bench_sources(), n, threads)
+}
+
+/// [`bench_throughput`] on given sources (the bench builds them once, in its untimed setup).
+pub fn bench_throughput_on(sources: &[run::Source], n: usize, threads: usize) -> Result<f64> {
     let bins = sampler::parse_bins(sampler::DEFAULT_BINS, 0.0)?;
     let labels = sampler::allocate_bin_labels(&bins, n, 42);
     let cfg = SimConfig::default();
@@ -106,7 +115,7 @@ pub fn bench_throughput(n: usize, threads: usize) -> Result<f64> {
         .build()
         .map_err(|e| crate::Error::msg(format!("thread pool: {e}")))?;
     let t0 = std::time::Instant::now();
-    let out = pool.install(|| run::generate_range(&sources, &labels, &bins, &cfg, 42, 0..n, None));
+    let out = pool.install(|| run::generate_range(sources, &labels, &bins, &cfg, 42, 0..n, None));
     let dt = t0.elapsed().as_secs_f64();
     Ok(out.len() as f64 / dt.max(1e-9))
 }

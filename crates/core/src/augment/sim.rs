@@ -8,7 +8,7 @@
 //! operator acts inside it (the corrupted mask is background outside it). Its margin covers dilation and islands at
 //! every gain that can keep Dice above 0.6 for a compact lesion; only renders far below every bin are truncated.
 use super::descriptors::{describe, LesionDescriptors};
-use super::edt::sdf;
+use super::edt::{sdf_unit_with_sq, NO_SITE};
 use super::grf::{random_field, Spectrum};
 use super::resize::{bilinear_taps_f32, nearest_taps};
 use rand::Rng;
@@ -327,23 +327,15 @@ impl SourceContext {
         let margin = (3.5 * desc.radius).ceil() as usize + 12;
         let win = gt.bbox.expand(margin, h, w);
         let gt_win = gt.window(&win);
-        let phi = sdf(&gt_win, win.h, win.w, (1.0, 1.0));
-        let mut fg_sorted = Vec::new();
-        let mut bg_sorted = Vec::new();
-        let mut boundary = Vec::new();
-        for (p, (&g, &f)) in gt_win.iter().zip(phi.iter()).enumerate() {
-            if g {
-                fg_sorted.push((f, p as u32));
-            } else {
-                bg_sorted.push((f, p as u32));
-            }
-            if f.abs() < 1.0 {
-                boundary.push(p as u32);
-            }
-        }
-        // Keys are unique (pixel index tie-break), so an unstable sort is deterministic.
-        fg_sorted.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        bg_sorted.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let (phi, sq) = sdf_unit_with_sq(&gt_win, win.h, win.w);
+        let boundary = phi
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.abs() < 1.0)
+            .map(|(p, _)| p as u32)
+            .collect();
+        let fg_sorted = sorted_by_phi(&phi, &sq, &gt_win, true);
+        let bg_sorted = sorted_by_phi(&phi, &sq, &gt_win, false);
         let ny = nearest_taps(h, store);
         let nx = nearest_taps(w, store);
         let mut gt_s = vec![0u8; store * store];
@@ -378,27 +370,16 @@ impl SourceContext {
     /// region). Bit-identical to resizing the full plane.
     pub fn resize_region(&self, vals: &[f32], region: &Rect) -> Vec<f32> {
         let s = self.store;
-        let mut tmp = vec![0f32; region.h * s];
-        let (rx0, rx1) = (region.x0, region.x0 + region.w);
-        // Output columns whose taps touch the region.
-        let cols: Vec<usize> = (0..s)
-            .filter(|&o| {
-                (self.taps_x[o].0 >= rx0 && self.taps_x[o].0 < rx1)
-                    || (self.taps_x[o].1 >= rx0 && self.taps_x[o].1 < rx1)
-            })
-            .collect();
+        let cols = region_cols(&self.taps_x, region.x0, region.w);
+        let nc = cols.len();
+        let mut tmp = vec![0f32; region.h * nc];
         for i in 0..region.h {
             let row = &vals[i * region.w..(i + 1) * region.w];
-            let at = |j: usize| {
-                if j >= rx0 && j < rx1 {
-                    row[j - rx0]
-                } else {
-                    0.0
-                }
-            };
-            for &o in &cols {
-                let (i0, i1, l) = self.taps_x[o];
-                tmp[i * s + o] = (1.0 - l) * at(i0) + l * at(i1);
+            let out = &mut tmp[i * nc..(i + 1) * nc];
+            for (o, c) in out.iter_mut().zip(&cols) {
+                let a = c.j0.map_or(0.0, |j| row[j]);
+                let b = c.j1.map_or(0.0, |j| row[j]);
+                *o = (1.0 - c.lam) * a + c.lam * b;
             }
         }
         let mut out = vec![0f32; s * s];
@@ -410,10 +391,11 @@ impl SourceContext {
             if !in0 && !in1 {
                 continue;
             }
-            for &c in &cols {
-                let a = if in0 { tmp[(i0 - ry0) * s + c] } else { 0.0 };
-                let b = if in1 { tmp[(i1 - ry0) * s + c] } else { 0.0 };
-                out[o * s + c] = (1.0 - l) * a + l * b;
+            let dst = &mut out[o * s..(o + 1) * s];
+            for (k, c) in cols.iter().enumerate() {
+                let a = if in0 { tmp[(i0 - ry0) * nc + k] } else { 0.0 };
+                let b = if in1 { tmp[(i1 - ry0) * nc + k] } else { 0.0 };
+                dst[c.o] = (1.0 - l) * a + l * b;
             }
         }
         out
@@ -437,17 +419,141 @@ impl SourceContext {
         }
     }
 
-    /// Cheap quality proxy of a window mask: Dice of `bilinear(m → S) > 0.5` against `GT_S`.
+    /// Cheap quality proxy of a window mask: Dice of `bilinear(m → S) > 0.5` against `GT_S`. Computes exactly what
+    /// resizing the 0/1 plane with [`Self::resize_region`] and [`Self::dice_s`] would, without materialising it.
     pub fn proxy_dice(&self, m: &[bool]) -> f64 {
-        let vals: Vec<f32> = m.iter().map(|&b| b as u8 as f32).collect();
-        let st = self.resize_region(&vals, &self.win);
-        self.dice_s(&st)
+        let win = &self.win;
+        assert_eq!(m.len(), win.len(), "window mask length");
+        let s = self.store;
+        let cols = region_cols(&self.taps_x, win.x0, win.w);
+        // Horizontal pass on 0/1 values: the four possible results per output column, computed by the same f32
+        // expression `(1 − λ)·a + λ·b` as the plane resize.
+        let lut: Vec<[f32; 4]> = cols
+            .iter()
+            .map(|c| {
+                let f = |a: f32, b: f32| (1.0 - c.lam) * a + c.lam * b;
+                [f(0.0, 0.0), f(0.0, 1.0), f(1.0, 0.0), f(1.0, 1.0)]
+            })
+            .collect();
+        let nc = cols.len();
+        let mut inter = 0usize;
+        let mut n = 0usize;
+        PROXY_TMP.with(|t| {
+            let mut tmp = t.borrow_mut();
+            tmp.clear();
+            tmp.resize(win.h * nc, 0.0);
+            for i in 0..win.h {
+                let row = &m[i * win.w..(i + 1) * win.w];
+                let out = &mut tmp[i * nc..(i + 1) * nc];
+                for ((o, c), l) in out.iter_mut().zip(&cols).zip(&lut) {
+                    let a = c.j0.is_some_and(|j| row[j]) as usize;
+                    let b = c.j1.is_some_and(|j| row[j]) as usize;
+                    *o = l[2 * a + b];
+                }
+            }
+            let (ry0, ry1) = (win.y0, win.y0 + win.h);
+            for o in 0..s {
+                let (i0, i1, l) = self.taps_y[o];
+                let in0 = i0 >= ry0 && i0 < ry1;
+                let in1 = i1 >= ry0 && i1 < ry1;
+                if !in0 && !in1 {
+                    continue;
+                }
+                let row_of = |i: usize| &tmp[(i - ry0) * nc..(i - ry0 + 1) * nc];
+                let ra: &[f32] = if in0 { row_of(i0) } else { &[] };
+                let rb: &[f32] = if in1 { row_of(i1) } else { &[] };
+                let gt = &self.gt_s[o * s..(o + 1) * s];
+                for (k, c) in cols.iter().enumerate() {
+                    let a = if in0 { ra[k] } else { 0.0 };
+                    let b = if in1 { rb[k] } else { 0.0 };
+                    if (1.0 - l) * a + l * b > 0.5 {
+                        n += 1;
+                        inter += gt[c.o] as usize;
+                    }
+                }
+            }
+        });
+        let denom = n + self.gt_s_count;
+        if denom == 0 {
+            1.0
+        } else {
+            2.0 * inter as f64 / denom as f64
+        }
     }
 
     /// Whether a window mask equals the GT on the window.
     pub fn equals_gt(&self, m: &[bool]) -> bool {
         m == &self.gt_win[..]
     }
+}
+
+thread_local! {
+    /// Scratch plane of [`SourceContext::proxy_dice`] (one per thread, reused across calls).
+    static PROXY_TMP: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One output column of a horizontal `bilinear(ac=false)` pass whose taps touch a region: output index `o`, the taps
+/// as region-relative column indices (None: outside the region, value 0) and `λ`.
+struct RegionCol {
+    o: usize,
+    j0: Option<usize>,
+    j1: Option<usize>,
+    lam: f32,
+}
+
+/// The output columns whose taps touch the image columns `[x0, x0 + w)`.
+fn region_cols(taps: &[(usize, usize, f32)], x0: usize, w: usize) -> Vec<RegionCol> {
+    let rel = |j: usize| (j >= x0 && j < x0 + w).then(|| j - x0);
+    taps.iter()
+        .enumerate()
+        .filter_map(|(o, &(i0, i1, lam))| {
+            let (j0, j1) = (rel(i0), rel(i1));
+            (j0.is_some() || j1.is_some()).then_some(RegionCol { o, j0, j1, lam })
+        })
+        .collect()
+}
+
+/// The pixels of one class of the window (`fg`: GT foreground) as `(φ, p)` sorted by φ ascending, ties by pixel
+/// index: the order of sorting the pairs with `total_cmp`. Counting sort on the exact integer squared distances when
+/// they are available (φ is strictly monotone in them: decreasing for the foreground, increasing for the background).
+fn sorted_by_phi(phi: &[f64], sq: &[u32], gt_win: &[bool], fg: bool) -> Vec<(f64, u32)> {
+    let members = || {
+        gt_win
+            .iter()
+            .enumerate()
+            .filter(move |(_, &g)| g == fg)
+            .map(|(p, _)| p)
+    };
+    let max_sq = members().map(|p| sq[p]).max().unwrap_or(0);
+    let counting = max_sq != NO_SITE && (max_sq as usize) <= 4 * gt_win.len() + 4096;
+    if !counting {
+        let mut v: Vec<(f64, u32)> = members().map(|p| (phi[p], p as u32)).collect();
+        // Keys are unique (pixel index tie-break), so an unstable sort is deterministic.
+        v.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        return v;
+    }
+    let key = |p: usize| -> usize {
+        if fg {
+            (max_sq - sq[p]) as usize
+        } else {
+            sq[p] as usize
+        }
+    };
+    let mut start = vec![0u32; max_sq as usize + 2];
+    for p in members() {
+        start[key(p) + 1] += 1;
+    }
+    for k in 1..start.len() {
+        start[k] += start[k - 1];
+    }
+    let n = start[start.len() - 1] as usize;
+    let mut out = vec![(0.0, 0u32); n];
+    for p in members() {
+        let k = key(p);
+        out[start[k] as usize] = (phi[p], p as u32);
+        start[k] += 1;
+    }
+    out
 }
 
 /// Shape of one random blob (hole, island, tip blob): ellipse with axis ratio `q`, angle, boundary perturbed by
@@ -812,15 +918,25 @@ impl Composition {
             .deform_field
             .as_ref()
             .filter(|_| self.has(Mode::Deform));
-        for (p, v) in phi.iter_mut().enumerate() {
-            let mut dv = offset;
-            if let Some(f) = shrink_field {
-                dv += 0.2 * shrink_o * f[p];
+        // dv = offset (+ 0.2·o_shrink·f_shrink) (+ a_deform·f_deform), one loop per combination.
+        let ks = 0.2 * shrink_o;
+        match (shrink_field, deform_field) {
+            (None, None) => phi.iter_mut().for_each(|v| *v += offset),
+            (Some(fs), None) => {
+                for (v, &a) in phi.iter_mut().zip(fs) {
+                    *v += offset + ks * a;
+                }
             }
-            if let Some(f) = deform_field {
-                dv += deform_a * f[p];
+            (None, Some(fd)) => {
+                for (v, &b) in phi.iter_mut().zip(fd) {
+                    *v += offset + deform_a * b;
+                }
             }
-            *v += dv;
+            (Some(fs), Some(fd)) => {
+                for ((v, &a), &b) in phi.iter_mut().zip(fs).zip(fd) {
+                    *v += offset + ks * a + deform_a * b;
+                }
+            }
         }
         // Margin of the jitter band, so set operations are evaluated wherever the band could reach.
         let jit_a = if self.has(Mode::Jitter) {

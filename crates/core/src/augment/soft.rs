@@ -7,7 +7,7 @@
 //! * `none`: `m` itself.
 //!
 //! The stored mask is `bilinear(ac=false)(soft → S×S)`, computed bit-identically to resizing the full plane.
-use super::edt::{squared_distance_to_sites, SDF_CLAMP};
+use super::edt::{squared_distance_unit, SDF_CLAMP};
 use super::sim::{bounding_box, Rect, SourceContext};
 
 /// `--soft` (SPEC §8.7).
@@ -86,6 +86,30 @@ fn reflect101(k: isize, n: usize) -> usize {
     }
 }
 
+/// The values of a window mask `m` (of `win`) on a rectangle `r` of the image (outside the window: background),
+/// negated when `negate`.
+fn window_crop(m: &[bool], win: &Rect, r: &Rect, negate: bool) -> Vec<bool> {
+    let mut out = vec![negate; r.len()];
+    // Columns of r inside the window.
+    let c0 = win.x0.max(r.x0);
+    let c1 = (win.x0 + win.w).min(r.x0 + r.w);
+    if c0 >= c1 {
+        return out;
+    }
+    for i in 0..r.h {
+        let y = r.y0 + i;
+        if y < win.y0 || y >= win.y0 + win.h {
+            continue;
+        }
+        let src = &m[(y - win.y0) * win.w + (c0 - win.x0)..(y - win.y0) * win.w + (c1 - win.x0)];
+        let dst = &mut out[i * r.w + (c0 - r.x0)..i * r.w + (c1 - r.x0)];
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = v != negate;
+        }
+    }
+    out
+}
+
 /// The soft mask of a window mask `m` (of `ctx.win`) on a region of the image; zero outside the returned region.
 pub fn soft_mask(
     ctx: &SourceContext,
@@ -130,33 +154,63 @@ pub fn soft_mask(
             let t = temperature;
             let margin = (SIGMOID_CUTOFF_T * t).ceil() as usize + 1;
             let reg = bb.expand(margin, ctx.h, ctx.w);
-            let mr: Vec<bool> = (0..reg.len())
-                .map(|p| m_at(reg.y0 + p / reg.w, reg.x0 + p % reg.w))
-                .collect();
+            let mr = window_crop(m, &win, &reg, false);
             // SDF of m (SPEC §8.1): distances to the nearest foreground pixel over the region, and to the nearest
             // background pixel over bbox(m) grown by 1 (exact: the ring around the box is background).
-            let d_out = squared_distance_to_sites(&mr, reg.h, reg.w, (1.0, 1.0));
+            let d_out = squared_distance_unit(&mr, reg.h, reg.w);
             let ib = bb.expand(1, ctx.h, ctx.w);
-            let not_m: Vec<bool> = (0..ib.len())
-                .map(|p| !m_at(ib.y0 + p / ib.w, ib.x0 + p % ib.w))
-                .collect();
+            let not_m = window_crop(m, &win, &ib, true);
             let any_bg = not_m.iter().any(|&b| b);
-            let d_in = squared_distance_to_sites(&not_m, ib.h, ib.w, (1.0, 1.0));
+            let d_in = squared_distance_unit(&not_m, ib.h, ib.w);
             let cut = SIGMOID_CUTOFF_T * t;
-            let mut vals = vec![0f32; reg.len()];
-            for (p, v) in vals.iter_mut().enumerate() {
-                let (i, j) = (reg.y0 + p / reg.w, reg.x0 + p % reg.w);
-                let f = if mr[p] {
-                    if any_bg {
-                        -(d_in[(i - ib.y0) * ib.w + (j - ib.x0)].sqrt() - 0.5)
-                    } else {
-                        -SDF_CLAMP
-                    }
-                } else {
-                    d_out[p].sqrt() - 0.5
-                };
+            // σ(−φ/T) depends only on the side and the exact integer squared distance: memoise per distance.
+            let sig = |f: f64| (1.0 / (1.0 + (f / t).exp())) as f32;
+            let outside = |d: u32| {
+                let f = (d as f64).sqrt() - 0.5;
                 if f <= cut {
-                    *v = (1.0 / (1.0 + (f / t).exp())) as f32;
+                    sig(f)
+                } else {
+                    0.0
+                }
+            };
+            let inside = |d: u32| {
+                let f = -((d as f64).sqrt() - 0.5);
+                if f <= cut {
+                    sig(f)
+                } else {
+                    0.0
+                }
+            };
+            let cap = ((cut + 2.0) * (cut + 2.0)) as usize + 1;
+            let mut memo_out = vec![f32::NAN; cap];
+            let mut memo_in = vec![f32::NAN; cap];
+            let lookup = |memo: &mut [f32], d: u32, f: &dyn Fn(u32) -> f32| -> f32 {
+                match memo.get_mut(d as usize) {
+                    Some(v) if !v.is_nan() => *v,
+                    Some(v) => {
+                        *v = f(d);
+                        *v
+                    }
+                    None => f(d),
+                }
+            };
+            let deep = if any_bg { 0.0 } else { sig(-SDF_CLAMP) };
+            let mut vals = vec![0f32; reg.len()];
+            let (oy, ox) = (ib.y0 - reg.y0, ib.x0 - reg.x0);
+            for ii in 0..reg.h {
+                let row = ii * reg.w;
+                for jj in 0..reg.w {
+                    let p = row + jj;
+                    vals[p] = if mr[p] {
+                        if any_bg {
+                            let d = d_in[(ii - oy) * ib.w + (jj - ox)];
+                            lookup(&mut memo_in, d, &inside)
+                        } else {
+                            deep
+                        }
+                    } else {
+                        lookup(&mut memo_out, d_out[p], &outside)
+                    };
                 }
             }
             (reg, vals)
