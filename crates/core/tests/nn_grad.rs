@@ -433,6 +433,31 @@ fn fd_conv2d_strided_and_transpose() {
     );
 }
 
+#[test]
+fn fd_conv2d_gemm() {
+    // The GEMM backward of the trainable TransUNet convs: 3×3 (s1/s2), the 7×7/s2 root, 1×1 (s1/s2), a
+    // non-square input and a kernel that does not tile the input evenly.
+    let cases: [(&[usize], &[usize], usize, usize); 6] = [
+        (&[2, 3, 5, 5], &[4, 3, 3, 3], 1, 1),
+        (&[1, 2, 7, 7], &[3, 2, 3, 3], 2, 1),
+        (&[1, 2, 9, 9], &[2, 2, 7, 7], 2, 3),
+        (&[2, 4, 3, 3], &[5, 4, 1, 1], 1, 0),
+        (&[1, 3, 5, 5], &[2, 3, 1, 1], 2, 0),
+        (&[1, 2, 4, 6], &[3, 2, 3, 3], 1, 0),
+    ];
+    for (i, (xs, ws, stride, pad)) in cases.into_iter().enumerate() {
+        let x = rand_t(xs, -1.0, 1.0, 40 + i as u64);
+        let w = rand_t(ws, -1.0, 1.0, 50 + i as u64);
+        fd_check(
+            &format!("conv2d_gemm {xs:?} k{ws:?} s{stride} p{pad}"),
+            &[x, w],
+            |t| nn::conv2d_gemm(&t[0], &t[1], stride, pad),
+            RTOL,
+            80,
+        );
+    }
+}
+
 /// The harness itself must catch a wrong backward rule: candle's `max_pool2d` backward is wrong (SPEC §16.1).
 #[test]
 #[should_panic(expected = "analytic")]

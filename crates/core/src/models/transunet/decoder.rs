@@ -7,7 +7,7 @@ use crate::config::TransUnetConfig;
 use crate::nn::{self, BatchNorm2d};
 use crate::{Error, Result};
 use candle_core::Tensor;
-use candle_nn::{Conv2d, Module, VarBuilder};
+use candle_nn::{Conv2d, VarBuilder};
 
 pub const BN_EPS: f64 = 1e-5;
 pub const BN_MOMENTUM: f64 = 0.1;
@@ -32,7 +32,7 @@ impl Conv2dReLU {
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.conv.forward(x)?;
+        let y = nn::conv2d_layer(&self.conv, x)?;
         Ok(self.bn.forward_t(&y, train)?.relu()?)
     }
 
@@ -159,6 +159,6 @@ impl SegmentationHead {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.conv.forward(x)?)
+        nn::conv2d_layer(&self.conv, x)
     }
 }

@@ -6,7 +6,7 @@ use super::resnet::ResNetV2;
 use crate::config::TransUnetConfig;
 use crate::Result;
 use candle_core::Tensor;
-use candle_nn::{Conv2d, Init, Module, VarBuilder};
+use candle_nn::{Conv2d, Init, VarBuilder};
 
 #[derive(Debug, Clone)]
 pub struct Embeddings {
@@ -51,7 +51,7 @@ impl Embeddings {
 
     pub fn forward_t(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<EmbeddingsOutput> {
         let r = self.hybrid_model.forward(x)?;
-        let p = self.patch_embeddings.forward(&r.x)?; // (B, D, g, g)
+        let p = crate::nn::conv2d_layer(&self.patch_embeddings, &r.x)?; // (B, D, g, g)
         let p = p.flatten_from(2)?.transpose(1, 2)?; // (B, g², D)
         let pre_dropout = p.broadcast_add(&self.position_embeddings)?;
         let x = self.dropout.forward_t(&pre_dropout, dropout_seed)?;
