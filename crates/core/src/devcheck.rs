@@ -800,12 +800,16 @@ mod tests {
         let mut m = Meas::default();
         // Rounding noise on both sides of a zero gradient: agrees at the model's scale.
         let t = TOL_GRAD_REL_L2;
-        m.grad_host("noise", &[3e-9, -1e-9], &[-2e-9, 4e-9], 1e-4, t).unwrap();
+        m.grad_host("noise", &[3e-9, -1e-9], &[-2e-9, 4e-9], 1e-4, t)
+            .unwrap();
         // The device produced a real gradient where the reference has none: caught.
-        m.grad_host("wrong", &[1e-3, 0.0], &[-2e-9, 4e-9], 1e-4, t).unwrap();
+        m.grad_host("wrong", &[1e-3, 0.0], &[-2e-9, 4e-9], 1e-4, t)
+            .unwrap();
         // Above the floor the relative measures apply as before.
-        m.grad_host("real", &[1.0, 2.0], &[1.0, 2.0005], 1e-4, t).unwrap();
-        let pass: Vec<(String, bool)> = m.0.iter().map(|x| (x.quantity.clone(), x.passed)).collect();
+        m.grad_host("real", &[1.0, 2.0], &[1.0, 2.0005], 1e-4, t)
+            .unwrap();
+        let pass: Vec<(String, bool)> =
+            m.0.iter().map(|x| (x.quantity.clone(), x.passed)).collect();
         assert_eq!(
             pass,
             vec![

@@ -68,7 +68,8 @@ fn key_position_selectors(
     let col = Tensor::arange(0u32, (h + w + pad) as u32, device)?.unsqueeze(0)?;
     let kh = Tensor::from_vec(kh, (h * w, 1), device)?;
     let kw = Tensor::from_vec(kw, (h * w, 1), device)?;
-    let sel = (col.broadcast_eq(&kh)?.to_dtype(DType::F32)? + col.broadcast_eq(&kw)?.to_dtype(DType::F32)?)?;
+    let sel = (col.broadcast_eq(&kh)?.to_dtype(DType::F32)?
+        + col.broadcast_eq(&kw)?.to_dtype(DType::F32)?)?;
     Ok(sel.to_dtype(dtype)?)
 }
 
@@ -151,11 +152,11 @@ impl EncoderAttention {
             .permute((1, 2, 0, 3))?
             .contiguous()?
             .reshape((bh, h * w, w))?; // (bh, hw, kw)
-        // attn[q, (kh,kw)] = scale·q·k + rel_h[q, kh] + rel_w[q, kw] as ONE product of augmented operands:
-        // [scale·q | rel_h | rel_w] · [k | onehot(kh) | onehot(kw)]ᵀ. Adding the two bias terms to the (hw × hw)
-        // scores by broadcasting instead costs two strided passes over the largest tensor of the model: 73% of the
-        // bf16 encoder's GPU time at 1024² (ncu, H200), against a 3× wider but tensor-core matmul here.
-        // Zero columns pad the contraction to a multiple of 8 (aligned tensor-core tiles; 92 → 96 for 14² windows).
+                                       // attn[q, (kh,kw)] = scale·q·k + rel_h[q, kh] + rel_w[q, kw] as ONE product of augmented operands:
+                                       // [scale·q | rel_h | rel_w] · [k | onehot(kh) | onehot(kw)]ᵀ. Adding the two bias terms to the (hw × hw)
+                                       // scores by broadcasting instead costs two strided passes over the largest tensor of the model: 73% of the
+                                       // bf16 encoder's GPU time at 1024² (ncu, H200), against a 3× wider but tensor-core matmul here.
+                                       // Zero columns pad the contraction to a multiple of 8 (aligned tensor-core tiles; 92 → 96 for 14² windows).
         let pad = (8 - (hd + h + w) % 8) % 8;
         let mut q_parts = vec![(&q * scale)?, rel_h, rel_w];
         if pad > 0 {
@@ -163,7 +164,10 @@ impl EncoderAttention {
         }
         let q_aug = Tensor::cat(&q_parts, 2)?; // (bh, hw, hd+h+w+pad)
         let sel = key_position_selectors(h, w, pad, q.dtype(), q.device())?; // (hw, h+w+pad)
-        let sel = sel.unsqueeze(0)?.broadcast_as((bh, h * w, h + w + pad))?.contiguous()?;
+        let sel = sel
+            .unsqueeze(0)?
+            .broadcast_as((bh, h * w, h + w + pad))?
+            .contiguous()?;
         let k_aug = Tensor::cat(&[&k, &sel], 2)?;
         let attn = q_aug.matmul(&k_aug.t()?)?; // (bh, hw, hw)
         let attn = super::ops::softmax_last(&attn, exec)?;
