@@ -136,3 +136,48 @@ pub fn prepared_phantom(dir: &Path, count: usize, annotations: bool) -> Result<P
     })?;
     Ok(processed)
 }
+
+/// A synthetic failure run for trainer tests (SPEC §8): `samples` coarse masks of the PHANTOM dataset under
+/// `processed` at store size `store_size`, with generator seed `seed`, in shards of 16, written to `out/PHANTOM`.
+pub fn synthetic_phantom_run(
+    processed: &Path,
+    out: &Path,
+    samples: usize,
+    store_size: usize,
+    seed: u64,
+) -> Result<()> {
+    use crate::augment::{run_synthetic, SimConfig, SyntheticOptions};
+    run_synthetic(&SyntheticOptions {
+        processed_root: processed.to_path_buf(),
+        output_root: out.to_path_buf(),
+        datasets: vec!["PHANTOM".into()],
+        target_samples: samples,
+        seed,
+        sim: SimConfig {
+            store_size,
+            ..SimConfig::default()
+        },
+        shard_size: 16,
+        num_workers: Some(2),
+        ..Default::default()
+    })?;
+    Ok(())
+}
+
+/// A randomly initialised `tiny` TransUNet at `img_size`, saved to `path` as a Phase 1 checkpoint would be.
+pub fn random_transunet_checkpoint(path: &Path, img_size: usize) -> Result<()> {
+    use crate::models::transunet::{build_trainable, save_safetensors_atomic, state_dict};
+    let mut cfg = crate::config::Config::load("tiny")?;
+    cfg.model.transunet.img_size = img_size;
+    let vm = candle_nn::VarMap::new();
+    let tu = build_trainable(
+        &cfg.model.transunet,
+        &vm,
+        "",
+        DType::F32,
+        &Device::Cpu,
+        3,
+        None,
+    )?;
+    save_safetensors_atomic(path, &state_dict(&tu, &vm)?)
+}

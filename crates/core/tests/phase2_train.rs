@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use ultrarefiner::augment::{run_synthetic, SimConfig, SyntheticOptions};
-use ultrarefiner::testing::prepared_phantom;
+use ultrarefiner::testing::{prepared_phantom, synthetic_phantom_run};
 use ultrarefiner::train::phase2::{run, split_sources, Phase2Options, Phase2Status};
 use ultrarefiner::train::StopFlag;
 
@@ -21,20 +21,7 @@ fn fixture() -> &'static Fixture {
         let tmp = tempfile::tempdir().unwrap();
         let processed = prepared_phantom(tmp.path(), 16, false).unwrap();
         let augmented = tmp.path().join("augmented");
-        run_synthetic(&SyntheticOptions {
-            processed_root: processed.clone(),
-            output_root: augmented.clone(),
-            datasets: vec!["PHANTOM".into()],
-            target_samples: 48,
-            sim: SimConfig {
-                store_size: S,
-                ..SimConfig::default()
-            },
-            shard_size: 16,
-            num_workers: Some(2),
-            ..Default::default()
-        })
-        .unwrap();
+        synthetic_phantom_run(&processed, &augmented, 48, S, 42).unwrap();
         Fixture {
             _tmp: tmp,
             processed,
@@ -387,21 +374,7 @@ fn real_data_mixing_runs() {
     let f = fixture();
     let tmp = tempfile::tempdir().unwrap();
     let real_root = tmp.path().join("real");
-    run_synthetic(&SyntheticOptions {
-        processed_root: f.processed.clone(),
-        output_root: real_root.clone(),
-        datasets: vec!["PHANTOM".into()],
-        target_samples: 16,
-        seed: 9,
-        sim: SimConfig {
-            store_size: S,
-            ..SimConfig::default()
-        },
-        shard_size: 16,
-        num_workers: Some(2),
-        ..Default::default()
-    })
-    .unwrap();
+    synthetic_phantom_run(&f.processed, &real_root, 16, S, 9).unwrap();
     let mut o = opts(&tmp.path().join("out"), 1);
     o.real_data = Some(real_root.join("PHANTOM"));
     o.real_ratio = 0.25;

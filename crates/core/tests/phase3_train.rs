@@ -11,9 +11,8 @@ use ultrarefiner::eval::model::Member;
 use ultrarefiner::eval::model::{EvalModel, ModelSource};
 use ultrarefiner::models::sam::weights::{random_weights, SamFormat, SamWeights};
 use ultrarefiner::models::sam::{LoraConfig, LoraTarget};
-use ultrarefiner::models::transunet::{build_trainable, save_safetensors_atomic, state_dict};
 use ultrarefiner::refiner::{ForwardOptions, Gate, SamRefinerSettings};
-use ultrarefiner::testing::{fixture_path, prepared_phantom};
+use ultrarefiner::testing::{fixture_path, prepared_phantom, random_transunet_checkpoint};
 use ultrarefiner::train::losses::{Phase3LossConfig, RefinedLossSize};
 use ultrarefiner::train::optim::Grads;
 use ultrarefiner::train::optim::{AdamW, Optimizer};
@@ -38,21 +37,8 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let data = prepared_phantom(dir.path(), 16, true).unwrap();
-        let mut cfg = Config::load("tiny").unwrap();
-        cfg.model.transunet.img_size = S;
-        let vm = candle_nn::VarMap::new();
-        let tu = build_trainable(
-            &cfg.model.transunet,
-            &vm,
-            "",
-            DType::F32,
-            &Device::Cpu,
-            3,
-            None,
-        )
-        .unwrap();
         let transunet = dir.path().join("phase1_best.safetensors");
-        save_safetensors_atomic(&transunet, &state_dict(&tu, &vm).unwrap()).unwrap();
+        random_transunet_checkpoint(&transunet, S).unwrap();
         Fixture {
             _dir: dir,
             data,

@@ -14,9 +14,9 @@ use ultrarefiner::config::{Config, SamConfig};
 use ultrarefiner::eval::model::{EvalModel, Member, ModelSource};
 use ultrarefiner::models::sam::weights::{random_weights, SamFormat, SamWeights};
 use ultrarefiner::models::sam::{EmbeddingCache, Sam};
-use ultrarefiner::models::transunet::{build_trainable, save_safetensors_atomic, state_dict};
+use ultrarefiner::models::transunet::build_trainable;
 use ultrarefiner::refiner::{ForwardOptions, SamRefiner, SamRefinerSettings, UltraRefiner};
-use ultrarefiner::testing::prepared_phantom;
+use ultrarefiner::testing::{prepared_phantom, random_transunet_checkpoint, synthetic_phantom_run};
 use ultrarefiner::train::StopFlag;
 
 fn tiny() -> Config {
@@ -337,45 +337,18 @@ struct Fixture {
 }
 
 fn save_transunet(dir: &Path, s: usize) -> PathBuf {
-    let mut cfg = tiny();
-    cfg.model.transunet.img_size = s;
-    let vm = VarMap::new();
-    let tu = build_trainable(
-        &cfg.model.transunet,
-        &vm,
-        "",
-        DType::F32,
-        &Device::Cpu,
-        3,
-        None,
-    )
-    .unwrap();
     let p = dir.join(format!("phase1_{s}.safetensors"));
-    save_safetensors_atomic(&p, &state_dict(&tu, &vm).unwrap()).unwrap();
+    random_transunet_checkpoint(&p, s).unwrap();
     p
 }
 
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        use ultrarefiner::augment::{run_synthetic, SimConfig, SyntheticOptions};
         let tmp = tempfile::tempdir().unwrap();
         let processed = prepared_phantom(tmp.path(), 16, true).unwrap();
         let augmented = tmp.path().join("augmented");
-        run_synthetic(&SyntheticOptions {
-            processed_root: processed.clone(),
-            output_root: augmented.clone(),
-            datasets: vec!["PHANTOM".into()],
-            target_samples: 24,
-            sim: SimConfig {
-                store_size: S2,
-                ..SimConfig::default()
-            },
-            shard_size: 16,
-            num_workers: Some(2),
-            ..Default::default()
-        })
-        .unwrap();
+        synthetic_phantom_run(&processed, &augmented, 24, S2, 42).unwrap();
         Fixture {
             transunet96: save_transunet(tmp.path(), S2),
             transunet64: save_transunet(tmp.path(), S3),
