@@ -169,6 +169,7 @@ struct Args {
 }
 
 fn main() {
+    ultrarefiner::malloc::keep_freed_memory();
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .try_init();

@@ -298,6 +298,7 @@ fn options(a: Args) -> anyhow::Result<Phase3Options> {
 }
 
 fn main() {
+    ultrarefiner::malloc::keep_freed_memory();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()

@@ -47,6 +47,7 @@ enum Command {
 }
 
 fn main() {
+    ultrarefiner::malloc::keep_freed_memory();
     common::init_tracing();
     let cli = Cli::parse();
     let result = match cli.command {

@@ -18,6 +18,7 @@ pub mod device;
 pub mod error;
 pub mod eval;
 pub mod hub;
+pub mod malloc;
 pub mod models;
 pub mod nn;
 pub mod refiner;

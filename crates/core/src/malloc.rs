@@ -1,0 +1,51 @@
+//! glibc allocator settings for CPU training.
+//!
+//! A CPU training step allocates and frees hundreds of activation and gradient buffers of 1–30 MB. With glibc's
+//! defaults, buffers of that size are served by `mmap` (or trimmed back to the kernel when freed at the top of the
+//! heap), so every step pays again for zeroing fresh pages: `perf` showed ~18 % of a paper TransUNet train step in
+//! page-fault handling (`clear_page_erms`, `exc_page_fault`). Keeping buffers up to 32 MiB in the heap and never
+//! trimming it took the step from 21.5 s to 16.2 s (batch 4, 2 threads) at the same peak RSS.
+
+/// glibc `mallopt` parameters (malloc.h).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+mod ffi {
+    pub const M_TRIM_THRESHOLD: i32 = -1;
+    pub const M_MMAP_THRESHOLD: i32 = -3;
+    extern "C" {
+        pub fn mallopt(param: i32, value: i32) -> i32;
+    }
+}
+
+/// Largest threshold glibc accepts for `M_MMAP_THRESHOLD` on 64-bit targets (half its 64 MiB heap size).
+pub const MMAP_THRESHOLD: i32 = 32 << 20;
+
+/// Keeps freed buffers of up to [`MMAP_THRESHOLD`] bytes in the heap for reuse. Call once at process start, before
+/// threads are spawned. Returns whether the allocator accepted both settings (always `false` off glibc, where this
+/// does nothing). The environment variable `ULTRAREFINER_MALLOC=default` leaves the allocator untouched.
+pub fn keep_freed_memory() -> bool {
+    if std::env::var("ULTRAREFINER_MALLOC").is_ok_and(|v| v == "default") {
+        return false;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes allocator parameters; it is called before any other thread exists.
+        unsafe {
+            ffi::mallopt(ffi::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+                && ffi::mallopt(ffi::M_TRIM_THRESHOLD, i32::MAX) == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// glibc accepts the settings (so a silent no-op on a glibc system is caught).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn glibc_accepts_the_settings() {
+        assert!(super::keep_freed_memory());
+    }
+}
