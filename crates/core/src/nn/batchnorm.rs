@@ -3,6 +3,7 @@
 //! Running statistics are *buffers* (SPEC §16.3): plain tensors that are checkpointed but never handed to the
 //! optimiser. They live behind a `Mutex` so `forward_t(&self, …)` can update them in train mode while the module is
 //! shared (models are used through `&self`, possibly from several threads).
+use super::batchnorm_fused as fused;
 use super::init::{ONES, ZEROS};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
@@ -110,37 +111,59 @@ impl BatchNorm2d {
     /// (momentum, **unbiased** variance, `num_batches_tracked += 1`). `train = false`: use the running statistics.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let y = if train {
-            let n = b * h * w;
-            if n < 2 {
-                return Err(Error::Arg(format!(
-                    "BatchNorm2d in train mode needs more than one value per channel, got input {:?}",
-                    x.dims()
-                )));
-            }
-            let mean = x.mean_keepdim((0, 2, 3))?;
-            let xc = x.broadcast_sub(&mean)?;
-            let var = xc.sqr()?.mean_keepdim((0, 2, 3))?;
-            let y = xc.broadcast_div(&(&var + self.eps)?.sqrt()?)?;
-            let m = self.momentum;
-            let batch_mean = mean.detach().flatten_all()?;
-            let batch_var_unbiased = (var.detach().flatten_all()? * (n as f64 / (n as f64 - 1.0)))?;
-            let mut st = self.lock()?;
-            st.running_mean = ((&st.running_mean * (1.0 - m))? + (batch_mean * m)?)?;
-            st.running_var = ((&st.running_var * (1.0 - m))? + (batch_var_unbiased * m)?)?;
-            st.num_batches_tracked += 1;
-            y
-        } else {
+        if !train {
             let st = self.lock()?;
             let rm = st.running_mean.reshape((1, c, 1, 1))?;
             let rv = st.running_var.reshape((1, c, 1, 1))?;
             drop(st);
-            x.broadcast_sub(&rm)?
-                .broadcast_div(&(rv + self.eps)?.sqrt()?)?
+            let y = x
+                .broadcast_sub(&rm)?
+                .broadcast_div(&(rv + self.eps)?.sqrt()?)?;
+            let wt = self.weight.reshape((1, c, 1, 1))?;
+            let bs = self.bias.reshape((1, c, 1, 1))?;
+            return Ok(y.broadcast_mul(&wt)?.broadcast_add(&bs)?);
+        }
+        let n = b * h * w;
+        if n < 2 {
+            return Err(Error::Arg(format!(
+                "BatchNorm2d in train mode needs more than one value per channel, got input {:?}",
+                x.dims()
+            )));
+        }
+        let (y, batch_mean, batch_var) = if fused::applies(x, &self.weight, &self.bias) {
+            let (y, st) = fused::train_forward(x, &self.weight, &self.bias, self.eps)?;
+            let stat = |v: Vec<f64>| Tensor::new(v, x.device())?.to_dtype(x.dtype());
+            (y, stat(st.mean)?, stat(st.var)?)
+        } else {
+            let (y, mean, var) = self.train_composed(x)?;
+            (y, mean.detach().flatten_all()?, var.detach().flatten_all()?)
         };
+        let m = self.momentum;
+        let batch_var_unbiased = (batch_var * (n as f64 / (n as f64 - 1.0)))?;
+        let mut st = self.lock()?;
+        st.running_mean = ((&st.running_mean * (1.0 - m))? + (batch_mean * m)?)?;
+        st.running_var = ((&st.running_var * (1.0 - m))? + (batch_var_unbiased * m)?)?;
+        st.num_batches_tracked += 1;
+        Ok(y)
+    }
+
+    /// Train-mode output from composed candle ops (any device), with the batch mean and biased variance
+    /// `(1, C, 1, 1)`. On the CPU in f32/f64 the fused kernel of `batchnorm_fused` computes the same.
+    fn train_composed(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let c = x.dim(1)?;
+        let mean = x.mean_keepdim((0, 2, 3))?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim((0, 2, 3))?;
+        let y = xc.broadcast_div(&(&var + self.eps)?.sqrt()?)?;
         let wt = self.weight.reshape((1, c, 1, 1))?;
         let bs = self.bias.reshape((1, c, 1, 1))?;
-        Ok(y.broadcast_mul(&wt)?.broadcast_add(&bs)?)
+        Ok((y.broadcast_mul(&wt)?.broadcast_add(&bs)?, mean, var))
+    }
+
+    /// [`forward_t`](Self::forward_t) in train mode through composed ops only (no running-statistics update): the
+    /// reference the fused CPU kernel is tested against.
+    pub fn train_output_composed(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.train_composed(x)?.0)
     }
 
     pub fn running_mean(&self) -> Result<Tensor> {

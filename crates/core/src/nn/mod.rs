@@ -20,6 +20,7 @@
 //! | LoRA adapters | [`LoraLinear`] | — |
 mod act;
 mod batchnorm;
+mod batchnorm_fused;
 mod conv;
 mod conv_gemm;
 mod dropout;
