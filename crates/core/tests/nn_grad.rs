@@ -458,6 +458,27 @@ fn fd_conv2d_gemm() {
     }
 }
 
+#[test]
+fn fd_conv2d_gemm_bias() {
+    // The fused bias of conv2d_layer / StdConv2d: 3×3 (the segmentation head) and 1×1 (the patch embedding).
+    let cases: [(&[usize], &[usize], usize, usize); 2] = [
+        (&[2, 3, 5, 5], &[4, 3, 3, 3], 1, 1),
+        (&[2, 4, 3, 3], &[5, 4, 1, 1], 1, 0),
+    ];
+    for (i, (xs, ws, stride, pad)) in cases.into_iter().enumerate() {
+        let x = rand_t(xs, -1.0, 1.0, 60 + i as u64);
+        let w = rand_t(ws, -1.0, 1.0, 70 + i as u64);
+        let b = rand_t(&[ws[0]], -0.5, 0.5, 80 + i as u64);
+        fd_check(
+            &format!("conv2d_gemm_bias {xs:?} k{ws:?} s{stride} p{pad}"),
+            &[x, w, b],
+            |t| nn::conv2d_gemm_bias(&t[0], &t[1], Some(&t[2]), stride, pad),
+            RTOL,
+            80,
+        );
+    }
+}
+
 /// The harness itself must catch a wrong backward rule: candle's `max_pool2d` backward is wrong (SPEC §16.1).
 #[test]
 #[should_panic(expected = "analytic")]

@@ -142,10 +142,7 @@ impl StdConv2d {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         check_strided_input(x, self.stride)?;
-        let y = super::conv2d_gemm(x, &self.standardised_weight()?, self.stride, self.padding)?;
-        match &self.bias {
-            None => Ok(y),
-            Some(b) => Ok(y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?),
-        }
+        let w = self.standardised_weight()?;
+        super::conv2d_gemm_bias(x, &w, self.bias.as_ref(), self.stride, self.padding)
     }
 }

@@ -1,21 +1,27 @@
-//! Differentiable 2-D convolution whose CPU backward runs as GEMMs (the layout of PyTorch's CPU "slow conv").
+//! Differentiable 2-D convolution computed as GEMMs on the CPU, forward and backward (the layout of PyTorch's CPU
+//! "slow conv"), directly in NCHW.
 //!
-//! candle 0.11.1 differentiates `conv2d` on the CPU with a naive `conv_transpose2d` loop (input gradient) and a
-//! "convolution with the gradient as kernel" that degenerates into one matrix-vector product per input channel
-//! (weight gradient); in a TransUNet training step these two took most of the time. Here, with `K = Cin·kh·kw`
-//! and `L = Ho·Wo`:
+//! candle 0.11.1 runs `conv2d` on the CPU as an element-by-element im2col into `(B, L, K)`, one matmul into
+//! `(B, L, Cout)` and an element-by-element transposing copy to NCHW; it differentiates it with a naive
+//! `conv_transpose2d` loop (input gradient) and a "convolution with the gradient as kernel" that degenerates into
+//! one matrix-vector product per input channel (weight gradient). Here, with `K = Cin·kh·kw` and `L = Ho·Wo`, per
+//! sample `b`:
 //!
-//! * forward: candle's fused `conv2d` (so values are bit-identical to the frozen/eval path);
-//! * input gradient, per sample: `col2im(Wᵀ (K, Cout) · dY_b (Cout, L))`;
-//! * weight gradient: `Σ_b dY_b (Cout, L) · cols(X_b)ᵀ (L, K)`, the im2col columns rebuilt per sample.
+//! * forward: `Y_b (Cout, L) = W (Cout, K) · cols(X_b) (K, L)` written in place into the NCHW output, the bias (if
+//!   any) written first and accumulated onto;
+//! * input gradient: `dX_b = col2im(Wᵀ (K, Cout) · dY_b (Cout, L))`;
+//! * weight gradient: `dW += dY_b (Cout, L) · cols(X_b)ᵀ (L, K)`, accumulated in place across samples;
+//! * bias gradient: `db = Σ_b Σ_l dY_b`.
 //!
 //! A 1×1 stride-1 unpadded convolution needs no im2col: the sample itself is the column matrix. Only one sample's
-//! columns exist at a time, so memory stays at the level of candle's own kernels.
+//! columns exist at a time, so memory stays below that of candle's own kernels. The products run on the `gemm`
+//! crate (candle's own CPU GEMM) with candle's thread count.
 use crate::{Error, Result};
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType,
+};
 use rayon::prelude::*;
-use std::sync::Mutex;
+use std::ops::Range;
 
 /// Geometry of one convolution (dilation 1, groups 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,15 +118,17 @@ impl Geom {
     }
 }
 
-/// Columns `(K, L)` of one sample `(C, H, W)`; row `c·kh·kw + i·kw + j` matches the flattened kernel.
-fn im2col<T: WithDType>(g: &Geom, x: &[T], cols: &mut [T]) {
-    let (l, plane, s, p) = (g.l(), g.plane(), g.stride, g.pad);
-    cols.par_chunks_mut(l).enumerate().for_each(|(r, row)| {
+/// Columns `(K, (oy1 − oy0)·Wo)` of one sample `(C, H, W)` for the output rows `rows = oy0..oy1`; row
+/// `c·kh·kw + i·kw + j` matches the flattened kernel.
+fn im2col<T: WithDType>(g: &Geom, x: &[T], rows: Range<usize>, cols: &mut [T]) {
+    let (plane, s, p) = (g.plane(), g.stride, g.pad);
+    let lt = rows.len() * g.wo;
+    cols.par_chunks_mut(lt).enumerate().for_each(|(r, row)| {
         let (c, i, j) = (r / (g.k_h * g.k_w), (r / g.k_w) % g.k_h, r % g.k_w);
         let src = &x[c * plane..(c + 1) * plane];
         let (ylo, yhi) = g.valid(i, g.h, g.ho);
         let (xlo, xhi) = g.valid(j, g.w, g.wo);
-        for (oy, dst) in row.chunks_mut(g.wo).enumerate() {
+        for (oy, dst) in rows.clone().zip(row.chunks_mut(g.wo)) {
             if oy < ylo || oy >= yhi {
                 dst.fill(T::zero());
                 continue;
@@ -140,21 +148,22 @@ fn im2col<T: WithDType>(g: &Geom, x: &[T], cols: &mut [T]) {
     });
 }
 
-/// Adjoint of [`im2col`]: scatters-adds the columns `(K, L)` back into one sample `(C, H, W)` (overwritten).
-fn col2im<T: WithDType>(g: &Geom, cols: &[T], x: &mut [T]) {
-    let (l, s, p) = (g.l(), g.stride, g.pad);
+/// Adjoint of [`im2col`]: scatters-adds the columns `(K, (oy1 − oy0)·Wo)` of the output rows `rows` into one
+/// sample `(C, H, W)`.
+fn col2im_add<T: WithDType>(g: &Geom, cols: &[T], rows: Range<usize>, x: &mut [T]) {
+    let (s, p) = (g.stride, g.pad);
+    let lt = rows.len() * g.wo;
     x.par_chunks_mut(g.plane())
         .enumerate()
         .for_each(|(c, plane)| {
-            plane.fill(T::zero());
             for i in 0..g.k_h {
                 let (ylo, yhi) = g.valid(i, g.h, g.ho);
                 for j in 0..g.k_w {
                     let (xlo, xhi) = g.valid(j, g.w, g.wo);
-                    let row = &cols[((c * g.k_h + i) * g.k_w + j) * l..][..l];
-                    for oy in ylo..yhi {
+                    let row = &cols[((c * g.k_h + i) * g.k_w + j) * lt..][..lt];
+                    for oy in ylo.max(rows.start)..yhi.min(rows.end) {
                         let line = &mut plane[(oy * s + i - p) * g.w..][..g.w];
-                        let src = &row[oy * g.wo..][..g.wo];
+                        let src = &row[(oy - rows.start) * g.wo..][..g.wo];
                         for ox in xlo..xhi {
                             line[ox * s + j - p] += src[ox];
                         }
@@ -162,6 +171,245 @@ fn col2im<T: WithDType>(g: &Geom, cols: &[T], x: &mut [T]) {
                 }
             }
         });
+}
+
+/// Elements of one tile of columns: the columns of a large convolution are built a band of output rows at a time so
+/// that they stay in cache (a 224² decoder conv would otherwise write and re-read ~100 MB per sample).
+const TILE: usize = 1 << 20;
+
+/// Bands of output rows `oy0..oy1` whose columns `(K, (oy1 − oy0)·Wo)` hold at most [`TILE`] elements (at least
+/// one row).
+fn bands(g: &Geom) -> impl Iterator<Item = Range<usize>> {
+    let per = (TILE / (g.k() * g.wo).max(1)).clamp(1, g.ho.max(1));
+    let ho = g.ho;
+    (0..ho).step_by(per).map(move |o| o..(o + per).min(ho))
+}
+
+/// The element types the GEMM path computes in (the `gemm` crate panics on any other).
+trait Float: WithDType {}
+impl Float for f32 {}
+impl Float for f64 {}
+
+/// A matrix view `(rows, cols)` into `data` with element `(r, c)` at `r·rs + c·cs`.
+#[derive(Clone, Copy)]
+struct View<'a, T> {
+    data: &'a [T],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a, T> View<'a, T> {
+    /// Row-major with `cols` columns.
+    fn rm(data: &'a [T], cols: usize) -> Self {
+        Self {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// `(rows, cols)` stored column-major, i.e. the transpose of a row-major `(cols, rows)` matrix.
+    fn tr(data: &'a [T], rows: usize) -> Self {
+        Self {
+            data,
+            rs: 1,
+            cs: rows,
+        }
+    }
+
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `gemm`'s threading with candle's thread count. Samples run one after the other, each product over all threads:
+/// on the R50-ViT-B/16 convs (224², batch 4, 2 threads) this took 5.5 CPU-s for forward + both gradients against
+/// 7.1 CPU-s with the samples in parallel and single-threaded products (`conv_gemm_layer_timing`).
+fn parallelism() -> gemm::Parallelism {
+    match candle_core::utils::get_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// `dst (m, n)` (row-major, rows `dst_rs` apart) `= a (m, k) · b (k, n)`, or `+=` with `accumulate`.
+fn matmul<T: Float>(
+    dst: &mut [T],
+    dst_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    a: View<T>,
+    b: View<T>,
+    accumulate: bool,
+    par: gemm::Parallelism,
+) {
+    assert!(
+        n <= dst_rs
+            && (m == 0 || (m - 1) * dst_rs + n <= dst.len())
+            && a.fits(m, k)
+            && b.fits(k, n),
+        "conv2d_gemm: matrix views out of bounds"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for row in dst.chunks_mut(dst_rs).take(m) {
+                row[..n].fill(T::zero());
+            }
+        }
+        return;
+    }
+    // SAFETY: T is f32 or f64; every element addressed by the (m, n, k) shapes and strides lies inside the
+    // slices (checked above); `dst` is exclusively borrowed and does not alias `a` or `b`.
+    // gemm computes dst := alpha·dst + beta·a·b, reading dst only when read_dst is set.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// `Y (B, Cout, L) = W · cols(X_b)` (+ bias per output channel).
+fn forward<T: Float>(
+    g: &Geom,
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+    par: gemm::Parallelism,
+) -> Vec<T> {
+    let (k, l, cx, cy) = (g.k(), g.l(), g.c * g.plane(), g.c_out * g.l());
+    let mut y = vec![T::zero(); g.b * cy];
+    let mut cols = Vec::new();
+    for (bi, yb) in y.chunks_mut(cy.max(1)).enumerate() {
+        let xb = &x[bi * cx..][..cx];
+        if let Some(bias) = bias {
+            for (row, &v) in yb.chunks_mut(l).zip(bias) {
+                row.fill(v);
+            }
+        }
+        let a = View::rm(w, k);
+        if g.pointwise() {
+            matmul(
+                yb,
+                l,
+                (g.c_out, l, k),
+                a,
+                View::rm(xb, l),
+                bias.is_some(),
+                par,
+            );
+            continue;
+        }
+        for rows in bands(g) {
+            let lt = rows.len() * g.wo;
+            cols.resize(k * lt, T::zero());
+            im2col(g, xb, rows.clone(), &mut cols);
+            let dst = &mut yb[rows.start * g.wo..];
+            matmul(
+                dst,
+                l,
+                (g.c_out, lt, k),
+                a,
+                View::rm(&cols, lt),
+                bias.is_some(),
+                par,
+            );
+        }
+    }
+    y
+}
+
+/// `dX` from `dY (B, Cout, L)` and the kernel.
+fn input_grad<T: Float>(g: &Geom, dy: &[T], w: &[T], par: gemm::Parallelism) -> Vec<T> {
+    let (k, l, cx, cy) = (g.k(), g.l(), g.c * g.plane(), g.c_out * g.l());
+    let mut dx = vec![T::zero(); g.b * cx];
+    let mut cols = Vec::new();
+    for (bi, dst) in dx.chunks_mut(cx.max(1)).enumerate() {
+        let (a, dyb) = (View::tr(w, k), &dy[bi * cy..][..cy]);
+        if g.pointwise() {
+            matmul(dst, l, (k, l, g.c_out), a, View::rm(dyb, l), false, par);
+            continue;
+        }
+        for rows in bands(g) {
+            let lt = rows.len() * g.wo;
+            cols.resize(k * lt, T::zero());
+            let b = View {
+                data: &dyb[rows.start * g.wo..],
+                rs: l,
+                cs: 1,
+            };
+            matmul(&mut cols, lt, (k, lt, g.c_out), a, b, false, par);
+            col2im_add(g, &cols, rows, dst);
+        }
+    }
+    dx
+}
+
+/// `dW = Σ_b dY_b · cols(X_b)ᵀ`, accumulated in place.
+fn weight_grad<T: Float>(g: &Geom, dy: &[T], x: &[T], par: gemm::Parallelism) -> Vec<T> {
+    let (k, l, cx, cy) = (g.k(), g.l(), g.c * g.plane(), g.c_out * g.l());
+    let mut dw = vec![T::zero(); g.c_out * k];
+    let mut cols = Vec::new();
+    let mut first = true;
+    for bi in 0..g.b {
+        let (xb, dyb) = (&x[bi * cx..][..cx], &dy[bi * cy..][..cy]);
+        if g.pointwise() {
+            let (a, b) = (View::rm(dyb, l), View::tr(xb, l));
+            matmul(&mut dw, k, (g.c_out, k, l), a, b, !first, par);
+            first = false;
+            continue;
+        }
+        for rows in bands(g) {
+            let lt = rows.len() * g.wo;
+            cols.resize(k * lt, T::zero());
+            im2col(g, xb, rows.clone(), &mut cols);
+            let a = View {
+                data: &dyb[rows.start * g.wo..],
+                rs: l,
+                cs: 1,
+            };
+            matmul(
+                &mut dw,
+                k,
+                (g.c_out, k, lt),
+                a,
+                View::tr(&cols, lt),
+                !first,
+                par,
+            );
+            first = false;
+        }
+    }
+    dw
+}
+
+/// `db[o] = Σ_b Σ_l dY[b, o, l]`.
+fn bias_grad<T: Float>(g: &Geom, dy: &[T]) -> Vec<T> {
+    let l = g.l().max(1);
+    let mut db = vec![T::zero(); g.c_out];
+    for (i, row) in dy.chunks(l).enumerate() {
+        db[i % g.c_out.max(1)] += row.iter().fold(T::zero(), |s, &v| s + v);
+    }
+    db
 }
 
 /// The contiguous data of a storage viewed through `l`.
@@ -177,110 +425,70 @@ fn slice<'a, T: WithDType>(
     Ok(&data[l.start_offset()..l.start_offset() + l.shape().elem_count()])
 }
 
-/// `a (m, k) · b (k, n)` on storages viewed through the given layouts (candle's CPU GEMM).
-fn gemm<T: WithDType>(
-    a: &CpuStorage,
-    la: &Layout,
-    b: &CpuStorage,
-    lb: &Layout,
-    (m, n, k): (usize, usize, usize),
-) -> candle_core::Result<Vec<T>> {
-    T::cpu_storage_data(a.matmul(b, (1, m, n, k), la, lb)?)
-}
-
-/// Row-major `(rows, cols)` view starting at `offset`.
-fn rm(rows: usize, cols: usize, offset: usize) -> Layout {
-    Layout::contiguous_with_offset((rows, cols), offset)
-}
-
-/// Transposed view: the `(rows, cols)` matrix whose storage is a row-major `(cols, rows)` at `offset`.
-fn tr(rows: usize, cols: usize, offset: usize) -> Layout {
-    Layout::new(Shape::from((rows, cols)), vec![1, rows], offset)
-}
-
-/// Owned storage of `(K, L)` columns of sample `bi` (`None` for a pointwise conv: the sample itself is used).
-fn sample_cols<T: WithDType>(g: &Geom, x: &[T], bi: usize) -> Option<CpuStorage> {
-    if g.pointwise() {
-        return None;
-    }
-    let mut cols = vec![T::zero(); g.k() * g.l()];
-    im2col(g, &x[bi * g.c * g.plane()..][..g.c * g.plane()], &mut cols);
-    Some(T::to_cpu_storage_owned(cols))
-}
-
-/// `dX` from `dY` (`gs`, `(B, Cout, Ho, Wo)`) and the kernel.
-fn input_grad<T: WithDType>(
-    g: &Geom,
-    gs: &CpuStorage,
-    gl: &Layout,
-    ws: &CpuStorage,
-    wl: &Layout,
-) -> candle_core::Result<CpuStorage> {
-    slice::<T>(gs, gl, "gradient")?;
-    slice::<T>(ws, wl, "kernel")?;
-    let (k, l) = (g.k(), g.l());
-    let wt = tr(k, g.c_out, wl.start_offset());
-    let mut out = vec![T::zero(); g.b * g.c * g.plane()];
-    for (bi, dst) in out.chunks_mut(g.c * g.plane()).enumerate() {
-        let dy = rm(g.c_out, l, gl.start_offset() + bi * g.c_out * l);
-        let cols = gemm::<T>(ws, &wt, gs, &dy, (k, l, g.c_out))?;
-        if g.pointwise() {
-            dst.copy_from_slice(&cols);
+/// Runs `$body` with `T` bound to the storages' common element type (f32 or f64).
+macro_rules! with_float {
+    ($t:ident, [$($s:expr),+], $body:expr) => {{
+        let s = [$($s),+];
+        if s.iter().all(|s| matches!(s, CpuStorage::F32(_))) {
+            type $t = f32;
+            $body
+        } else if s.iter().all(|s| matches!(s, CpuStorage::F64(_))) {
+            type $t = f64;
+            $body
         } else {
-            col2im(g, &cols, dst);
+            candle_core::bail!("conv2d_gemm: only f32/f64 operands of equal dtype are supported")
         }
-    }
-    Ok(T::to_cpu_storage_owned(out))
+    }};
 }
 
-/// `dW` from `dY` (`gs`) and the input (`xs`).
-fn weight_grad<T: WithDType>(
-    g: &Geom,
-    gs: &CpuStorage,
-    gl: &Layout,
-    xs: &CpuStorage,
-    xl: &Layout,
-) -> candle_core::Result<CpuStorage> {
-    slice::<T>(gs, gl, "gradient")?;
-    let x = slice::<T>(xs, xl, "input")?;
-    let (k, l) = (g.k(), g.l());
-    let mut acc = vec![T::zero(); g.c_out * k];
-    for bi in 0..g.b {
-        let dy = rm(g.c_out, l, gl.start_offset() + bi * g.c_out * l);
-        let part = match sample_cols(g, x, bi) {
-            Some(cols) => gemm::<T>(gs, &dy, &cols, &tr(l, k, 0), (g.c_out, k, l))?,
-            None => {
-                let off = xl.start_offset() + bi * k * l;
-                gemm::<T>(gs, &dy, xs, &tr(l, k, off), (g.c_out, k, l))?
-            }
-        };
-        for (a, p) in acc.iter_mut().zip(part) {
-            *a += p;
-        }
-    }
-    Ok(T::to_cpu_storage_owned(acc))
-}
-
-macro_rules! dispatch {
-    ($f:ident, $g:expr, $s1:expr, $l1:expr, $s2:expr, $l2:expr) => {
-        match ($s1, $s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => $f::<f32>($g, $s1, $l1, $s2, $l2),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => $f::<f64>($g, $s1, $l1, $s2, $l2),
-            _ => candle_core::bail!("conv2d_gemm: only f32/f64 pairs of equal dtype are supported"),
-        }
-    };
-}
-
-/// `y = conv2d(x, w)` whose value candle's fused kernel has already computed (`out`, taken by the forward so the
-/// graph does not keep a second copy); backward through [`InputGrad`] and [`WeightGrad`].
-struct Conv {
-    g: Geom,
-    out: Mutex<Option<Tensor>>,
-}
+/// `y = conv2d(x, w) (+ b)`: a [`CustomOp2`] without bias, a [`CustomOp3`] with it.
+struct Conv(Geom);
 /// `dX = conv2dᵀ(dY, w)` (no backward of its own).
 struct InputGrad(Geom);
 /// `dW` from `(dY, x)` (no backward of its own).
 struct WeightGrad(Geom);
+/// `db` from `dY` (no backward of its own).
+struct BiasGrad(Geom);
+
+impl Conv {
+    fn fwd(
+        &self,
+        (xs, xl): (&CpuStorage, &Layout),
+        (ws, wl): (&CpuStorage, &Layout),
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let bs = b.map_or(xs, |b| b.0);
+        let y = with_float!(T, [xs, ws, bs], {
+            let bias = match b {
+                Some((s, l)) => Some(slice::<T>(s, l, "bias")?),
+                None => None,
+            };
+            let (x, w) = (slice::<T>(xs, xl, "input")?, slice::<T>(ws, wl, "kernel")?);
+            T::to_cpu_storage_owned(forward(&self.0, x, w, bias, parallelism()))
+        });
+        Ok((y, self.0.y_shape()))
+    }
+
+    /// Gradients of the input and the kernel, each only where its operand is tracked.
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(&w.contiguous()?, &InputGrad(self.0))?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(grad.apply_op2_no_bwd(&x.contiguous()?, &WeightGrad(self.0))?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
 
 impl CustomOp2 for Conv {
     fn name(&self) -> &'static str {
@@ -289,34 +497,12 @@ impl CustomOp2 for Conv {
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = self
-            .out
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("conv2d_gemm: poisoned lock".into()))?
-            .take();
-        let Some(out) = out else {
-            candle_core::bail!("conv2d_gemm: the forward ran twice");
-        };
-        let (storage, layout) = out.storage_and_layout();
-        let data = match &*storage {
-            candle_core::Storage::Cpu(cs) if layout.is_contiguous() => {
-                let n = layout.shape().elem_count();
-                match cs {
-                    CpuStorage::F32(v) => CpuStorage::F32(v[layout.start_offset()..][..n].to_vec()),
-                    CpuStorage::F64(v) => CpuStorage::F64(v[layout.start_offset()..][..n].to_vec()),
-                    _ => candle_core::bail!("conv2d_gemm: unexpected dtype"),
-                }
-            }
-            _ => {
-                candle_core::bail!("conv2d_gemm: the forward result is not a contiguous CPU tensor")
-            }
-        };
-        Ok((data, self.g.y_shape()))
+        self.fwd((s1, l1), (s2, l2), None)
     }
 
     fn bwd(
@@ -326,18 +512,43 @@ impl CustomOp2 for Conv {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        self.grads(x, w, &grad.contiguous()?)
+    }
+}
+
+impl CustomOp3 for Conv {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.fwd((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let dx = if x.track_op() {
-            Some(grad.apply_op2_no_bwd(&w.contiguous()?, &InputGrad(self.g))?)
+        let (dx, dw) = self.grads(x, w, &grad)?;
+        let db = if b.track_op() {
+            Some(grad.apply_op1_no_bwd(&BiasGrad(self.0))?)
         } else {
             None
         };
-        let dw = if w.track_op() {
-            Some(grad.apply_op2_no_bwd(&x.contiguous()?, &WeightGrad(self.g))?)
-        } else {
-            None
-        };
-        Ok((dx, dw))
+        Ok((dx, dw, db))
     }
 }
 
@@ -353,10 +564,14 @@ impl CustomOp2 for InputGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((
-            dispatch!(input_grad, &self.0, s1, l1, s2, l2)?,
-            self.0.x_shape(),
-        ))
+        let dx = with_float!(T, [s1, s2], {
+            let (dy, w) = (
+                slice::<T>(s1, l1, "gradient")?,
+                slice::<T>(s2, l2, "kernel")?,
+            );
+            T::to_cpu_storage_owned(input_grad(&self.0, dy, w, parallelism()))
+        });
+        Ok((dx, self.0.x_shape()))
     }
 }
 
@@ -372,39 +587,82 @@ impl CustomOp2 for WeightGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((
-            dispatch!(weight_grad, &self.0, s1, l1, s2, l2)?,
-            self.0.w_shape(),
-        ))
+        let dw = with_float!(T, [s1, s2], {
+            let (dy, x) = (
+                slice::<T>(s1, l1, "gradient")?,
+                slice::<T>(s2, l2, "input")?,
+            );
+            T::to_cpu_storage_owned(weight_grad(&self.0, dy, x, parallelism()))
+        });
+        Ok((dw, self.0.w_shape()))
     }
 }
 
-/// Whether [`conv2d_gemm`] takes its GEMM path for these operands (CPU, f32/f64).
-fn gemm_path(x: &Tensor, w: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == w.dtype() && matches!(x.dtype(), DType::F32 | DType::F64)
+impl CustomOp1 for BiasGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm-bias-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let db = with_float!(T, [s], {
+            T::to_cpu_storage_owned(bias_grad(&self.0, slice::<T>(s, l, "gradient")?))
+        });
+        Ok((db, Shape::from(self.0.c_out)))
+    }
 }
 
-/// Differentiable `conv2d(x (B,Cin,H,W), w (Cout,Cin,kh,kw))` with dilation 1 and one group — bit for bit the
-/// value of `x.conv2d(w, padding, stride, 1, 1)` (candle's fused forward). On the CPU in f32/f64, when a gradient
-/// is recorded, both gradients run as GEMMs (see the module docs); otherwise (no gradient, other devices or dtypes)
-/// it is plainly candle's `conv2d`.
+/// Whether [`conv2d_gemm`] takes its GEMM path for these operands (CPU, f32/f64 of one dtype).
+fn gemm_path(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> bool {
+    let dt = x.dtype();
+    x.device().is_cpu()
+        && w.device().is_cpu()
+        && matches!(dt, DType::F32 | DType::F64)
+        && w.dtype() == dt
+        && b.is_none_or(|b| b.device().is_cpu() && b.dtype() == dt)
+}
+
+/// Differentiable `conv2d(x (B,Cin,H,W), w (Cout,Cin,kh,kw))` with dilation 1 and one group, the value of
+/// `x.conv2d(w, padding, stride, 1, 1)`. On the CPU in f32/f64 the forward and both gradients run as GEMMs (see the
+/// module docs), with or without a recorded gradient; on other devices or dtypes it is plainly candle's `conv2d`.
 pub fn conv2d_gemm(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    if !(gemm_path(x, w) && (x.track_op() || w.track_op())) {
-        return Ok(x.conv2d(w, padding, stride, 1, 1)?);
+    conv2d_gemm_bias(x, w, None, stride, padding)
+}
+
+/// [`conv2d_gemm`] plus an optional per-output-channel bias `b (Cout,)`, fused into the GEMM path (written into
+/// the output before the product accumulates onto it; its gradient sums `dY`). Elsewhere: candle's `conv2d`
+/// followed by a broadcast add.
+pub fn conv2d_gemm_bias(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    if !gemm_path(x, w, b) {
+        let y = x.conv2d(w, padding, stride, 1, 1)?;
+        return Ok(match b {
+            None => y,
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
+        });
     }
     let g = Geom::new(x.dims(), w.dims(), stride, padding)?;
-    let out = x
-        .detach()
-        .conv2d(&w.detach(), padding, stride, 1, 1)?
-        .contiguous()?;
-    let op = Conv {
-        g,
-        out: Mutex::new(Some(out)),
-    };
-    Ok(x.apply_op2(w, op)?)
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match b {
+        None => Ok(x.apply_op2(&w, Conv(g))?),
+        Some(b) => {
+            if b.dims() != [g.c_out] {
+                return Err(Error::Arg(format!(
+                    "conv2d_gemm: bias {:?} does not match the {} output channels",
+                    b.dims(),
+                    g.c_out
+                )));
+            }
+            Ok(x.apply_op3(&w, &b.contiguous()?, Conv(g))?)
+        }
+    }
 }
 
-/// [`conv2d_gemm`] through a candle [`candle_nn::Conv2d`] layer (weight, optional bias, stride and padding from
+/// [`conv2d_gemm_bias`] through a candle [`candle_nn::Conv2d`] layer (weight, optional bias, stride and padding from
 /// its config); layers with dilation or groups use candle's own forward.
 pub fn conv2d_layer(conv: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> {
     use candle_nn::Module;
@@ -412,11 +670,7 @@ pub fn conv2d_layer(conv: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> {
     if cfg.dilation != 1 || cfg.groups != 1 {
         return Ok(conv.forward(x)?);
     }
-    let y = conv2d_gemm(x, conv.weight(), cfg.stride, cfg.padding)?;
-    match conv.bias() {
-        None => Ok(y),
-        Some(b) => Ok(y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?),
-    }
+    conv2d_gemm_bias(x, conv.weight(), conv.bias(), cfg.stride, cfg.padding)
 }
 
 #[cfg(test)]
@@ -444,6 +698,8 @@ mod tests {
             (2, 5, 6, 6, 4, 1, 2, 0),
             (1, 2, 5, 5, 2, 3, 1, 0),
             (1, 3, 6, 8, 2, 3, 2, 1),
+            (1, 4, 11, 11, 5, 1, 2, 0),
+            (3, 2, 5, 7, 3, 3, 2, 0),
         ];
         for (b, c, h, w, co, k, s, p) in cases {
             let x = candle_core::Var::from_tensor(&ramp(&[b, c, h, w], 2.0)).unwrap();
@@ -481,23 +737,235 @@ mod tests {
         }
     }
 
-    #[test]
-    fn untracked_operands_use_candle_and_f32_is_bit_identical() {
-        let x = ramp(&[1, 2, 5, 5], 1.0).to_dtype(DType::F32).unwrap();
-        let w = ramp(&[3, 2, 3, 3], 1.0).to_dtype(DType::F32).unwrap();
-        let a = conv2d_gemm(&x, &w, 1, 1).unwrap();
-        let wv = candle_core::Var::from_tensor(&w).unwrap();
-        let b = conv2d_gemm(&x, wv.as_tensor(), 1, 1).unwrap();
-        let bits = |t: &Tensor| -> Vec<u32> {
-            t.flatten_all()
+    /// Largest `|a − b|` over all elements, relative to `max |b|`.
+    fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let max = |t: Tensor| -> f64 {
+            t.to_dtype(DType::F64)
                 .unwrap()
-                .to_vec1::<f32>()
+                .abs()
                 .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
         };
-        assert_eq!(bits(&a), bits(&b));
+        max((a - b).unwrap()) / max(b.clone()).max(1e-30)
+    }
+
+    /// f32, with and without a recorded gradient and with a fused bias: within 1e-5 (relative to the largest
+    /// output) of candle's conv2d + broadcast bias, over the ResNet/decoder geometries.
+    #[test]
+    fn f32_forward_is_close_to_candle() {
+        let cases = [
+            // (b, c, h, w, cout, k, stride, pad)
+            (4, 3, 29, 29, 8, 7, 2, 3),   // root 7×7/s2
+            (2, 16, 15, 15, 24, 1, 1, 0), // pointwise
+            (2, 16, 15, 15, 24, 1, 2, 0), // downsample 1×1/s2
+            (1, 8, 14, 14, 8, 3, 2, 1),   // 3×3/s2, batch 1
+            (3, 5, 9, 13, 7, 3, 1, 1),    // odd, non-square
+            (1, 4, 6, 6, 3, 3, 1, 0),
+        ];
+        for (b, c, h, w, co, k, s, p) in cases {
+            let case = format!("b{b} c{c} {h}x{w} co{co} k{k} s{s} p{p}");
+            let f32t = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+            let x = f32t(ramp(&[b, c, h, w], 2.0));
+            let wt = f32t(ramp(&[co, c, k, k], 1.0));
+            let bias = f32t(ramp(&[co], 0.7));
+            let theirs = x.conv2d(&wt, p, s, 1, 1).unwrap();
+            let theirs_b = theirs
+                .broadcast_add(&bias.reshape((1, co, 1, 1)).unwrap())
+                .unwrap();
+            let untracked = conv2d_gemm(&x, &wt, s, p).unwrap();
+            let wv = candle_core::Var::from_tensor(&wt).unwrap();
+            let tracked = conv2d_gemm(&x, wv.as_tensor(), s, p).unwrap();
+            let biased = conv2d_gemm_bias(&x, &wt, Some(&bias), s, p).unwrap();
+            assert_eq!(untracked.dims(), theirs.dims(), "{case}");
+            assert!(rel_diff(&untracked, &theirs) < 1e-5, "{case}: untracked");
+            assert!(rel_diff(&tracked, &theirs) < 1e-5, "{case}: tracked");
+            assert!(rel_diff(&biased, &theirs_b) < 1e-5, "{case}: bias");
+        }
+    }
+
+    /// The fused bias and its gradient equal conv2d + broadcast_add (f64).
+    #[test]
+    fn fused_bias_matches_broadcast_add_and_its_gradient() {
+        for (s, p, k) in [(1, 1, 3), (2, 0, 1), (1, 0, 1)] {
+            let x = candle_core::Var::from_tensor(&ramp(&[2, 3, 7, 7], 2.0)).unwrap();
+            let w = candle_core::Var::from_tensor(&ramp(&[4, 3, k, k], 1.0)).unwrap();
+            let b = candle_core::Var::from_tensor(&ramp(&[4], 0.5)).unwrap();
+            let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+            let ours = conv2d_gemm_bias(xt, wt, Some(bt), s, p).unwrap();
+            let theirs = xt
+                .conv2d(wt, p, s, 1, 1)
+                .unwrap()
+                .broadcast_add(&bt.reshape((1, 4, 1, 1)).unwrap())
+                .unwrap();
+            assert!(rel_diff(&ours, &theirs) < 1e-12, "s{s} p{p} k{k}: forward");
+            let r = ramp(theirs.dims(), 3.0);
+            let go = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gt = (&theirs * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, v) in [("input", &x), ("kernel", &w), ("bias", &b)] {
+                let (a, e) = (
+                    go.get(v.as_tensor()).unwrap(),
+                    gt.get(v.as_tensor()).unwrap(),
+                );
+                assert!(rel_diff(a, e) < 1e-12, "s{s} p{p} k{k}: {name} gradient");
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_a_bias_of_the_wrong_length() {
+        let x = ramp(&[1, 2, 5, 5], 1.0);
+        let w = ramp(&[3, 2, 3, 3], 1.0);
+        let e = conv2d_gemm_bias(&x, &w, Some(&ramp(&[2], 1.0)), 1, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bias"), "{e}");
+    }
+
+    /// Serial and threaded products agree (f64).
+    #[test]
+    fn serial_and_threaded_products_agree() {
+        let g = Geom::new(&[3, 4, 9, 9], &[5, 4, 3, 3], 2, 1).unwrap();
+        let f64v = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let x = f64v(ramp(&[3, 4, 9, 9], 2.0));
+        let w = f64v(ramp(&[5, 4, 3, 3], 1.0));
+        let dy = f64v(ramp(&[3, 5, 5, 5], 1.5));
+        let runs: Vec<_> = [gemm::Parallelism::None, gemm::Parallelism::Rayon(2)]
+            .into_iter()
+            .map(|par| {
+                (
+                    forward(&g, &x, &w, None, par),
+                    input_grad(&g, &dy, &w, par),
+                    weight_grad(&g, &dy, &x, par),
+                )
+            })
+            .collect();
+        let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(a, b)| (a - b).abs() < 1e-12);
+        let (r, e) = (&runs[1], &runs[0]);
+        assert!(close(&r.0, &e.0) && close(&r.1, &e.1) && close(&r.2, &e.2));
+    }
+
+    /// Convolutions whose columns exceed [`TILE`] run in bands of output rows (here 3 uneven bands of a 7×7/s2
+    /// and 2 of a 3×3/s1): forward and gradients still equal candle's (f64).
+    #[test]
+    fn banded_columns_match_candle() {
+        for (c, size, k, s, p) in [(32, 80, 7, 2, 3), (128, 40, 3, 1, 1)] {
+            let g = Geom::new(&[2, c, size, size], &[3, c, k, k], s, p).unwrap();
+            assert!(bands(&g).count() >= 2, "c{c} k{k}: one band only");
+            let x = candle_core::Var::from_tensor(&ramp(&[2, c, size, size], 2.0)).unwrap();
+            let w = candle_core::Var::from_tensor(&ramp(&[3, c, k, k], 0.1)).unwrap();
+            let (xt, wt) = (x.as_tensor(), w.as_tensor());
+            let ours = conv2d_gemm(xt, wt, s, p).unwrap();
+            let theirs = xt.conv2d(wt, p, s, 1, 1).unwrap();
+            assert!(rel_diff(&ours, &theirs) < 1e-12, "c{c} k{k}: forward");
+            let r = ramp(theirs.dims(), 3.0);
+            let go = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gt = (&theirs * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, v) in [("input", &x), ("kernel", &w)] {
+                let (a, e) = (
+                    go.get(v.as_tensor()).unwrap(),
+                    gt.get(v.as_tensor()).unwrap(),
+                );
+                assert!(rel_diff(a, e) < 1e-12, "c{c} k{k}: {name} gradient");
+            }
+        }
+    }
+
+    /// Process CPU seconds (user + system, all threads) from /proc/self/stat.
+    fn cpu_s() -> f64 {
+        let s = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let f: Vec<&str> = s[s.rfind(')').unwrap() + 2..].split(' ').collect();
+        (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
+    }
+
+    /// CPU and wall seconds of forward, input and weight gradient of the R50-ViT-B/16 TransUNet convs (224², batch
+    /// 4, f32, layer counts of one step), per layer. Run: `cargo test --release -p ultrarefiner --lib conv_gemm_layer_timing --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing study (about a minute); prints a table"]
+    fn conv_gemm_layer_timing() {
+        // (cin, size, cout, k, stride, pad, count)
+        let layers = [
+            (3, 224, 64, 7, 2, 3, 1),
+            (64, 55, 64, 1, 1, 0, 1),
+            (64, 55, 256, 1, 1, 0, 2),
+            (64, 55, 64, 3, 1, 1, 3),
+            (256, 55, 64, 1, 1, 0, 2),
+            (256, 55, 128, 1, 1, 0, 1),
+            (128, 55, 128, 3, 2, 1, 1),
+            (256, 55, 512, 1, 2, 0, 1),
+            (128, 28, 512, 1, 1, 0, 4),
+            (512, 28, 128, 1, 1, 0, 3),
+            (128, 28, 128, 3, 1, 1, 3),
+            (512, 28, 256, 1, 1, 0, 1),
+            (256, 28, 256, 3, 2, 1, 1),
+            (512, 28, 1024, 1, 2, 0, 1),
+            (256, 14, 1024, 1, 1, 0, 9),
+            (1024, 14, 256, 1, 1, 0, 8),
+            (256, 14, 256, 3, 1, 1, 8),
+            (1024, 14, 768, 1, 1, 0, 1),
+            (768, 14, 512, 3, 1, 1, 1),
+            (1024, 28, 256, 3, 1, 1, 1),
+            (256, 28, 256, 3, 1, 1, 1),
+            (512, 56, 128, 3, 1, 1, 1),
+            (128, 56, 128, 3, 1, 1, 1),
+            (192, 112, 64, 3, 1, 1, 1),
+            (64, 112, 64, 3, 1, 1, 1),
+            (64, 224, 16, 3, 1, 1, 1),
+            (16, 224, 16, 3, 1, 1, 1),
+            (16, 224, 2, 3, 1, 1, 1),
+        ];
+        let par = parallelism();
+        let mut total = [0.0f64; 6];
+        for (cin, size, cout, k, s, p, count) in layers {
+            let g = Geom::new(&[4, cin, size, size], &[cout, cin, k, k], s, p).unwrap();
+            let v =
+                |n: usize| -> Vec<f32> { (0..n).map(|i| (i % 97) as f32 / 97.0 - 0.5).collect() };
+            let x = v(4 * cin * size * size);
+            let w = v(cout * g.k());
+            let dy = v(4 * cout * g.l());
+            let time = |f: &dyn Fn()| {
+                let (c0, t0) = (cpu_s(), std::time::Instant::now());
+                f();
+                (cpu_s() - c0, t0.elapsed().as_secs_f64())
+            };
+            let r = [
+                time(&|| drop(forward(&g, &x, &w, None, par))),
+                time(&|| drop(input_grad(&g, &dy, &w, par))),
+                time(&|| drop(weight_grad(&g, &dy, &x, par))),
+            ];
+            let mut row = [0.0f64; 6];
+            for (j, (c, t)) in r.into_iter().enumerate() {
+                row[2 * j] = c * count as f64;
+                row[2 * j + 1] = t * count as f64;
+            }
+            println!(
+                "cin {cin:4} {size:3}² cout {cout:4} k{k} s{s} ×{count}: cpu/wall fwd {:.2}/{:.2} dx {:.2}/{:.2} \
+                 dw {:.2}/{:.2}",
+                row[0], row[1], row[2], row[3], row[4], row[5]
+            );
+            for (t, r) in total.iter_mut().zip(row) {
+                *t += r;
+            }
+        }
+        println!(
+            "total: cpu/wall fwd {:.2}/{:.2} dx {:.2}/{:.2} dw {:.2}/{:.2}",
+            total[0], total[1], total[2], total[3], total[4], total[5]
+        );
     }
 
     #[test]

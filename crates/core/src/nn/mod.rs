@@ -13,7 +13,7 @@
 //! | BCE with logits | [`bce_with_logits`] | `binary_cross_entropy_with_logit` |
 //! | GELU | [`gelu`] (erf) | `.gelu()` |
 //! | TransUNet ResNet | [`StdConv2d`], [`GroupNorm`] | — |
-//! | trainable conv on the CPU (GEMM backward) | [`conv2d_gemm`], [`conv2d_layer`] | `Tensor::conv2d` / `Conv2d::forward` |
+//! | conv on the CPU as GEMMs (forward and backward) | [`conv2d_gemm`], [`conv2d_gemm_bias`], [`conv2d_layer`] | `Tensor::conv2d` / `Conv2d::forward` |
 //! | BatchNorm with buffers | [`BatchNorm2d::forward_t`] | `candle_nn::BatchNorm` |
 //! | dropout from the project RNG | [`Dropout::forward_t`] | `candle_nn::Dropout` |
 //! | PyTorch-initialised layers | [`conv2d`], [`conv_transpose2d`], [`linear`], [`init`] | candle's kaiming-normal defaults |
@@ -37,7 +37,7 @@ mod resize_cache;
 pub use act::{gelu, log_softmax, sigmoid, softmax};
 pub use batchnorm::BatchNorm2d;
 pub use conv::{check_strided_input, conv2d, conv_transpose2d, StdConv2d, STD_CONV_EPS};
-pub use conv_gemm::{conv2d_gemm, conv2d_layer};
+pub use conv_gemm::{conv2d_gemm, conv2d_gemm_bias, conv2d_layer};
 pub use dropout::{dropout_mask, Dropout};
 pub use group_norm::GroupNorm;
 pub use linear::linear;
