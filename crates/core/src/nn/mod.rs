@@ -23,6 +23,7 @@ mod batchnorm;
 mod conv;
 mod conv_gemm;
 mod dropout;
+mod fused;
 mod group_norm;
 pub mod init;
 mod linear;

@@ -1,0 +1,788 @@
+//! Fused CPU kernels with hand-derived backward: GroupNorm, LayerNorm (last axis) and softmax (last axis).
+//!
+//! The composed versions (kept for CUDA and half precision) record ~10 candle ops each; every op is one or more full
+//! passes over memory in the forward and again in the backward, plus candle's per-op gradient bookkeeping. Here each
+//! forward is one custom op (two reads and one write of the input), and each backward is one no-backward custom op
+//! that computes all gradients in two passes. Statistics (mean, 1/σ) are kept from the forward; sums are
+//! accumulated in f64 (eight independent lanes so they vectorise), elementwise work is done in the tensor's dtype.
+//!
+//! Semantics (PyTorch): biased variance, eps inside the square root, two-pass (centred) variance.
+use crate::Result;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// f32/f64 with the one transcendental the kernels need.
+trait Float: WithDType {
+    fn exp(self) -> Self;
+}
+
+impl Float for f32 {
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+}
+
+impl Float for f64 {
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+}
+
+/// Whether the fused kernels handle these operands: all on the CPU, one dtype, f32 or f64.
+pub(super) fn supported(ts: &[&Tensor]) -> bool {
+    let Some(first) = ts.first() else {
+        return false;
+    };
+    let dt = first.dtype();
+    matches!(dt, DType::F32 | DType::F64)
+        && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dt)
+}
+
+const LANES: usize = 8;
+
+/// Σ f(aᵢ) in f64 with [`LANES`] independent accumulators (vectorisable, and more accurate than one).
+#[inline(always)]
+fn lane_sum<T: Copy>(a: &[T], f: impl Fn(T) -> f64) -> f64 {
+    let mut acc = [0f64; LANES];
+    let mut it = a.chunks_exact(LANES);
+    for c in &mut it {
+        for (s, &v) in acc.iter_mut().zip(c) {
+            *s += f(v);
+        }
+    }
+    acc.iter().sum::<f64>() + it.remainder().iter().map(|&v| f(v)).sum::<f64>()
+}
+
+/// Σ f(aᵢ, bᵢ) like [`lane_sum`].
+#[inline(always)]
+fn lane_sum2<T: Copy>(a: &[T], b: &[T], f: impl Fn(T, T) -> f64) -> f64 {
+    let mut acc = [0f64; LANES];
+    let (mut ia, mut ib) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for (ca, cb) in (&mut ia).zip(&mut ib) {
+        for ((s, &u), &v) in acc.iter_mut().zip(ca).zip(cb) {
+            *s += f(u, v);
+        }
+    }
+    let tail: f64 = ia
+        .remainder()
+        .iter()
+        .zip(ib.remainder())
+        .map(|(&u, &v)| f(u, v))
+        .sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+/// Σ f(aᵢ, bᵢ, cᵢ) like [`lane_sum`].
+#[inline(always)]
+fn lane_sum3<T: Copy>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> f64) -> f64 {
+    let mut acc = [0f64; LANES];
+    let (mut ia, mut ib, mut ic) = (
+        a.chunks_exact(LANES),
+        b.chunks_exact(LANES),
+        c.chunks_exact(LANES),
+    );
+    for ((ca, cb), cc) in (&mut ia).zip(&mut ib).zip(&mut ic) {
+        for (((s, &u), &v), &w) in acc.iter_mut().zip(ca).zip(cb).zip(cc) {
+            *s += f(u, v, w);
+        }
+    }
+    let tail: f64 = ia
+        .remainder()
+        .iter()
+        .zip(ib.remainder())
+        .zip(ic.remainder())
+        .map(|((&u, &v), &w)| f(u, v, w))
+        .sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+/// `(mean, 1/√(var + eps))` of a row (two-pass, biased variance).
+fn row_stats<T: WithDType>(x: &[T], eps: f64) -> (f64, f64) {
+    let n = x.len() as f64;
+    let mu = lane_sum(x, |v| v.to_f64()) / n;
+    let var = lane_sum(x, |v| {
+        let d = v.to_f64() - mu;
+        d * d
+    }) / n;
+    (mu, 1.0 / (var + eps).sqrt())
+}
+
+/// `(Σ dy, Σ dy·(x − μ))` over a row.
+fn row_grad_sums<T: WithDType>(dy: &[T], x: &[T], mu: f64) -> (f64, f64) {
+    let s1 = lane_sum(dy, |g| g.to_f64());
+    let s2 = lane_sum2(dy, x, |g, v| g.to_f64() * (v.to_f64() - mu));
+    (s1, s2)
+}
+
+/// The data of a contiguous storage viewed through `l`.
+fn view<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&T::cpu_storage_as_slice(s)?[a..b]),
+        None => candle_core::bail!("{op}: operands must be contiguous"),
+    }
+}
+
+fn lock<'a, V>(m: &'a Mutex<V>, op: &str) -> candle_core::Result<std::sync::MutexGuard<'a, V>> {
+    m.lock()
+        .map_err(|_| candle_core::Error::Msg(format!("{op}: poisoned lock")))
+}
+
+macro_rules! dispatch3 {
+    ($op:expr, $f:ident, $s1:expr, $l1:expr, $s2:expr, $l2:expr, $s3:expr, $l3:expr) => {
+        match ($s1, $s2, $s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                $op.$f::<f32>($s1, $l1, $s2, $l2, $s3, $l3)
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                $op.$f::<f64>($s1, $l1, $s2, $l2, $s3, $l3)
+            }
+            _ => candle_core::bail!("{}: only f32/f64 operands of one dtype", $op.name()),
+        }
+    };
+}
+
+macro_rules! dispatch2 {
+    ($op:expr, $f:ident, $s1:expr, $l1:expr, $s2:expr, $l2:expr) => {
+        match ($s1, $s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => $op.$f::<f32>($s1, $l1, $s2, $l2),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => $op.$f::<f64>($s1, $l1, $s2, $l2),
+            _ => candle_core::bail!("{}: only f32/f64 operands of one dtype", $op.name()),
+        }
+    };
+}
+
+/// Splits a concatenated gradient `[dx | dw | db]` (any part may be absent) into tensors of the operands' shapes.
+fn split_grads(
+    all: &Tensor,
+    x: Option<&Tensor>,
+    wb: Option<(&Tensor, &Tensor)>,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let mut off = 0;
+    let mut take = |t: &Tensor| -> candle_core::Result<Tensor> {
+        let n = t.elem_count();
+        let part = all.narrow(0, off, n)?.reshape(t.shape())?;
+        off += n;
+        Ok(part)
+    };
+    let dx = x.map(&mut take).transpose()?;
+    let (dw, db) = match wb {
+        Some((w, b)) => (Some(take(w)?), Some(take(b)?)),
+        None => (None, None),
+    };
+    Ok((dx, dw, db))
+}
+
+/// Which gradients a backward computes.
+#[derive(Debug, Clone, Copy)]
+struct Need {
+    dx: bool,
+    dwb: bool,
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// GroupNorm
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Geometry of a GroupNorm input `(N, C, H·W)`.
+#[derive(Debug, Clone, Copy)]
+struct GnGeom {
+    n: usize,
+    c: usize,
+    hw: usize,
+    groups: usize,
+}
+
+impl GnGeom {
+    /// Channels per group.
+    fn cg(&self) -> usize {
+        self.c / self.groups
+    }
+
+    /// Elements per (sample, group).
+    fn m(&self) -> usize {
+        self.cg() * self.hw
+    }
+}
+
+/// `y = (x − μ)/√(σ² + eps)·w + b` per (sample, group); keeps `(μ, 1/σ)` per (sample, group) for the backward.
+struct GroupNormOp {
+    g: GnGeom,
+    eps: f64,
+    stats: Mutex<Vec<(f64, f64)>>,
+}
+
+impl GroupNormOp {
+    fn fwd<T: WithDType>(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = "group-norm";
+        let (x, w, b) = (
+            view::<T>(s1, l1, name)?,
+            view::<T>(s2, l2, name)?,
+            view::<T>(s3, l3, name)?,
+        );
+        let g = self.g;
+        let (cg, hw, m) = (g.cg(), g.hw, g.m());
+        let mut y = vec![T::zero(); x.len()];
+        let mut stats = vec![(0.0, 0.0); g.n * g.groups];
+        y.par_chunks_mut(m)
+            .zip(x.par_chunks(m))
+            .zip(stats.par_iter_mut())
+            .enumerate()
+            .for_each(|(r, ((yr, xr), st))| {
+                let (mu, rstd) = row_stats(xr, self.eps);
+                *st = (mu, rstd);
+                let mu_t = T::from_f64(mu);
+                let c0 = (r % g.groups) * cg;
+                for (k, (yp, xp)) in yr.chunks_mut(hw).zip(xr.chunks(hw)).enumerate() {
+                    let a = T::from_f64(rstd * w[c0 + k].to_f64());
+                    let bc = b[c0 + k];
+                    for (yv, &xv) in yp.iter_mut().zip(xp) {
+                        *yv = (xv - mu_t) * a + bc;
+                    }
+                }
+            });
+        *lock(&self.stats, name)? = stats;
+        Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+    }
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch3!(self, fwd, s1, l1, s2, l2, s3, l3)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let need = Need {
+            dx: x.track_op(),
+            dwb: w.track_op() || b.track_op(),
+        };
+        if !need.dx && !need.dwb {
+            return Ok((None, None, None));
+        }
+        let op = GroupNormGrad {
+            g: self.g,
+            stats: lock(&self.stats, self.name())?.clone(),
+            need,
+        };
+        let all = grad.contiguous()?.apply_op3_no_bwd(x, w, &op)?;
+        let (dx, dw, db) = split_grads(&all, need.dx.then_some(x), need.dwb.then_some((w, b)))?;
+        Ok((dx, dw.filter(|_| w.track_op()), db.filter(|_| b.track_op())))
+    }
+}
+
+/// `[dx | dw | db]` of [`GroupNormOp`] from `(dy, x, w)`.
+struct GroupNormGrad {
+    g: GnGeom,
+    stats: Vec<(f64, f64)>,
+    need: Need,
+}
+
+impl GroupNormGrad {
+    fn bwd<T: WithDType>(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = "group-norm-grad";
+        let (dy, x, w) = (
+            view::<T>(s1, l1, name)?,
+            view::<T>(s2, l2, name)?,
+            view::<T>(s3, l3, name)?,
+        );
+        let g = self.g;
+        let (cg, hw, m) = (g.cg(), g.hw, g.m());
+        if self.stats.len() != g.n * g.groups || dy.len() != x.len() {
+            candle_core::bail!("{name}: statistics or gradient do not match the input");
+        }
+        // Per (sample, channel): (Σ dy, Σ dy·x̂).
+        let mut sums = vec![(0.0, 0.0); g.n * g.c];
+        let mut dx = vec![T::zero(); if self.need.dx { x.len() } else { 0 }];
+        let row = |r: usize, sums: &mut [(f64, f64)], dxr: Option<&mut [T]>| {
+            let (mu, rstd) = self.stats[r];
+            let (xr, dyr) = (&x[r * m..][..m], &dy[r * m..][..m]);
+            let c0 = (r % g.groups) * cg;
+            let (mut a_sum, mut b_sum) = (0.0, 0.0);
+            for (k, s) in sums.iter_mut().enumerate() {
+                let (s1, s2) = row_grad_sums(&dyr[k * hw..][..hw], &xr[k * hw..][..hw], mu);
+                *s = (s1, s2 * rstd);
+                let wc = w[c0 + k].to_f64();
+                a_sum += wc * s1;
+                b_sum += wc * s2 * rstd;
+            }
+            let Some(dxr) = dxr else { return };
+            let mf = m as f64;
+            let q = T::from_f64(-rstd * rstd * b_sum / mf);
+            let r0 = T::from_f64(-rstd * a_sum / mf);
+            let mu_t = T::from_f64(mu);
+            for k in 0..cg {
+                let a = T::from_f64(rstd * w[c0 + k].to_f64());
+                let (xp, dyp) = (&xr[k * hw..][..hw], &dyr[k * hw..][..hw]);
+                for ((d, &xv), &gv) in dxr[k * hw..][..hw].iter_mut().zip(xp).zip(dyp) {
+                    *d = a * gv + q * (xv - mu_t) + r0;
+                }
+            }
+        };
+        if self.need.dx {
+            sums.par_chunks_mut(cg)
+                .zip(dx.par_chunks_mut(m))
+                .enumerate()
+                .for_each(|(r, (s, d))| row(r, s, Some(d)));
+        } else {
+            sums.par_chunks_mut(cg)
+                .enumerate()
+                .for_each(|(r, s)| row(r, s, None));
+        }
+        if self.need.dwb {
+            let mut dw = vec![0f64; g.c];
+            let mut db = vec![0f64; g.c];
+            for sn in sums.chunks(g.c) {
+                for (c, &(s1, s2)) in sn.iter().enumerate() {
+                    db[c] += s1;
+                    dw[c] += s2;
+                }
+            }
+            dx.extend(dw.into_iter().map(T::from_f64));
+            dx.extend(db.into_iter().map(T::from_f64));
+        }
+        let len = dx.len();
+        Ok((T::to_cpu_storage_owned(dx), Shape::from(len)))
+    }
+}
+
+impl CustomOp3 for GroupNormGrad {
+    fn name(&self) -> &'static str {
+        "group-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch3!(self, bwd, s1, l1, s2, l2, s3, l3)
+    }
+}
+
+/// Fused GroupNorm of `x (N, C, …)` with per-channel affine `w, b (C)`; the caller checks [`supported`] and that
+/// `groups` divides `C`.
+pub(super) fn group_norm(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    groups: usize,
+    eps: f64,
+) -> Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() < 2 || groups == 0 || !dims[1].is_multiple_of(groups) {
+        return Err(crate::Error::msg(format!(
+            "group_norm: input {dims:?} does not split into {groups} groups"
+        )));
+    }
+    let (n, c) = (dims[0], dims[1]);
+    let g = GnGeom {
+        n,
+        c,
+        hw: dims[2..].iter().product(),
+        groups,
+    };
+    let op = GroupNormOp {
+        g,
+        eps,
+        stats: Mutex::new(Vec::new()),
+    };
+    Ok(x.contiguous()?.apply_op3(
+        &w.flatten_all()?.contiguous()?,
+        &b.flatten_all()?.contiguous()?,
+        op,
+    )?)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// LayerNorm over the last axis
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Rows per parallel task of the row-wise kernels.
+const ROW_BLOCK: usize = 16;
+
+/// `y = (x − μ)/√(σ² + eps)·w + b` per row of the last axis; keeps `(μ, 1/σ)` per row for the backward.
+struct LayerNormOp {
+    d: usize,
+    eps: f64,
+    stats: Mutex<Vec<(f64, f64)>>,
+}
+
+impl LayerNormOp {
+    fn fwd<T: WithDType>(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = "layer-norm";
+        let (x, w, b) = (
+            view::<T>(s1, l1, name)?,
+            view::<T>(s2, l2, name)?,
+            view::<T>(s3, l3, name)?,
+        );
+        let d = self.d;
+        if w.len() != d || b.len() != d {
+            candle_core::bail!(
+                "{name}: weight/bias of length {}/{} for rows of {d}",
+                w.len(),
+                b.len()
+            );
+        }
+        let mut y = vec![T::zero(); x.len()];
+        let mut stats = vec![(0.0, 0.0); x.len() / d.max(1)];
+        y.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .zip(stats.par_iter_mut())
+            .with_min_len(ROW_BLOCK)
+            .for_each(|((yr, xr), st)| {
+                let (mu, rstd) = row_stats(xr, self.eps);
+                *st = (mu, rstd);
+                let (mu_t, r_t) = (T::from_f64(mu), T::from_f64(rstd));
+                for (((yv, &xv), &wv), &bv) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                    *yv = (xv - mu_t) * r_t * wv + bv;
+                }
+            });
+        *lock(&self.stats, name)? = stats;
+        Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+    }
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch3!(self, fwd, s1, l1, s2, l2, s3, l3)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let need = Need {
+            dx: x.track_op(),
+            dwb: w.track_op() || b.track_op(),
+        };
+        if !need.dx && !need.dwb {
+            return Ok((None, None, None));
+        }
+        let op = LayerNormGrad {
+            d: self.d,
+            stats: lock(&self.stats, self.name())?.clone(),
+            need,
+        };
+        let all = grad.contiguous()?.apply_op3_no_bwd(x, w, &op)?;
+        let (dx, dw, db) = split_grads(&all, need.dx.then_some(x), need.dwb.then_some((w, b)))?;
+        Ok((dx, dw.filter(|_| w.track_op()), db.filter(|_| b.track_op())))
+    }
+}
+
+/// `[dx | dw | db]` of [`LayerNormOp`] from `(dy, x, w)`.
+struct LayerNormGrad {
+    d: usize,
+    stats: Vec<(f64, f64)>,
+    need: Need,
+}
+
+impl LayerNormGrad {
+    fn bwd<T: WithDType>(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = "layer-norm-grad";
+        let (dy, x, w) = (
+            view::<T>(s1, l1, name)?,
+            view::<T>(s2, l2, name)?,
+            view::<T>(s3, l3, name)?,
+        );
+        let d = self.d;
+        let rows = self.stats.len();
+        if rows * d != x.len() || dy.len() != x.len() || w.len() != d {
+            candle_core::bail!("{name}: statistics or gradient do not match the input");
+        }
+        let df = d as f64;
+        // One block of rows: writes its dx rows (if asked) and returns its partial (dw, db).
+        let block = |bi: usize, dxb: Option<&mut [T]>| -> (Vec<f64>, Vec<f64>) {
+            let r0 = bi * ROW_BLOCK;
+            let nr = ROW_BLOCK.min(rows - r0);
+            let mut dw = vec![0f64; if self.need.dwb { d } else { 0 }];
+            let mut db = vec![0f64; if self.need.dwb { d } else { 0 }];
+            let mut dxb = dxb;
+            for i in 0..nr {
+                let r = r0 + i;
+                let (mu, rstd) = self.stats[r];
+                let (xr, dyr) = (&x[r * d..][..d], &dy[r * d..][..d]);
+                if self.need.dwb {
+                    for (((w_acc, b_acc), &g), &xv) in
+                        dw.iter_mut().zip(db.iter_mut()).zip(dyr).zip(xr)
+                    {
+                        let g = g.to_f64();
+                        *b_acc += g;
+                        *w_acc += g * (xv.to_f64() - mu) * rstd;
+                    }
+                }
+                if let Some(dxb) = dxb.as_deref_mut() {
+                    // g = dy·w; dx = rstd·(g − Σg/D − x̂·Σ(g·x̂)/D)
+                    let a = lane_sum2(dyr, w, |g, wv| g.to_f64() * wv.to_f64());
+                    let bsum = lane_sum3(dyr, w, xr, |g, wv, v| {
+                        g.to_f64() * wv.to_f64() * (v.to_f64() - mu)
+                    }) * rstd;
+                    let q = T::from_f64(-rstd * rstd * bsum / df);
+                    let c0 = T::from_f64(-rstd * a / df);
+                    let (mu_t, r_t) = (T::from_f64(mu), T::from_f64(rstd));
+                    for (((dv, &xv), &gv), &wv) in
+                        dxb[i * d..][..d].iter_mut().zip(xr).zip(dyr).zip(w)
+                    {
+                        *dv = r_t * wv * gv + q * (xv - mu_t) + c0;
+                    }
+                }
+            }
+            (dw, db)
+        };
+        let add = |mut a: (Vec<f64>, Vec<f64>), b: (Vec<f64>, Vec<f64>)| {
+            for (u, v) in a.0.iter_mut().zip(&b.0) {
+                *u += v;
+            }
+            for (u, v) in a.1.iter_mut().zip(&b.1) {
+                *u += v;
+            }
+            a
+        };
+        let zero = || {
+            let n = if self.need.dwb { d } else { 0 };
+            (vec![0f64; n], vec![0f64; n])
+        };
+        let mut dx = vec![T::zero(); if self.need.dx { x.len() } else { 0 }];
+        let (dw, db) = if self.need.dx {
+            dx.par_chunks_mut(ROW_BLOCK * d)
+                .enumerate()
+                .map(|(bi, dxb)| block(bi, Some(dxb)))
+                .reduce(zero, add)
+        } else {
+            (0..rows.div_ceil(ROW_BLOCK))
+                .into_par_iter()
+                .map(|bi| block(bi, None))
+                .reduce(zero, add)
+        };
+        if self.need.dwb {
+            dx.extend(dw.into_iter().map(T::from_f64));
+            dx.extend(db.into_iter().map(T::from_f64));
+        }
+        let len = dx.len();
+        Ok((T::to_cpu_storage_owned(dx), Shape::from(len)))
+    }
+}
+
+impl CustomOp3 for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "layer-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch3!(self, bwd, s1, l1, s2, l2, s3, l3)
+    }
+}
+
+/// Fused LayerNorm over the last axis of `x (…, D)` with `w, b (D)`; the caller checks [`supported`].
+pub(super) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dims().last().copied().unwrap_or(1);
+    if d == 0 || w.elem_count() != d || b.elem_count() != d {
+        return Err(crate::Error::msg(format!(
+            "layer_norm: input {:?} with weight {:?} and bias {:?}",
+            x.dims(),
+            w.dims(),
+            b.dims()
+        )));
+    }
+    let op = LayerNormOp {
+        d,
+        eps,
+        stats: Mutex::new(Vec::new()),
+    };
+    Ok(x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, op)?)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Softmax over the last axis
+// ---------------------------------------------------------------------------------------------------------------
+
+/// `y = exp(x − max)/Σ exp(x − max)` per row of the last axis.
+struct SoftmaxOp {
+    d: usize,
+}
+
+impl SoftmaxOp {
+    fn fwd<T: Float>(&self, x: &[T]) -> Vec<T> {
+        let d = self.d;
+        let mut y = vec![T::zero(); x.len()];
+        y.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .with_min_len(ROW_BLOCK)
+            .for_each(|(yr, xr)| {
+                let mut m = xr[0];
+                for &v in xr {
+                    if v > m {
+                        m = v;
+                    }
+                }
+                for (yv, &xv) in yr.iter_mut().zip(xr) {
+                    *yv = (xv - m).exp();
+                }
+                let inv = T::from_f64(1.0 / lane_sum(yr, |v| v.to_f64()));
+                for yv in yr.iter_mut() {
+                    *yv *= inv;
+                }
+            });
+        y
+    }
+}
+
+impl candle_core::CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(self.fwd(view::<f32>(s, l, name)?)),
+            CpuStorage::F64(_) => CpuStorage::F64(self.fwd(view::<f64>(s, l, name)?)),
+            _ => candle_core::bail!("{name}: only f32/f64"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            grad.contiguous()?
+                .apply_op2_no_bwd(y, &SoftmaxGrad { d: self.d })?,
+        ))
+    }
+}
+
+/// `dx = y ⊙ (dy − Σ dy⊙y)` from `(dy, y)`.
+struct SoftmaxGrad {
+    d: usize,
+}
+
+impl SoftmaxGrad {
+    fn bwd<T: WithDType>(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = "softmax-last-dim-grad";
+        let (dy, y) = (view::<T>(s1, l1, name)?, view::<T>(s2, l2, name)?);
+        if dy.len() != y.len() {
+            candle_core::bail!("{name}: gradient and output differ in size");
+        }
+        let d = self.d;
+        let mut dx = vec![T::zero(); y.len()];
+        dx.par_chunks_mut(d)
+            .zip(dy.par_chunks(d).zip(y.par_chunks(d)))
+            .with_min_len(ROW_BLOCK)
+            .for_each(|(dxr, (dyr, yr))| {
+                let s = T::from_f64(lane_sum2(dyr, yr, |g, v| g.to_f64() * v.to_f64()));
+                for ((o, &g), &yv) in dxr.iter_mut().zip(dyr).zip(yr) {
+                    *o = yv * (g - s);
+                }
+            });
+        Ok((T::to_cpu_storage_owned(dx), l2.shape().clone()))
+    }
+}
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch2!(self, bwd, s1, l1, s2, l2)
+    }
+}
+
+/// Fused softmax over the last axis; the caller checks [`supported`].
+pub(super) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let d = x.dims().last().copied().unwrap_or(1);
+    if d == 0 {
+        return Ok(x.clone());
+    }
+    Ok(x.contiguous()?.apply_op1(SoftmaxOp { d })?)
+}
