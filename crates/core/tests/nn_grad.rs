@@ -568,6 +568,29 @@ fn compare_fused<F, G>(
 
 const ALL3: [bool; 3] = [true, true, true];
 
+/// [`compare_fused`] of a norm `(x, w, b)` in f64 (1e-12) and f32 (1e-5), with all inputs tracked and with only
+/// x, only w, only b, only (w, b) tracked.
+fn compare_norm<F, G>(name: &str, inputs: [&Tensor; 3], fused: F, reference: G)
+where
+    F: Fn(&[Tensor]) -> Res<Tensor>,
+    G: Fn(&[Tensor]) -> Res<Tensor>,
+{
+    for (dtype, rtol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        let ins: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(dtype).unwrap()).collect();
+        let tracks = [
+            ALL3,
+            [true, false, false],
+            [false, true, false],
+            [false, false, true],
+            [false, true, true],
+        ];
+        for track in tracks {
+            let name = format!("{name} {dtype:?} track {track:?}");
+            compare_fused(&name, &ins, &track, &fused, &reference, rtol);
+        }
+    }
+}
+
 #[test]
 fn fused_group_norm_matches_composed() {
     // (shape, groups, eps): TransUNet-like groups, one channel per group (gn_proj), one group, batch 1, odd sizes.
@@ -584,30 +607,12 @@ fn fused_group_norm_matches_composed() {
         let x = (rand_t(shape, -2.0, 2.0, 60 + i as u64) + 3.0).unwrap();
         let w = rand_t(&[c], 0.5, 1.5, 70 + i as u64);
         let b = rand_t(&[c], -0.5, 0.5, 80 + i as u64);
-        for (dtype, rtol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
-            let ins: Vec<Tensor> = [&x, &w, &b]
-                .iter()
-                .map(|t| t.to_dtype(dtype).unwrap())
-                .collect();
-            for track in [
-                ALL3,
-                [true, false, false],
-                [false, true, false],
-                [false, false, true],
-            ] {
-                compare_fused(
-                    &format!("GroupNorm {shape:?} g{groups} {dtype:?} track {track:?}"),
-                    &ins,
-                    &track,
-                    |t| {
-                        nn::GroupNorm::from_tensors(groups, t[1].clone(), t[2].clone(), eps)
-                            .forward(&t[0])
-                    },
-                    |t| group_norm_ref(&t[0], &t[1], &t[2], groups, eps),
-                    rtol,
-                );
-            }
-        }
+        compare_norm(
+            &format!("GroupNorm {shape:?} g{groups}"),
+            [&x, &w, &b],
+            |t| nn::GroupNorm::from_tensors(groups, t[1].clone(), t[2].clone(), eps).forward(&t[0]),
+            |t| group_norm_ref(&t[0], &t[1], &t[2], groups, eps),
+        );
     }
     // Non-contiguous input (a transposed view).
     let x = rand_t(&[2, 4, 5, 3], -1.0, 1.0, 90);
@@ -634,29 +639,12 @@ fn fused_layer_norm_matches_composed() {
         let x = (rand_t(shape, -2.0, 2.0, 100 + i as u64) - 1.5).unwrap();
         let w = rand_t(&[d], 0.5, 1.5, 110 + i as u64);
         let b = rand_t(&[d], -0.5, 0.5, 120 + i as u64);
-        for (dtype, rtol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
-            let ins: Vec<Tensor> = [&x, &w, &b]
-                .iter()
-                .map(|t| t.to_dtype(dtype).unwrap())
-                .collect();
-            for track in [
-                ALL3,
-                [true, false, false],
-                [false, true, true],
-                [false, false, true],
-            ] {
-                compare_fused(
-                    &format!("LayerNorm {shape:?} {dtype:?} track {track:?}"),
-                    &ins,
-                    &track,
-                    |t| {
-                        nn::LayerNorm::from_tensors(t[1].clone(), t[2].clone(), 1e-6).forward(&t[0])
-                    },
-                    |t| layer_norm_ref(&t[0], &t[1], &t[2], 1e-6),
-                    rtol,
-                );
-            }
-        }
+        compare_norm(
+            &format!("LayerNorm {shape:?}"),
+            [&x, &w, &b],
+            |t| nn::LayerNorm::from_tensors(t[1].clone(), t[2].clone(), 1e-6).forward(&t[0]),
+            |t| layer_norm_ref(&t[0], &t[1], &t[2], 1e-6),
+        );
     }
     let x = rand_t(&[2, 5, 3], -1.0, 1.0, 130);
     let w = rand_t(&[5], 0.5, 1.5, 131);

@@ -181,39 +181,58 @@ struct Need {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// GroupNorm
+// Normalisations: one generic op pair, the kernels per kind
 // ---------------------------------------------------------------------------------------------------------------
 
-/// Geometry of a GroupNorm input `(N, C, H·W)`.
-#[derive(Debug, Clone, Copy)]
-struct GnGeom {
-    n: usize,
-    c: usize,
-    hw: usize,
-    groups: usize,
+/// A normalisation with per-channel affine: its forward (output and per-row `(μ, 1/σ)`) and its backward
+/// (`[dx | dw | db]` from `(dy, x, w)`, each part only when asked for).
+trait NormKind: Copy + Send + Sync + 'static {
+    const NAME: &'static str;
+    const GRAD_NAME: &'static str;
+
+    fn fwd<T: WithDType>(&self, eps: f64, x: &[T], w: &[T], b: &[T]) -> (Vec<T>, Vec<(f64, f64)>);
+
+    fn grad<T: WithDType>(
+        &self,
+        stats: &[(f64, f64)],
+        need: Need,
+        dy: &[T],
+        x: &[T],
+        w: &[T],
+    ) -> Vec<T>;
+
+    /// Rows (statistics) of an input of `len` elements with an affine of `channels`, if the sizes agree.
+    fn rows(&self, len: usize, channels: usize) -> Option<usize>;
 }
 
-impl GnGeom {
-    /// Channels per group.
-    fn cg(&self) -> usize {
-        self.c / self.groups
-    }
-
-    /// Elements per (sample, group).
-    fn m(&self) -> usize {
-        self.cg() * self.hw
-    }
-}
-
-/// `y = (x − μ)/√(σ² + eps)·w + b` per (sample, group); keeps `(μ, 1/σ)` per (sample, group) for the backward.
-struct GroupNormOp {
-    g: GnGeom,
+/// The forward op of a [`NormKind`]; keeps the statistics for the backward.
+struct NormOp<K: NormKind> {
+    kind: K,
     eps: f64,
     stats: Mutex<Vec<(f64, f64)>>,
 }
 
-impl GroupNormOp {
-    fn fwd<T: WithDType>(
+/// The backward op of a [`NormKind`] (no backward of its own).
+struct NormGrad<K: NormKind> {
+    kind: K,
+    stats: Vec<(f64, f64)>,
+    need: Need,
+}
+
+/// Three contiguous operands of one dtype.
+type Three<'a, T> = (&'a [T], &'a [T], &'a [T]);
+
+fn three<'a, T: WithDType>(
+    op: &str,
+    (s1, l1): (&'a CpuStorage, &Layout),
+    (s2, l2): (&'a CpuStorage, &Layout),
+    (s3, l3): (&'a CpuStorage, &Layout),
+) -> candle_core::Result<Three<'a, T>> {
+    Ok((view(s1, l1, op)?, view(s2, l2, op)?, view(s3, l3, op)?))
+}
+
+impl<K: NormKind> NormOp<K> {
+    fn run<T: WithDType>(
         &self,
         s1: &CpuStorage,
         l1: &Layout,
@@ -222,41 +241,19 @@ impl GroupNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let name = "group-norm";
-        let (x, w, b) = (
-            view::<T>(s1, l1, name)?,
-            view::<T>(s2, l2, name)?,
-            view::<T>(s3, l3, name)?,
-        );
-        let g = self.g;
-        let (cg, hw, m) = (g.cg(), g.hw, g.m());
-        let mut y = vec![T::zero(); x.len()];
-        let mut stats = vec![(0.0, 0.0); g.n * g.groups];
-        y.par_chunks_mut(m)
-            .zip(x.par_chunks(m))
-            .zip(stats.par_iter_mut())
-            .enumerate()
-            .for_each(|(r, ((yr, xr), st))| {
-                let (mu, rstd) = row_stats(xr, self.eps);
-                *st = (mu, rstd);
-                let mu_t = T::from_f64(mu);
-                let c0 = (r % g.groups) * cg;
-                for (k, (yp, xp)) in yr.chunks_mut(hw).zip(xr.chunks(hw)).enumerate() {
-                    let a = T::from_f64(rstd * w[c0 + k].to_f64());
-                    let bc = b[c0 + k];
-                    for (yv, &xv) in yp.iter_mut().zip(xp) {
-                        *yv = (xv - mu_t) * a + bc;
-                    }
-                }
-            });
-        *lock(&self.stats, name)? = stats;
+        let (x, w, b) = three::<T>(K::NAME, (s1, l1), (s2, l2), (s3, l3))?;
+        if self.kind.rows(x.len(), w.len()).is_none() || b.len() != w.len() {
+            candle_core::bail!("{}: input and affine sizes disagree", K::NAME);
+        }
+        let (y, stats) = self.kind.fwd(self.eps, x, w, b);
+        *lock(&self.stats, K::NAME)? = stats;
         Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
     }
 }
 
-impl CustomOp3 for GroupNormOp {
+impl<K: NormKind> CustomOp3 for NormOp<K> {
     fn name(&self) -> &'static str {
-        "group-norm"
+        K::NAME
     }
 
     fn cpu_fwd(
@@ -268,7 +265,7 @@ impl CustomOp3 for GroupNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch3!(self, fwd, s1, l1, s2, l2, s3, l3)
+        dispatch3!(self, run, s1, l1, s2, l2, s3, l3)
     }
 
     fn bwd(
@@ -286,9 +283,9 @@ impl CustomOp3 for GroupNormOp {
         if !need.dx && !need.dwb {
             return Ok((None, None, None));
         }
-        let op = GroupNormGrad {
-            g: self.g,
-            stats: lock(&self.stats, self.name())?.clone(),
+        let op = NormGrad {
+            kind: self.kind,
+            stats: lock(&self.stats, K::NAME)?.clone(),
             need,
         };
         let all = grad.contiguous()?.apply_op3_no_bwd(x, w, &op)?;
@@ -297,15 +294,8 @@ impl CustomOp3 for GroupNormOp {
     }
 }
 
-/// `[dx | dw | db]` of [`GroupNormOp`] from `(dy, x, w)`.
-struct GroupNormGrad {
-    g: GnGeom,
-    stats: Vec<(f64, f64)>,
-    need: Need,
-}
-
-impl GroupNormGrad {
-    fn bwd<T: WithDType>(
+impl<K: NormKind> NormGrad<K> {
+    fn run<T: WithDType>(
         &self,
         s1: &CpuStorage,
         l1: &Layout,
@@ -314,24 +304,139 @@ impl GroupNormGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let name = "group-norm-grad";
-        let (dy, x, w) = (
-            view::<T>(s1, l1, name)?,
-            view::<T>(s2, l2, name)?,
-            view::<T>(s3, l3, name)?,
-        );
-        let g = self.g;
-        let (cg, hw, m) = (g.cg(), g.hw, g.m());
-        if self.stats.len() != g.n * g.groups || dy.len() != x.len() {
-            candle_core::bail!("{name}: statistics or gradient do not match the input");
+        let (dy, x, w) = three::<T>(K::GRAD_NAME, (s1, l1), (s2, l2), (s3, l3))?;
+        if self.kind.rows(x.len(), w.len()) != Some(self.stats.len()) || dy.len() != x.len() {
+            candle_core::bail!(
+                "{}: statistics or gradient do not match the input",
+                K::GRAD_NAME
+            );
         }
+        let out = self.kind.grad(&self.stats, self.need, dy, x, w);
+        let len = out.len();
+        Ok((T::to_cpu_storage_owned(out), Shape::from(len)))
+    }
+}
+
+impl<K: NormKind> CustomOp3 for NormGrad<K> {
+    fn name(&self) -> &'static str {
+        K::GRAD_NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch3!(self, run, s1, l1, s2, l2, s3, l3)
+    }
+}
+
+/// Appends `dw, db` (f64 sums) to `dx` when they were asked for.
+fn append_wb<T: WithDType>(mut dx: Vec<T>, need: Need, dw: Vec<f64>, db: Vec<f64>) -> Vec<T> {
+    if need.dwb {
+        dx.extend(dw.into_iter().chain(db).map(T::from_f64));
+    }
+    dx
+}
+
+fn apply_norm<K: NormKind>(
+    kind: K,
+    eps: f64,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+) -> Result<Tensor> {
+    let op = NormOp {
+        kind,
+        eps,
+        stats: Mutex::new(Vec::new()),
+    };
+    let (w, b) = (
+        w.flatten_all()?.contiguous()?,
+        b.flatten_all()?.contiguous()?,
+    );
+    Ok(x.contiguous()?.apply_op3(&w, &b, op)?)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// GroupNorm
+// ---------------------------------------------------------------------------------------------------------------
+
+/// GroupNorm of `(N, C, H·W)`: statistics per (sample, group) over `(C/G, H·W)`.
+#[derive(Debug, Clone, Copy)]
+struct GroupNormKind {
+    c: usize,
+    hw: usize,
+    groups: usize,
+}
+
+impl GroupNormKind {
+    /// Channels per group.
+    fn cg(&self) -> usize {
+        self.c / self.groups
+    }
+
+    /// Elements per (sample, group).
+    fn m(&self) -> usize {
+        self.cg() * self.hw
+    }
+}
+
+impl NormKind for GroupNormKind {
+    const NAME: &'static str = "group-norm";
+    const GRAD_NAME: &'static str = "group-norm-grad";
+
+    fn rows(&self, len: usize, channels: usize) -> Option<usize> {
+        let per_sample = self.c * self.hw;
+        (channels == self.c && per_sample > 0 && len.is_multiple_of(per_sample))
+            .then(|| len / per_sample * self.groups)
+    }
+
+    fn fwd<T: WithDType>(&self, eps: f64, x: &[T], w: &[T], b: &[T]) -> (Vec<T>, Vec<(f64, f64)>) {
+        let (cg, hw, m) = (self.cg(), self.hw, self.m());
+        let mut y = vec![T::zero(); x.len()];
+        let mut stats = vec![(0.0, 0.0); x.len() / m];
+        y.par_chunks_mut(m)
+            .zip(x.par_chunks(m))
+            .zip(stats.par_iter_mut())
+            .enumerate()
+            .for_each(|(r, ((yr, xr), st))| {
+                let (mu, rstd) = row_stats(xr, eps);
+                *st = (mu, rstd);
+                let mu_t = T::from_f64(mu);
+                let c0 = (r % self.groups) * cg;
+                for (k, (yp, xp)) in yr.chunks_mut(hw).zip(xr.chunks(hw)).enumerate() {
+                    let a = T::from_f64(rstd * w[c0 + k].to_f64());
+                    let bc = b[c0 + k];
+                    for (yv, &xv) in yp.iter_mut().zip(xp) {
+                        *yv = (xv - mu_t) * a + bc;
+                    }
+                }
+            });
+        (y, stats)
+    }
+
+    fn grad<T: WithDType>(
+        &self,
+        stats: &[(f64, f64)],
+        need: Need,
+        dy: &[T],
+        x: &[T],
+        w: &[T],
+    ) -> Vec<T> {
+        let (cg, hw, m) = (self.cg(), self.hw, self.m());
         // Per (sample, channel): (Σ dy, Σ dy·x̂).
-        let mut sums = vec![(0.0, 0.0); g.n * g.c];
-        let mut dx = vec![T::zero(); if self.need.dx { x.len() } else { 0 }];
+        let mut sums = vec![(0.0, 0.0); x.len() / hw];
+        let mut dx = vec![T::zero(); if need.dx { x.len() } else { 0 }];
         let row = |r: usize, sums: &mut [(f64, f64)], dxr: Option<&mut [T]>| {
-            let (mu, rstd) = self.stats[r];
+            let (mu, rstd) = stats[r];
             let (xr, dyr) = (&x[r * m..][..m], &dy[r * m..][..m]);
-            let c0 = (r % g.groups) * cg;
+            let c0 = (r % self.groups) * cg;
+            // With g = dy·w: A = Σ g, B = Σ g·x̂ over the group.
             let (mut a_sum, mut b_sum) = (0.0, 0.0);
             for (k, s) in sums.iter_mut().enumerate() {
                 let (s1, s2) = row_grad_sums(&dyr[k * hw..][..hw], &xr[k * hw..][..hw], mu);
@@ -341,6 +446,7 @@ impl GroupNormGrad {
                 b_sum += wc * s2 * rstd;
             }
             let Some(dxr) = dxr else { return };
+            // dx = rstd·(g − A/M − x̂·B/M)
             let mf = m as f64;
             let q = T::from_f64(-rstd * rstd * b_sum / mf);
             let r0 = T::from_f64(-rstd * a_sum / mf);
@@ -353,7 +459,7 @@ impl GroupNormGrad {
                 }
             }
         };
-        if self.need.dx {
+        if need.dx {
             sums.par_chunks_mut(cg)
                 .zip(dx.par_chunks_mut(m))
                 .enumerate()
@@ -363,43 +469,18 @@ impl GroupNormGrad {
                 .enumerate()
                 .for_each(|(r, s)| row(r, s, None));
         }
-        if self.need.dwb {
-            let mut dw = vec![0f64; g.c];
-            let mut db = vec![0f64; g.c];
-            for sn in sums.chunks(g.c) {
-                for (c, &(s1, s2)) in sn.iter().enumerate() {
-                    db[c] += s1;
-                    dw[c] += s2;
-                }
+        let (mut dw, mut db) = (vec![0f64; self.c], vec![0f64; self.c]);
+        for sn in sums.chunks(self.c) {
+            for ((&(s1, s2), w_acc), b_acc) in sn.iter().zip(&mut dw).zip(&mut db) {
+                *b_acc += s1;
+                *w_acc += s2;
             }
-            dx.extend(dw.into_iter().map(T::from_f64));
-            dx.extend(db.into_iter().map(T::from_f64));
         }
-        let len = dx.len();
-        Ok((T::to_cpu_storage_owned(dx), Shape::from(len)))
+        append_wb(dx, need, dw, db)
     }
 }
 
-impl CustomOp3 for GroupNormGrad {
-    fn name(&self) -> &'static str {
-        "group-norm-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch3!(self, bwd, s1, l1, s2, l2, s3, l3)
-    }
-}
-
-/// Fused GroupNorm of `x (N, C, …)` with per-channel affine `w, b (C)`; the caller checks [`supported`] and that
-/// `groups` divides `C`.
+/// Fused GroupNorm of `x (N, C, …)` with per-channel affine `w, b (C)`; the caller checks [`supported`].
 pub(super) fn group_norm(
     x: &Tensor,
     w: &Tensor,
@@ -413,23 +494,12 @@ pub(super) fn group_norm(
             "group_norm: input {dims:?} does not split into {groups} groups"
         )));
     }
-    let (n, c) = (dims[0], dims[1]);
-    let g = GnGeom {
-        n,
-        c,
+    let kind = GroupNormKind {
+        c: dims[1],
         hw: dims[2..].iter().product(),
         groups,
     };
-    let op = GroupNormOp {
-        g,
-        eps,
-        stats: Mutex::new(Vec::new()),
-    };
-    Ok(x.contiguous()?.apply_op3(
-        &w.flatten_all()?.contiguous()?,
-        &b.flatten_all()?.contiguous()?,
-        op,
-    )?)
+    apply_norm(kind, eps, x, w, b)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -439,181 +509,96 @@ pub(super) fn group_norm(
 /// Rows per parallel task of the row-wise kernels.
 const ROW_BLOCK: usize = 16;
 
-/// `y = (x − μ)/√(σ² + eps)·w + b` per row of the last axis; keeps `(μ, 1/σ)` per row for the backward.
-struct LayerNormOp {
+/// LayerNorm over rows of `d` (the last axis).
+#[derive(Debug, Clone, Copy)]
+struct LayerNormKind {
     d: usize,
-    eps: f64,
-    stats: Mutex<Vec<(f64, f64)>>,
 }
 
-impl LayerNormOp {
-    fn fwd<T: WithDType>(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let name = "layer-norm";
-        let (x, w, b) = (
-            view::<T>(s1, l1, name)?,
-            view::<T>(s2, l2, name)?,
-            view::<T>(s3, l3, name)?,
-        );
+impl NormKind for LayerNormKind {
+    const NAME: &'static str = "layer-norm";
+    const GRAD_NAME: &'static str = "layer-norm-grad";
+
+    fn rows(&self, len: usize, channels: usize) -> Option<usize> {
+        (channels == self.d && self.d > 0 && len.is_multiple_of(self.d)).then(|| len / self.d)
+    }
+
+    fn fwd<T: WithDType>(&self, eps: f64, x: &[T], w: &[T], b: &[T]) -> (Vec<T>, Vec<(f64, f64)>) {
         let d = self.d;
-        if w.len() != d || b.len() != d {
-            candle_core::bail!(
-                "{name}: weight/bias of length {}/{} for rows of {d}",
-                w.len(),
-                b.len()
-            );
-        }
         let mut y = vec![T::zero(); x.len()];
-        let mut stats = vec![(0.0, 0.0); x.len() / d.max(1)];
+        let mut stats = vec![(0.0, 0.0); x.len() / d];
         y.par_chunks_mut(d)
             .zip(x.par_chunks(d))
             .zip(stats.par_iter_mut())
             .with_min_len(ROW_BLOCK)
             .for_each(|((yr, xr), st)| {
-                let (mu, rstd) = row_stats(xr, self.eps);
+                let (mu, rstd) = row_stats(xr, eps);
                 *st = (mu, rstd);
                 let (mu_t, r_t) = (T::from_f64(mu), T::from_f64(rstd));
                 for (((yv, &xv), &wv), &bv) in yr.iter_mut().zip(xr).zip(w).zip(b) {
                     *yv = (xv - mu_t) * r_t * wv + bv;
                 }
             });
-        *lock(&self.stats, name)? = stats;
-        Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
-    }
-}
-
-impl CustomOp3 for LayerNormOp {
-    fn name(&self) -> &'static str {
-        "layer-norm"
+        (y, stats)
     }
 
-    fn cpu_fwd(
+    fn grad<T: WithDType>(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch3!(self, fwd, s1, l1, s2, l2, s3, l3)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let need = Need {
-            dx: x.track_op(),
-            dwb: w.track_op() || b.track_op(),
-        };
-        if !need.dx && !need.dwb {
-            return Ok((None, None, None));
-        }
-        let op = LayerNormGrad {
-            d: self.d,
-            stats: lock(&self.stats, self.name())?.clone(),
-            need,
-        };
-        let all = grad.contiguous()?.apply_op3_no_bwd(x, w, &op)?;
-        let (dx, dw, db) = split_grads(&all, need.dx.then_some(x), need.dwb.then_some((w, b)))?;
-        Ok((dx, dw.filter(|_| w.track_op()), db.filter(|_| b.track_op())))
-    }
-}
-
-/// `[dx | dw | db]` of [`LayerNormOp`] from `(dy, x, w)`.
-struct LayerNormGrad {
-    d: usize,
-    stats: Vec<(f64, f64)>,
-    need: Need,
-}
-
-impl LayerNormGrad {
-    fn bwd<T: WithDType>(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let name = "layer-norm-grad";
-        let (dy, x, w) = (
-            view::<T>(s1, l1, name)?,
-            view::<T>(s2, l2, name)?,
-            view::<T>(s3, l3, name)?,
-        );
+        stats: &[(f64, f64)],
+        need: Need,
+        dy: &[T],
+        x: &[T],
+        w: &[T],
+    ) -> Vec<T> {
         let d = self.d;
-        let rows = self.stats.len();
-        if rows * d != x.len() || dy.len() != x.len() || w.len() != d {
-            candle_core::bail!("{name}: statistics or gradient do not match the input");
-        }
+        let rows = stats.len();
         let df = d as f64;
+        let wb_len = if need.dwb { d } else { 0 };
         // One block of rows: writes its dx rows (if asked) and returns its partial (dw, db).
-        let block = |bi: usize, dxb: Option<&mut [T]>| -> (Vec<f64>, Vec<f64>) {
+        let block = |bi: usize, mut dxb: Option<&mut [T]>| -> (Vec<f64>, Vec<f64>) {
             let r0 = bi * ROW_BLOCK;
-            let nr = ROW_BLOCK.min(rows - r0);
-            let mut dw = vec![0f64; if self.need.dwb { d } else { 0 }];
-            let mut db = vec![0f64; if self.need.dwb { d } else { 0 }];
-            let mut dxb = dxb;
-            for i in 0..nr {
+            let (mut dw, mut db) = (vec![0f64; wb_len], vec![0f64; wb_len]);
+            for i in 0..ROW_BLOCK.min(rows - r0) {
                 let r = r0 + i;
-                let (mu, rstd) = self.stats[r];
+                let (mu, rstd) = stats[r];
                 let (xr, dyr) = (&x[r * d..][..d], &dy[r * d..][..d]);
-                if self.need.dwb {
-                    for (((w_acc, b_acc), &g), &xv) in
-                        dw.iter_mut().zip(db.iter_mut()).zip(dyr).zip(xr)
-                    {
-                        let g = g.to_f64();
-                        *b_acc += g;
-                        *w_acc += g * (xv.to_f64() - mu) * rstd;
-                    }
+                for (((w_acc, b_acc), &g), &xv) in dw.iter_mut().zip(db.iter_mut()).zip(dyr).zip(xr)
+                {
+                    let g = g.to_f64();
+                    *b_acc += g;
+                    *w_acc += g * (xv.to_f64() - mu) * rstd;
                 }
-                if let Some(dxb) = dxb.as_deref_mut() {
-                    // g = dy·w; dx = rstd·(g − Σg/D − x̂·Σ(g·x̂)/D)
-                    let a = lane_sum2(dyr, w, |g, wv| g.to_f64() * wv.to_f64());
-                    let bsum = lane_sum3(dyr, w, xr, |g, wv, v| {
-                        g.to_f64() * wv.to_f64() * (v.to_f64() - mu)
-                    }) * rstd;
-                    let q = T::from_f64(-rstd * rstd * bsum / df);
-                    let c0 = T::from_f64(-rstd * a / df);
-                    let (mu_t, r_t) = (T::from_f64(mu), T::from_f64(rstd));
-                    for (((dv, &xv), &gv), &wv) in
-                        dxb[i * d..][..d].iter_mut().zip(xr).zip(dyr).zip(w)
-                    {
-                        *dv = r_t * wv * gv + q * (xv - mu_t) + c0;
-                    }
+                let Some(dxb) = dxb.as_deref_mut() else {
+                    continue;
+                };
+                // g = dy·w; dx = rstd·(g − Σg/D − x̂·Σ(g·x̂)/D)
+                let a = lane_sum2(dyr, w, |g, wv| g.to_f64() * wv.to_f64());
+                let bsum = lane_sum3(dyr, w, xr, |g, wv, v| {
+                    g.to_f64() * wv.to_f64() * (v.to_f64() - mu)
+                }) * rstd;
+                let q = T::from_f64(-rstd * rstd * bsum / df);
+                let c0 = T::from_f64(-rstd * a / df);
+                let (mu_t, r_t) = (T::from_f64(mu), T::from_f64(rstd));
+                for (((dv, &xv), &gv), &wv) in dxb[i * d..][..d].iter_mut().zip(xr).zip(dyr).zip(w)
+                {
+                    *dv = r_t * wv * gv + q * (xv - mu_t) + c0;
                 }
             }
             (dw, db)
         };
         let add = |mut a: (Vec<f64>, Vec<f64>), b: (Vec<f64>, Vec<f64>)| {
-            for (u, v) in a.0.iter_mut().zip(&b.0) {
-                *u += v;
-            }
-            for (u, v) in a.1.iter_mut().zip(&b.1) {
+            for (u, v) in
+                a.0.iter_mut()
+                    .chain(a.1.iter_mut())
+                    .zip(b.0.iter().chain(&b.1))
+            {
                 *u += v;
             }
             a
         };
-        let zero = || {
-            let n = if self.need.dwb { d } else { 0 };
-            (vec![0f64; n], vec![0f64; n])
-        };
-        let mut dx = vec![T::zero(); if self.need.dx { x.len() } else { 0 }];
-        let (dw, db) = if self.need.dx {
+        let zero = || (vec![0f64; wb_len], vec![0f64; wb_len]);
+        let mut dx = vec![T::zero(); if need.dx { x.len() } else { 0 }];
+        let (dw, db) = if need.dx {
             dx.par_chunks_mut(ROW_BLOCK * d)
                 .enumerate()
                 .map(|(bi, dxb)| block(bi, Some(dxb)))
@@ -624,30 +609,7 @@ impl LayerNormGrad {
                 .map(|bi| block(bi, None))
                 .reduce(zero, add)
         };
-        if self.need.dwb {
-            dx.extend(dw.into_iter().map(T::from_f64));
-            dx.extend(db.into_iter().map(T::from_f64));
-        }
-        let len = dx.len();
-        Ok((T::to_cpu_storage_owned(dx), Shape::from(len)))
-    }
-}
-
-impl CustomOp3 for LayerNormGrad {
-    fn name(&self) -> &'static str {
-        "layer-norm-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch3!(self, bwd, s1, l1, s2, l2, s3, l3)
+        append_wb(dx, need, dw, db)
     }
 }
 
@@ -662,13 +624,7 @@ pub(super) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result
             b.dims()
         )));
     }
-    let op = LayerNormOp {
-        d,
-        eps,
-        stats: Mutex::new(Vec::new()),
-    };
-    Ok(x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, op)?)
+    apply_norm(LayerNormKind { d }, eps, x, w, b)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
