@@ -741,3 +741,40 @@ fn fd_fused_odd_shapes_and_strided_inputs() {
         150,
     );
 }
+
+#[test]
+fn fused_gelu_matches_candle_values_and_exact_gradient() {
+    let x = rand_t(&[3, 5, 37], -5.0, 5.0, 180);
+    // Reference backward with the exact 1/√(2π) (candle's own rounds it to 0.398942).
+    let gelu_ref = |t: &[Tensor]| -> Res<Tensor> {
+        let x = &t[0];
+        let cdf = ((x / 2f64.sqrt())?.erf()? + 1.0)? * 0.5;
+        let value = x.detach().gelu_erf()?;
+        // Forward: candle's gelu_erf; gradient: that of the composed x·Φ(x), i.e. Φ(x) + x·φ(x).
+        let surrogate = (x * cdf?)?;
+        Ok(((surrogate.detach() - &value)?.neg()? + surrogate)?)
+    };
+    for (dtype, rtol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        let xt = x.to_dtype(dtype).unwrap();
+        compare_fused(
+            &format!("gelu {dtype:?}"),
+            std::slice::from_ref(&xt),
+            &[true],
+            |t| nn::gelu(&t[0]),
+            gelu_ref,
+            rtol,
+        );
+        // Forward values are candle's gelu_erf bit for bit.
+        let a = nn::gelu(&xt).unwrap().to_dtype(DType::F64).unwrap();
+        let b = xt.gelu_erf().unwrap().to_dtype(DType::F64).unwrap();
+        assert_eq!(to_vec(&a), to_vec(&b), "gelu {dtype:?} forward bits");
+    }
+    let xt = rand_t(&[4, 3], -3.0, 3.0, 181);
+    fd_check(
+        "gelu transposed input",
+        &[xt],
+        |t| nn::gelu(&t[0].t()?),
+        RTOL,
+        20,
+    );
+}

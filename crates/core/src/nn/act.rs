@@ -2,8 +2,12 @@
 use crate::Result;
 use candle_core::Tensor;
 
-/// Exact (erf) GELU, `x·Φ(x)`. `.gelu()` is the tanh approximation and is never used (SPEC §16.1).
+/// Exact (erf) GELU, `x·Φ(x)`. `.gelu()` is the tanh approximation and is never used (SPEC §16.1). On the CPU in
+/// f32/f64 one fused op (candle's values, one-pass backward with the exact `1/√(2π)`), elsewhere `gelu_erf`.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if super::fused::supported(&[x]) {
+        return super::fused::gelu(x);
+    }
     Ok(x.gelu_erf()?)
 }
 
