@@ -778,3 +778,43 @@ fn fused_gelu_matches_candle_values_and_exact_gradient() {
         20,
     );
 }
+
+#[test]
+fn fused_layer_norm_2d_matches_composed() {
+    let reference = |t: &[Tensor]| -> Res<Tensor> {
+        let x = &t[0];
+        let c = x.dim(1)?;
+        let xc = x.broadcast_sub(&x.mean_keepdim(1)?)?;
+        let var = xc.sqr()?.mean_keepdim(1)?;
+        let y = xc.broadcast_div(&(var + 1e-6)?.sqrt()?)?;
+        Ok(y.broadcast_mul(&t[1].reshape((1, c, 1, 1))?)?
+            .broadcast_add(&t[2].reshape((1, c, 1, 1))?)?)
+    };
+    // Odd sizes, batch 1, a map wider than one pixel block, a single channel.
+    let cases: [&[usize]; 4] = [&[2, 4, 3, 5], &[1, 7, 19, 17], &[3, 5, 1, 1], &[2, 1, 3, 3]];
+    for (i, shape) in cases.into_iter().enumerate() {
+        let c = shape[1];
+        let x = (rand_t(shape, -2.0, 2.0, 190 + i as u64) + 1.0).unwrap();
+        let w = rand_t(&[c], 0.5, 1.5, 200 + i as u64);
+        let b = rand_t(&[c], -0.5, 0.5, 210 + i as u64);
+        compare_norm(
+            &format!("LayerNorm2d {shape:?}"),
+            [&x, &w, &b],
+            |t| nn::LayerNorm2d::from_tensors(t[1].clone(), t[2].clone(), 1e-6).forward(&t[0]),
+            reference,
+        );
+    }
+    let x = rand_t(&[2, 5, 3, 4], -1.0, 1.0, 220);
+    let w = rand_t(&[3], 0.5, 1.5, 221);
+    let b = rand_t(&[3], -0.5, 0.5, 222);
+    fd_check(
+        "LayerNorm2d permuted input",
+        &[x, w, b],
+        |t| {
+            nn::LayerNorm2d::from_tensors(t[1].clone(), t[2].clone(), 1e-6)
+                .forward(&t[0].permute((0, 2, 1, 3))?)
+        },
+        RTOL,
+        150,
+    );
+}

@@ -625,6 +625,187 @@ pub(super) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// LayerNorm over the channel axis of NCHW (SAM's LayerNorm2d)
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Pixels per parallel task of the channel-norm statistics.
+const PIXEL_BLOCK: usize = 256;
+
+/// LayerNorm over `C` of `(N, C, H·W)`: statistics per (sample, pixel), indexed `n·HW + p`.
+#[derive(Debug, Clone, Copy)]
+struct ChannelNormKind {
+    c: usize,
+    hw: usize,
+}
+
+impl ChannelNormKind {
+    /// Runs `f(n, p0, out)` for blocks of [`PIXEL_BLOCK`] pixels of every sample, `out` being the per-pixel slots
+    /// `n·HW + p0 ..` of `per_pixel`.
+    fn pixel_blocks<V: Send>(
+        &self,
+        per_pixel: &mut [V],
+        f: impl Fn(usize, usize, &mut [V]) + Sync,
+    ) {
+        per_pixel
+            .par_chunks_mut(self.hw)
+            .enumerate()
+            .for_each(|(n, sample)| {
+                sample
+                    .par_chunks_mut(PIXEL_BLOCK)
+                    .enumerate()
+                    .for_each(|(pb, out)| f(n, pb * PIXEL_BLOCK, out))
+            });
+    }
+
+    /// Pixels `p0..p0+len` of channel `ch` of sample `n`.
+    fn pixels<'a, T>(&self, t: &'a [T], n: usize, ch: usize, p0: usize, len: usize) -> &'a [T] {
+        &t[(n * self.c + ch) * self.hw + p0..][..len]
+    }
+}
+
+impl NormKind for ChannelNormKind {
+    const NAME: &'static str = "channel-norm";
+    const GRAD_NAME: &'static str = "channel-norm-grad";
+
+    fn rows(&self, len: usize, channels: usize) -> Option<usize> {
+        let per_sample = self.c * self.hw;
+        (channels == self.c && per_sample > 0 && len.is_multiple_of(per_sample))
+            .then(|| len / per_sample * self.hw)
+    }
+
+    fn fwd<T: WithDType>(&self, eps: f64, x: &[T], w: &[T], b: &[T]) -> (Vec<T>, Vec<(f64, f64)>) {
+        let (c, hw) = (self.c, self.hw);
+        let cf = c as f64;
+        let mut stats = vec![(0.0, 0.0); x.len() / c];
+        self.pixel_blocks(&mut stats, |n, p0, out| {
+            let len = out.len();
+            let mut acc = vec![0f64; len];
+            for ch in 0..c {
+                for (a, &v) in acc.iter_mut().zip(self.pixels(x, n, ch, p0, len)) {
+                    *a += v.to_f64();
+                }
+            }
+            for (o, &a) in out.iter_mut().zip(&acc) {
+                o.0 = a / cf;
+            }
+            acc.fill(0.0);
+            for ch in 0..c {
+                for ((a, &v), o) in acc
+                    .iter_mut()
+                    .zip(self.pixels(x, n, ch, p0, len))
+                    .zip(out.iter())
+                {
+                    let d = v.to_f64() - o.0;
+                    *a += d * d;
+                }
+            }
+            for (o, &a) in out.iter_mut().zip(&acc) {
+                o.1 = 1.0 / (a / cf + eps).sqrt();
+            }
+        });
+        let mut y = vec![T::zero(); x.len()];
+        y.par_chunks_mut(hw).enumerate().for_each(|(plane, yp)| {
+            let (n, ch) = (plane / c, plane % c);
+            let (wc, bc) = (w[ch], b[ch]);
+            let st = &stats[n * hw..][..hw];
+            for ((o, &v), &(mu, rstd)) in yp.iter_mut().zip(&x[plane * hw..][..hw]).zip(st) {
+                *o = (v - T::from_f64(mu)) * T::from_f64(rstd) * wc + bc;
+            }
+        });
+        (y, stats)
+    }
+
+    fn grad<T: WithDType>(&self, stats: &[(f64, f64)], need: Need, dxw: Three<T>) -> Vec<T> {
+        let (dy, x, w) = dxw;
+        let (c, hw) = (self.c, self.hw);
+        let cf = c as f64;
+        // Per pixel, with g = dy·w: (Σ_c g / C, Σ_c g·x̂ / C).
+        let mut ab = vec![(0.0, 0.0); if need.dx { stats.len() } else { 0 }];
+        if need.dx {
+            self.pixel_blocks(&mut ab, |n, p0, out| {
+                let len = out.len();
+                let st = &stats[n * hw + p0..][..len];
+                for ch in 0..c {
+                    let wc = w[ch].to_f64();
+                    let (gs, xs) = (
+                        self.pixels(dy, n, ch, p0, len),
+                        self.pixels(x, n, ch, p0, len),
+                    );
+                    for (((o, &g), &v), &(mu, rstd)) in out.iter_mut().zip(gs).zip(xs).zip(st) {
+                        let g = g.to_f64() * wc;
+                        o.0 += g;
+                        o.1 += g * (v.to_f64() - mu) * rstd;
+                    }
+                }
+                for o in out.iter_mut() {
+                    *o = (o.0 / cf, o.1 / cf);
+                }
+            });
+        }
+        // Per (sample, channel) plane: dx, and (Σ dy, Σ dy·x̂) for db, dw.
+        let plane = |pl: usize, dxp: Option<&mut [T]>| -> (f64, f64) {
+            let (n, ch) = (pl / c, pl % c);
+            let (gs, xs) = (&dy[pl * hw..][..hw], &x[pl * hw..][..hw]);
+            let st = &stats[n * hw..][..hw];
+            let (mut s1, mut s2) = (0.0, 0.0);
+            for ((&g, &v), &(mu, rstd)) in gs.iter().zip(xs).zip(st) {
+                let g = g.to_f64();
+                s1 += g;
+                s2 += g * (v.to_f64() - mu) * rstd;
+            }
+            if let Some(dxp) = dxp {
+                let wc = w[ch].to_f64();
+                let abp = &ab[n * hw..][..hw];
+                for ((((o, &g), &v), &(mu, rstd)), &(a, bm)) in
+                    dxp.iter_mut().zip(gs).zip(xs).zip(st).zip(abp)
+                {
+                    let xh = (v.to_f64() - mu) * rstd;
+                    *o = T::from_f64(rstd * (g.to_f64() * wc - a - xh * bm));
+                }
+            }
+            (s1, s2)
+        };
+        let mut dx = vec![T::zero(); if need.dx { x.len() } else { 0 }];
+        let sums: Vec<(f64, f64)> = if need.dx {
+            dx.par_chunks_mut(hw)
+                .enumerate()
+                .map(|(pl, d)| plane(pl, Some(d)))
+                .collect()
+        } else {
+            (0..x.len() / hw)
+                .into_par_iter()
+                .map(|pl| plane(pl, None))
+                .collect()
+        };
+        let (mut dw, mut db) = (vec![0f64; c], vec![0f64; c]);
+        for sn in sums.chunks(c) {
+            for ((&(s1, s2), w_acc), b_acc) in sn.iter().zip(&mut dw).zip(&mut db) {
+                *b_acc += s1;
+                *w_acc += s2;
+            }
+        }
+        append_wb(dx, need, dw, db)
+    }
+}
+
+/// Fused LayerNorm over axis 1 of `x (N, C, …)` with `w, b (C)`; the caller checks [`supported`].
+pub(super) fn channel_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() < 2 || dims[1] == 0 || w.elem_count() != dims[1] || b.elem_count() != dims[1] {
+        return Err(crate::Error::msg(format!(
+            "layer_norm_2d: input {dims:?} with weight {:?} and bias {:?}",
+            w.dims(),
+            b.dims()
+        )));
+    }
+    let kind = ChannelNormKind {
+        c: dims[1],
+        hw: dims[2..].iter().product(),
+    };
+    apply_norm(kind, eps, x, w, b)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Softmax over the last axis
 // ---------------------------------------------------------------------------------------------------------------
 
