@@ -492,3 +492,350 @@ fn fd_harness_detects_wrong_backward() {
         16,
     );
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// The fused CPU kernels (GroupNorm, LayerNorm, softmax over the last axis, weight standardisation) against the
+// composed candle graphs they replace (written out here as the reference), forward and every gradient.
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Composed GroupNorm (the CUDA / half-precision path of `nn::GroupNorm`).
+fn group_norm_ref(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, eps: f64) -> Res<Tensor> {
+    let (n, c, h, wd) = x.dims4()?;
+    let xg = x.reshape((n, groups, c / groups * h * wd))?;
+    let mean = xg.mean_keepdim(2)?;
+    let xc = xg.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(2)?;
+    let y = xc
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .reshape((n, c, h, wd))?;
+    Ok(y.broadcast_mul(&w.reshape((1, c, 1, 1))?)?
+        .broadcast_add(&b.reshape((1, c, 1, 1))?)?)
+}
+
+/// Composed normalisation over the last axis (LayerNorm without affine).
+fn normalise_ref(x: &Tensor, eps: f64) -> Res<Tensor> {
+    let d = x.rank() - 1;
+    let xc = x.broadcast_sub(&x.mean_keepdim(d)?)?;
+    let var = xc.sqr()?.mean_keepdim(d)?;
+    Ok(xc.broadcast_div(&(var + eps)?.sqrt()?)?)
+}
+
+fn layer_norm_ref(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Res<Tensor> {
+    Ok(normalise_ref(x, eps)?.broadcast_mul(w)?.broadcast_add(b)?)
+}
+
+fn softmax_ref(x: &Tensor) -> Res<Tensor> {
+    let d = x.rank() - 1;
+    let e = x.broadcast_sub(&x.max_keepdim(d)?.detach())?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(d)?)?)
+}
+
+/// Forward and the gradients of `Σ f(inputs)·R` of `fused` equal those of `reference`: tolerance
+/// `rtol·(1 + max|reference|)` (the floor covers gradients that are zero in exact arithmetic). Only the inputs flagged in `track` are Vars (the others are plain tensors
+/// and must get no gradient).
+fn compare_fused<F, G>(
+    name: &str,
+    inputs: &[Tensor],
+    track: &[bool],
+    fused: F,
+    reference: G,
+    rtol: f64,
+) where
+    F: Fn(&[Tensor]) -> Res<Tensor>,
+    G: Fn(&[Tensor]) -> Res<Tensor>,
+{
+    let run = |f: &dyn Fn(&[Tensor]) -> Res<Tensor>| {
+        let ts: Vec<Tensor> = inputs
+            .iter()
+            .zip(track)
+            .map(|(t, &tr)| {
+                if tr {
+                    Var::from_tensor(t).unwrap().as_tensor().clone()
+                } else {
+                    t.clone()
+                }
+            })
+            .collect();
+        let out = f(&ts).unwrap();
+        let r = rand_t(out.dims(), -1.0, 1.0, 979)
+            .to_dtype(out.dtype())
+            .unwrap();
+        let grads = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gs: Vec<Option<Tensor>> = ts.iter().map(|t| grads.get(t).cloned()).collect();
+        (out, gs)
+    };
+    let (yf, gf) = run(&fused);
+    let (yr, gr) = run(&reference);
+    ultrarefiner::testing::assert_close(&format!("{name}: forward"), &yf, &yr, rtol, rtol);
+    for (k, (a, e)) in gf.iter().zip(&gr).enumerate() {
+        match (a, e, track[k]) {
+            (Some(a), Some(e), true) => ultrarefiner::testing::assert_close(
+                &format!("{name}: gradient of input {k}"),
+                a,
+                e,
+                rtol,
+                rtol,
+            ),
+            (None, None, false) => {}
+            _ => panic!(
+                "{name}: input {k} (tracked: {}) got gradient {} (reference {})",
+                track[k],
+                a.is_some(),
+                e.is_some()
+            ),
+        }
+    }
+}
+
+const ALL3: [bool; 3] = [true, true, true];
+
+/// [`compare_fused`] of a norm `(x, w, b)` in f64 (1e-12) and f32 (1e-5), with all inputs tracked and with only
+/// x, only w, only b, only (w, b) tracked.
+fn compare_norm<F, G>(name: &str, inputs: [&Tensor; 3], fused: F, reference: G)
+where
+    F: Fn(&[Tensor]) -> Res<Tensor>,
+    G: Fn(&[Tensor]) -> Res<Tensor>,
+{
+    for (dtype, rtol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        let ins: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(dtype).unwrap()).collect();
+        let tracks = [
+            ALL3,
+            [true, false, false],
+            [false, true, false],
+            [false, false, true],
+            [false, true, true],
+        ];
+        for track in tracks {
+            let name = format!("{name} {dtype:?} track {track:?}");
+            compare_fused(&name, &ins, &track, &fused, &reference, rtol);
+        }
+    }
+}
+
+#[test]
+fn fused_group_norm_matches_composed() {
+    // (shape, groups, eps): TransUNet-like groups, one channel per group (gn_proj), one group, batch 1, odd sizes.
+    let cases: [(&[usize], usize, f64); 6] = [
+        (&[2, 6, 3, 4], 3, 1e-6),
+        (&[2, 6, 3, 4], 6, 1e-5),
+        (&[2, 6, 3, 4], 1, 1e-6),
+        (&[1, 8, 5, 7], 4, 1e-6),
+        (&[1, 5, 3, 1], 5, 1e-5),
+        (&[3, 9, 7, 3], 3, 1e-6),
+    ];
+    for (i, (shape, groups, eps)) in cases.into_iter().enumerate() {
+        let c = shape[1];
+        let x = (rand_t(shape, -2.0, 2.0, 60 + i as u64) + 3.0).unwrap();
+        let w = rand_t(&[c], 0.5, 1.5, 70 + i as u64);
+        let b = rand_t(&[c], -0.5, 0.5, 80 + i as u64);
+        compare_norm(
+            &format!("GroupNorm {shape:?} g{groups}"),
+            [&x, &w, &b],
+            |t| nn::GroupNorm::from_tensors(groups, t[1].clone(), t[2].clone(), eps).forward(&t[0]),
+            |t| group_norm_ref(&t[0], &t[1], &t[2], groups, eps),
+        );
+    }
+    // Non-contiguous input (a transposed view).
+    let x = rand_t(&[2, 4, 5, 3], -1.0, 1.0, 90);
+    let w = rand_t(&[4], 0.5, 1.5, 91);
+    let b = rand_t(&[4], -0.5, 0.5, 92);
+    compare_fused(
+        "GroupNorm non-contiguous",
+        &[x, w, b],
+        &ALL3,
+        |t| {
+            nn::GroupNorm::from_tensors(2, t[1].clone(), t[2].clone(), 1e-6)
+                .forward(&t[0].transpose(2, 3)?)
+        },
+        |t| group_norm_ref(&t[0].transpose(2, 3)?, &t[1], &t[2], 2, 1e-6),
+        1e-12,
+    );
+}
+
+#[test]
+fn fused_layer_norm_matches_composed() {
+    let cases: [&[usize]; 5] = [&[2, 3, 6], &[1, 7], &[3, 5, 13], &[4, 1], &[2, 2, 3, 40]];
+    for (i, shape) in cases.into_iter().enumerate() {
+        let d = *shape.last().unwrap();
+        let x = (rand_t(shape, -2.0, 2.0, 100 + i as u64) - 1.5).unwrap();
+        let w = rand_t(&[d], 0.5, 1.5, 110 + i as u64);
+        let b = rand_t(&[d], -0.5, 0.5, 120 + i as u64);
+        compare_norm(
+            &format!("LayerNorm {shape:?}"),
+            [&x, &w, &b],
+            |t| nn::LayerNorm::from_tensors(t[1].clone(), t[2].clone(), 1e-6).forward(&t[0]),
+            |t| layer_norm_ref(&t[0], &t[1], &t[2], 1e-6),
+        );
+    }
+    let x = rand_t(&[2, 5, 3], -1.0, 1.0, 130);
+    let w = rand_t(&[5], 0.5, 1.5, 131);
+    let b = rand_t(&[5], -0.5, 0.5, 132);
+    compare_fused(
+        "LayerNorm non-contiguous",
+        &[x, w, b],
+        &ALL3,
+        |t| {
+            nn::LayerNorm::from_tensors(t[1].clone(), t[2].clone(), 1e-5)
+                .forward(&t[0].transpose(1, 2)?)
+        },
+        |t| layer_norm_ref(&t[0].transpose(1, 2)?, &t[1], &t[2], 1e-5),
+        1e-12,
+    );
+}
+
+#[test]
+fn fused_softmax_matches_composed() {
+    let cases: [&[usize]; 4] = [&[2, 3, 5], &[4, 1], &[1, 2, 7, 33], &[6]];
+    for (i, shape) in cases.into_iter().enumerate() {
+        let x = rand_t(shape, -4.0, 4.0, 140 + i as u64);
+        for (dtype, rtol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+            let x = x.to_dtype(dtype).unwrap();
+            compare_fused(
+                &format!("softmax {shape:?} {dtype:?}"),
+                std::slice::from_ref(&x),
+                &[true],
+                |t| nn::softmax(&t[0], t[0].rank() - 1),
+                |t| softmax_ref(&t[0]),
+                rtol,
+            );
+        }
+    }
+    let x = rand_t(&[3, 4, 5], -2.0, 2.0, 150);
+    compare_fused(
+        "softmax non-contiguous",
+        &[x],
+        &[true],
+        |t| nn::softmax(&t[0].transpose(1, 2)?, 2),
+        |t| softmax_ref(&t[0].transpose(1, 2)?),
+        1e-12,
+    );
+}
+
+#[test]
+fn fused_std_conv_weight_matches_composed() {
+    let w = rand_t(&[5, 3, 3, 3], -1.0, 2.0, 160);
+    for (dtype, rtol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        compare_fused(
+            &format!("standardised weight {dtype:?}"),
+            &[w.to_dtype(dtype).unwrap()],
+            &[true],
+            |t| nn::StdConv2d::from_tensors(t[0].clone(), None, 1, 0).standardised_weight(),
+            |t| Ok(normalise_ref(&t[0].reshape((5, 27))?, nn::STD_CONV_EPS)?.reshape((5, 3, 3, 3))?),
+            rtol,
+        );
+    }
+}
+
+#[test]
+fn fd_fused_odd_shapes_and_strided_inputs() {
+    // Batch 1, one channel per group, odd sizes, non-contiguous inputs: the fused kernels' FD check.
+    let x = rand_t(&[1, 5, 3, 7], -2.0, 2.0, 170);
+    let w = rand_t(&[5], 0.5, 1.5, 171);
+    let b = rand_t(&[5], -0.5, 0.5, 172);
+    fd_check(
+        "GroupNorm 1 channel/group, transposed input",
+        &[x.clone(), w.clone(), b.clone()],
+        |t| {
+            nn::GroupNorm::from_tensors(5, t[1].clone(), t[2].clone(), 1e-5)
+                .forward(&t[0].transpose(2, 3)?)
+        },
+        RTOL,
+        150,
+    );
+    let xl = rand_t(&[3, 5, 7], -2.0, 2.0, 173);
+    fd_check(
+        "LayerNorm transposed input",
+        &[xl, w, b],
+        |t| {
+            nn::LayerNorm::from_tensors(t[1].clone(), t[2].clone(), 1e-6)
+                .forward(&t[0].transpose(1, 2)?)
+        },
+        RTOL,
+        150,
+    );
+    let xs = rand_t(&[2, 7, 3], -3.0, 3.0, 174);
+    fd_check(
+        "softmax transposed input",
+        &[xs],
+        |t| nn::softmax(&t[0].transpose(1, 2)?, 2),
+        RTOL,
+        150,
+    );
+}
+
+#[test]
+fn fused_gelu_matches_candle_values_and_exact_gradient() {
+    let x = rand_t(&[3, 5, 37], -5.0, 5.0, 180);
+    // Reference backward with the exact 1/√(2π) (candle's own rounds it to 0.398942).
+    let gelu_ref = |t: &[Tensor]| -> Res<Tensor> {
+        let x = &t[0];
+        let cdf = ((x / 2f64.sqrt())?.erf()? + 1.0)? * 0.5;
+        let value = x.detach().gelu_erf()?;
+        // Forward: candle's gelu_erf; gradient: that of the composed x·Φ(x), i.e. Φ(x) + x·φ(x).
+        let surrogate = (x * cdf?)?;
+        Ok(((surrogate.detach() - &value)?.neg()? + surrogate)?)
+    };
+    for (dtype, rtol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        let xt = x.to_dtype(dtype).unwrap();
+        compare_fused(
+            &format!("gelu {dtype:?}"),
+            std::slice::from_ref(&xt),
+            &[true],
+            |t| nn::gelu(&t[0]),
+            gelu_ref,
+            rtol,
+        );
+        // Forward values are candle's gelu_erf bit for bit.
+        let a = nn::gelu(&xt).unwrap().to_dtype(DType::F64).unwrap();
+        let b = xt.gelu_erf().unwrap().to_dtype(DType::F64).unwrap();
+        assert_eq!(to_vec(&a), to_vec(&b), "gelu {dtype:?} forward bits");
+    }
+    let xt = rand_t(&[4, 3], -3.0, 3.0, 181);
+    fd_check(
+        "gelu transposed input",
+        &[xt],
+        |t| nn::gelu(&t[0].t()?),
+        RTOL,
+        20,
+    );
+}
+
+#[test]
+fn fused_layer_norm_2d_matches_composed() {
+    let reference = |t: &[Tensor]| -> Res<Tensor> {
+        let x = &t[0];
+        let c = x.dim(1)?;
+        let xc = x.broadcast_sub(&x.mean_keepdim(1)?)?;
+        let var = xc.sqr()?.mean_keepdim(1)?;
+        let y = xc.broadcast_div(&(var + 1e-6)?.sqrt()?)?;
+        Ok(y.broadcast_mul(&t[1].reshape((1, c, 1, 1))?)?
+            .broadcast_add(&t[2].reshape((1, c, 1, 1))?)?)
+    };
+    // Odd sizes, batch 1, a map wider than one pixel block, a single channel.
+    let cases: [&[usize]; 4] = [&[2, 4, 3, 5], &[1, 7, 19, 17], &[3, 5, 1, 1], &[2, 1, 3, 3]];
+    for (i, shape) in cases.into_iter().enumerate() {
+        let c = shape[1];
+        let x = (rand_t(shape, -2.0, 2.0, 190 + i as u64) + 1.0).unwrap();
+        let w = rand_t(&[c], 0.5, 1.5, 200 + i as u64);
+        let b = rand_t(&[c], -0.5, 0.5, 210 + i as u64);
+        compare_norm(
+            &format!("LayerNorm2d {shape:?}"),
+            [&x, &w, &b],
+            |t| nn::LayerNorm2d::from_tensors(t[1].clone(), t[2].clone(), 1e-6).forward(&t[0]),
+            reference,
+        );
+    }
+    let x = rand_t(&[2, 5, 3, 4], -1.0, 1.0, 220);
+    let w = rand_t(&[3], 0.5, 1.5, 221);
+    let b = rand_t(&[3], -0.5, 0.5, 222);
+    fd_check(
+        "LayerNorm2d permuted input",
+        &[x, w, b],
+        |t| {
+            nn::LayerNorm2d::from_tensors(t[1].clone(), t[2].clone(), 1e-6)
+                .forward(&t[0].permute((0, 2, 1, 3))?)
+        },
+        RTOL,
+        150,
+    );
+}

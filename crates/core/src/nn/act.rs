@@ -2,16 +2,25 @@
 use crate::Result;
 use candle_core::Tensor;
 
-/// Exact (erf) GELU, `x·Φ(x)`. `.gelu()` is the tanh approximation and is never used (SPEC §16.1).
+/// Exact (erf) GELU, `x·Φ(x)`. `.gelu()` is the tanh approximation and is never used (SPEC §16.1). On the CPU in
+/// f32/f64 one fused op (candle's values, one-pass backward with the exact `1/√(2π)`), elsewhere `gelu_erf`.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if super::fused::supported(&[x]) {
+        return super::fused::gelu(x);
+    }
     Ok(x.gelu_erf()?)
 }
 
 /// Numerically stable softmax along `dim`, built from differentiable primitives.
 ///
-/// `softmax_last_dim` has no backward (silently detaches), hence this. The max is detached: softmax is invariant to
-/// the shift, so its gradient contribution is exactly zero and recording it would only cost memory.
+/// `softmax_last_dim` has no backward (silently detaches), hence this. Over the last axis of a CPU f32/f64 tensor it
+/// is one fused op with the backward `dx = y ⊙ (dy − Σ dy⊙y)`; otherwise composed ops, where the max is detached:
+/// softmax is invariant to the shift, so its gradient contribution is exactly zero and recording it would only cost
+/// memory.
 pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
+    if dim + 1 == x.rank() && super::fused::supported(&[x]) {
+        return super::fused::softmax_last_dim(x);
+    }
     let max = x.max_keepdim(dim)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let s = e.sum_keepdim(dim)?;

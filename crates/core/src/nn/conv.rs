@@ -132,6 +132,16 @@ impl StdConv2d {
     pub fn standardised_weight(&self) -> Result<Tensor> {
         let (o, i, kh, kw) = self.weight.dims4()?;
         let w = self.weight.reshape((o, i * kh * kw))?;
+        if super::fused::supported(&[&w]) {
+            // A LayerNorm without affine over each output channel's (in, kh, kw).
+            let (one, zero) = (
+                Tensor::ones(i * kh * kw, w.dtype(), w.device())?,
+                Tensor::zeros(i * kh * kw, w.dtype(), w.device())?,
+            );
+            return Ok(
+                super::fused::layer_norm(&w, &one, &zero, STD_CONV_EPS)?.reshape((o, i, kh, kw))?
+            );
+        }
         let mean = w.mean_keepdim(1)?;
         let wc = w.broadcast_sub(&mean)?;
         let var = wc.sqr()?.mean_keepdim(1)?;

@@ -51,6 +51,7 @@ impl GroupNorm {
     }
 
     /// Statistics per (sample, group) over `(C/G, H, W)`; biased variance, eps inside the sqrt (PyTorch).
+    /// On the CPU in f32/f64 one fused op with a hand-derived backward; elsewhere composed candle ops.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         if !c.is_multiple_of(self.groups) {
@@ -58,6 +59,9 @@ impl GroupNorm {
                 "GroupNorm: input has {c} channels, not divisible by {} groups",
                 self.groups
             )));
+        }
+        if super::fused::supported(&[x, &self.weight, &self.bias]) {
+            return super::fused::group_norm(x, &self.weight, &self.bias, self.groups, self.eps);
         }
         let xg = x.reshape((b, self.groups, (c / self.groups) * h * w))?;
         let mean = xg.mean_keepdim(2)?;

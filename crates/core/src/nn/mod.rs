@@ -24,6 +24,7 @@ mod batchnorm_fused;
 mod conv;
 mod conv_gemm;
 mod dropout;
+mod fused;
 mod group_norm;
 pub mod init;
 mod linear;
