@@ -34,6 +34,7 @@ mod norm;
 mod pool;
 mod resize;
 mod resize_cache;
+mod resize_fused;
 
 pub use act::{gelu, log_softmax, sigmoid, softmax};
 pub use batchnorm::BatchNorm2d;

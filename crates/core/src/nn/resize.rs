@@ -192,6 +192,10 @@ fn lerp_axis(x: &Tensor, dim: usize, n_in: usize, n_out: usize, ac: bool) -> Res
     if n_in == n_out {
         return Ok(x.clone());
     }
+    if super::resize_fused::applies(x) {
+        let taps = bilinear_taps(n_in, n_out, ac, x.dtype() == DType::F64);
+        return Ok(super::resize_fused::lerp_axis(x, dim, n_in, taps)?);
+    }
     let AxisTensors::Bilinear { i0, i1, l0, l1 } = bilinear_axis(x, dim, n_in, n_out, ac)? else {
         return Err(Error::msg(
             "resize: bilinear cache entry holds nearest indices",
