@@ -13,9 +13,10 @@
 //! * weight gradient: `dW += dY_b (Cout, L) · cols(X_b)ᵀ (L, K)`, accumulated in place across samples;
 //! * bias gradient: `db = Σ_b Σ_l dY_b`.
 //!
-//! A 1×1 stride-1 unpadded convolution needs no im2col: the sample itself is the column matrix. Only one sample's
-//! columns exist at a time, so memory stays below that of candle's own kernels. The products run on the `gemm`
-//! crate (candle's own CPU GEMM) with candle's thread count.
+//! A 1×1 stride-1 unpadded convolution needs no im2col: the sample itself is the column matrix. Otherwise the
+//! columns are built one band of output rows at a time (at most `TILE` elements, so they stay in cache), and the
+//! products of a band write into / read from the matching columns of `Y_b` / `dY_b` through strides. The products run
+//! on the `gemm` crate (candle's own CPU GEMM) with candle's thread count, in place (`read_dst` to accumulate).
 use crate::{Error, Result};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType,
