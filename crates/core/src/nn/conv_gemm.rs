@@ -13,9 +13,10 @@
 //! * weight gradient: `dW += dY_b (Cout, L) · cols(X_b)ᵀ (L, K)`, accumulated in place across samples;
 //! * bias gradient: `db = Σ_b Σ_l dY_b`.
 //!
-//! A 1×1 stride-1 unpadded convolution needs no im2col: the sample itself is the column matrix. Only one sample's
-//! columns exist at a time, so memory stays below that of candle's own kernels. The products run on the `gemm`
-//! crate (candle's own CPU GEMM) with candle's thread count.
+//! A 1×1 stride-1 unpadded convolution needs no im2col: the sample itself is the column matrix. Otherwise the
+//! columns are built one band of output rows at a time (at most `TILE` elements, so they stay in cache), and the
+//! products of a band write into / read from the matching columns of `Y_b` / `dY_b` through strides. The products run
+//! on the `gemm` crate (candle's own CPU GEMM) with candle's thread count, in place (`read_dst` to accumulate).
 use crate::{Error, Result};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType,
@@ -893,7 +894,7 @@ mod tests {
     }
 
     /// CPU and wall seconds of forward, input and weight gradient of the R50-ViT-B/16 TransUNet convs (224², batch
-    /// 4, f32, layer counts of one step), per layer. Run: `cargo test --release -p ultrarefiner --lib conv_gemm_layer_timing --
+    /// 4, f32, layer counts of one step), next to candle's own conv2d forward, per layer. Run: `cargo test --release -p ultrarefiner --lib conv_gemm_layer_timing --
     /// --ignored --nocapture`.
     #[test]
     #[ignore = "timing study (about a minute); prints a table"]
@@ -931,6 +932,7 @@ mod tests {
         ];
         let par = parallelism();
         let mut total = [0.0f64; 6];
+        let mut candle_total = (0.0f64, 0.0f64);
         for (cin, size, cout, k, s, p, count) in layers {
             let g = Geom::new(&[4, cin, size, size], &[cout, cin, k, k], s, p).unwrap();
             let v =
@@ -943,6 +945,11 @@ mod tests {
                 f();
                 (cpu_s() - c0, t0.elapsed().as_secs_f64())
             };
+            let (xt, wt) = (
+                Tensor::from_slice(&x, (4, cin, size, size), &Device::Cpu).unwrap(),
+                Tensor::from_slice(&w, (cout, cin, k, k), &Device::Cpu).unwrap(),
+            );
+            let candle = time(&|| drop(xt.conv2d(&wt, p, s, 1, 1).unwrap()));
             let r = [
                 time(&|| drop(forward(&g, &x, &w, None, par))),
                 time(&|| drop(input_grad(&g, &dy, &w, par))),
@@ -955,16 +962,25 @@ mod tests {
             }
             println!(
                 "cin {cin:4} {size:3}² cout {cout:4} k{k} s{s} ×{count}: cpu/wall fwd {:.2}/{:.2} dx {:.2}/{:.2} \
-                 dw {:.2}/{:.2}",
-                row[0], row[1], row[2], row[3], row[4], row[5]
+                 dw {:.2}/{:.2} | candle fwd {:.2}/{:.2}",
+                row[0],
+                row[1],
+                row[2],
+                row[3],
+                row[4],
+                row[5],
+                candle.0 * count as f64,
+                candle.1 * count as f64
             );
+            candle_total.0 += candle.0 * count as f64;
+            candle_total.1 += candle.1 * count as f64;
             for (t, r) in total.iter_mut().zip(row) {
                 *t += r;
             }
         }
         println!(
-            "total: cpu/wall fwd {:.2}/{:.2} dx {:.2}/{:.2} dw {:.2}/{:.2}",
-            total[0], total[1], total[2], total[3], total[4], total[5]
+            "total: cpu/wall fwd {:.2}/{:.2} dx {:.2}/{:.2} dw {:.2}/{:.2} | candle fwd {:.2}/{:.2}",
+            total[0], total[1], total[2], total[3], total[4], total[5], candle_total.0, candle_total.1
         );
     }
 
