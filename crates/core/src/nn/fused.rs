@@ -1,10 +1,12 @@
-//! Fused CPU kernels with hand-derived backward: GroupNorm, LayerNorm (last axis) and softmax (last axis).
+//! Fused CPU kernels with hand-derived backward: GroupNorm, LayerNorm over the last axis (also StdConv2d's weight
+//! standardisation), LayerNorm over the channel axis (LayerNorm2d), softmax over the last axis and exact GELU.
 //!
 //! The composed versions (kept for CUDA and half precision) record ~10 candle ops each; every op is one or more full
 //! passes over memory in the forward and again in the backward, plus candle's per-op gradient bookkeeping. Here each
 //! forward is one custom op (two reads and one write of the input), and each backward is one no-backward custom op
-//! that computes all gradients in two passes. Statistics (mean, 1/σ) are kept from the forward; sums are
-//! accumulated in f64 (eight independent lanes so they vectorise), elementwise work is done in the tensor's dtype.
+//! that computes all gradients (`[dx | dw | db]` in one buffer, split into views) in two passes. Statistics
+//! (mean, 1/σ) are kept from the forward; sums are accumulated in f64 (eight independent lanes so they vectorise),
+//! elementwise work is done in the tensor's dtype. The callers dispatch with [`supported`] (CPU, f32/f64).
 //!
 //! Semantics (PyTorch): biased variance, eps inside the square root, two-pass (centred) variance.
 use crate::Result;
