@@ -839,3 +839,85 @@ fn fused_layer_norm_2d_matches_composed() {
         150,
     );
 }
+
+/// Timing of the fused kernels against the composed graphs at TransUNet / SAM sizes (f32, forward + backward,
+/// best of 5 each, interleaved). Not a check: run by hand with
+/// `cargo test --release -p ultrarefiner --test nn_grad fused_timing -- --ignored --nocapture`.
+#[test]
+#[ignore = "timing report, run by hand"]
+fn fused_timing() {
+    type Op = Box<dyn Fn(&[Tensor]) -> Res<Tensor>>;
+    let f32t = |shape: &[usize], lo: f64, hi: f64, seed: u64| {
+        rand_t(shape, lo, hi, seed).to_dtype(DType::F32).unwrap()
+    };
+    let cases: Vec<(&str, Vec<Tensor>, Op, Op)> =
+        vec![
+            (
+                "GroupNorm (4,256,56,56) g32",
+                vec![
+                    f32t(&[4, 256, 56, 56], -2.0, 2.0, 1),
+                    f32t(&[256], 0.5, 1.5, 2),
+                    f32t(&[256], -0.5, 0.5, 3),
+                ],
+                Box::new(|t| {
+                    nn::GroupNorm::from_tensors(32, t[1].clone(), t[2].clone(), 1e-6).forward(&t[0])
+                }),
+                Box::new(|t| group_norm_ref(&t[0], &t[1], &t[2], 32, 1e-6)),
+            ),
+            (
+                "LayerNorm (4,196,768)",
+                vec![
+                    f32t(&[4, 196, 768], -2.0, 2.0, 4),
+                    f32t(&[768], 0.5, 1.5, 5),
+                    f32t(&[768], -0.5, 0.5, 6),
+                ],
+                Box::new(|t| {
+                    nn::LayerNorm::from_tensors(t[1].clone(), t[2].clone(), 1e-6).forward(&t[0])
+                }),
+                Box::new(|t| layer_norm_ref(&t[0], &t[1], &t[2], 1e-6)),
+            ),
+            (
+                "softmax (4,12,196,196)",
+                vec![f32t(&[4, 12, 196, 196], -4.0, 4.0, 7)],
+                Box::new(|t| nn::softmax(&t[0], 3)),
+                Box::new(|t| softmax_ref(&t[0])),
+            ),
+            (
+                "GELU (4,196,3072)",
+                vec![f32t(&[4, 196, 3072], -4.0, 4.0, 8)],
+                Box::new(|t| nn::gelu(&t[0])),
+                Box::new(|t| Ok(t[0].gelu_erf()?)),
+            ),
+            (
+                "weight standardisation (1024,512,3,3)",
+                vec![f32t(&[1024, 512, 3, 3], -1.0, 1.0, 9)],
+                Box::new(|t| {
+                    nn::StdConv2d::from_tensors(t[0].clone(), None, 1, 1).standardised_weight()
+                }),
+                Box::new(|t| {
+                    Ok(normalise_ref(&t[0].reshape((1024, 4608))?, 1e-5)?
+                        .reshape((1024, 512, 3, 3))?)
+                }),
+            ),
+        ];
+    for (name, ins, fused, composed) in &cases {
+        let vars: Vec<Var> = ins.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let r = fused(&ts).unwrap().ones_like().unwrap();
+        let time = |f: &Op| {
+            let t0 = std::time::Instant::now();
+            let out = f(&ts).unwrap();
+            let g = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            drop(g);
+            t0.elapsed().as_secs_f64() * 1e3
+        };
+        let (mut best_f, mut best_c) = (f64::MAX, f64::MAX);
+        for _ in 0..5 {
+            best_f = best_f.min(time(fused));
+            best_c = best_c.min(time(composed));
+        }
+        println!(
+            "{name}: fused {best_f:.1} ms, composed {best_c:.1} ms (forward + backward, best of 5)"
+        );
+    }
+}

@@ -1,10 +1,12 @@
-//! Fused CPU kernels with hand-derived backward: GroupNorm, LayerNorm (last axis) and softmax (last axis).
+//! Fused CPU kernels with hand-derived backward: GroupNorm, LayerNorm over the last axis (also StdConv2d's weight
+//! standardisation), LayerNorm over the channel axis (LayerNorm2d), softmax over the last axis and exact GELU.
 //!
 //! The composed versions (kept for CUDA and half precision) record ~10 candle ops each; every op is one or more full
 //! passes over memory in the forward and again in the backward, plus candle's per-op gradient bookkeeping. Here each
 //! forward is one custom op (two reads and one write of the input), and each backward is one no-backward custom op
-//! that computes all gradients in two passes. Statistics (mean, 1/σ) are kept from the forward; sums are
-//! accumulated in f64 (eight independent lanes so they vectorise), elementwise work is done in the tensor's dtype.
+//! that computes all gradients (`[dx | dw | db]` in one buffer, split into views) in two passes. Statistics
+//! (mean, 1/σ) are kept from the forward; sums are accumulated in f64 (eight independent lanes so they vectorise),
+//! elementwise work is done in the tensor's dtype. The callers dispatch with [`supported`] (CPU, f32/f64).
 //!
 //! Semantics (PyTorch): biased variance, eps inside the square root, two-pass (centred) variance.
 use crate::Result;
@@ -509,7 +511,7 @@ pub(super) fn group_norm(
 // LayerNorm over the last axis
 // ---------------------------------------------------------------------------------------------------------------
 
-/// Rows per parallel task of the row-wise kernels.
+/// Rows per parallel task of the LayerNorm kernels.
 const ROW_BLOCK: usize = 16;
 
 /// LayerNorm over rows of `d` (the last axis).
@@ -806,99 +808,101 @@ pub(super) fn channel_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Resu
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Softmax over the last axis
+// Row-local ops without parameters (softmax over the last axis, GELU): one generic op pair
 // ---------------------------------------------------------------------------------------------------------------
 
-/// `y = exp(x − max)/Σ exp(x − max)` per row of the last axis.
-struct SoftmaxOp {
-    d: usize,
+/// Elements per parallel task of the row-local kernels (rounded to whole rows).
+const ELEM_BLOCK: usize = 1 << 14;
+
+/// An op whose output and gradient on a block of whole rows depend on that block only.
+trait RowLocal: Copy + Send + Sync + 'static {
+    const NAME: &'static str;
+    const GRAD_NAME: &'static str;
+    /// The backward reads the op's output (`true`) or its input (`false`) next to `dy`.
+    const GRAD_FROM_OUTPUT: bool;
+
+    /// Row length (1 for elementwise ops).
+    fn row(&self) -> usize;
+
+    fn fwd<T: Float>(&self, y: &mut [T], x: &[T]);
+
+    /// `dx` from `dy` and the output or input `z`.
+    fn grad<T: Float>(&self, dx: &mut [T], dy: &[T], z: &[T]);
+
+    /// Elements per parallel task: whole rows, about [`ELEM_BLOCK`].
+    fn block(&self) -> usize {
+        let d = self.row().max(1);
+        d * (ELEM_BLOCK / d).max(1)
+    }
 }
 
-impl SoftmaxOp {
-    fn fwd<T: Float>(&self, x: &[T]) -> Vec<T> {
-        let d = self.d;
+/// The forward op of a [`RowLocal`].
+struct LocalOp<K: RowLocal>(K);
+
+/// The backward op of a [`RowLocal`], `(dy, z) → dx` (no backward of its own).
+struct LocalGrad<K: RowLocal>(K);
+
+impl<K: RowLocal> LocalOp<K> {
+    fn run<T: Float>(&self, x: &[T]) -> Vec<T> {
+        let bl = self.0.block();
         let mut y = vec![T::zero(); x.len()];
-        y.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .with_min_len(ROW_BLOCK)
-            .for_each(|(yr, xr)| {
-                let mut m = xr[0];
-                for &v in xr {
-                    if v > m {
-                        m = v;
-                    }
-                }
-                for (yv, &xv) in yr.iter_mut().zip(xr) {
-                    *yv = (xv - m).exp();
-                }
-                let inv = T::from_f64(1.0 / lane_sum(yr, |v| v.to_f64()));
-                for yv in yr.iter_mut() {
-                    *yv *= inv;
-                }
-            });
+        y.par_chunks_mut(bl)
+            .zip(x.par_chunks(bl))
+            .for_each(|(yb, xb)| self.0.fwd(yb, xb));
         y
     }
 }
 
-impl candle_core::CustomOp1 for SoftmaxOp {
+impl<K: RowLocal> candle_core::CustomOp1 for LocalOp<K> {
     fn name(&self) -> &'static str {
-        "softmax-last-dim"
+        K::NAME
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let name = self.name();
         let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(self.fwd(view::<f32>(s, l, name)?)),
-            CpuStorage::F64(_) => CpuStorage::F64(self.fwd(view::<f64>(s, l, name)?)),
-            _ => candle_core::bail!("{name}: only f32/f64"),
+            CpuStorage::F32(_) => CpuStorage::F32(self.run(view::<f32>(s, l, K::NAME)?)),
+            CpuStorage::F64(_) => CpuStorage::F64(self.run(view::<f64>(s, l, K::NAME)?)),
+            _ => candle_core::bail!("{}: only f32/f64", K::NAME),
         };
         Ok((out, l.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let z = if K::GRAD_FROM_OUTPUT { y } else { x };
         Ok(Some(
             grad.contiguous()?
-                .apply_op2_no_bwd(y, &SoftmaxGrad { d: self.d })?,
+                .apply_op2_no_bwd(&z.contiguous()?, &LocalGrad(self.0))?,
         ))
     }
 }
 
-/// `dx = y ⊙ (dy − Σ dy⊙y)` from `(dy, y)`.
-struct SoftmaxGrad {
-    d: usize,
-}
-
-impl SoftmaxGrad {
-    fn bwd<T: WithDType>(
+impl<K: RowLocal> LocalGrad<K> {
+    fn run<T: Float>(
         &self,
         s1: &CpuStorage,
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let name = "softmax-last-dim-grad";
-        let (dy, y) = (view::<T>(s1, l1, name)?, view::<T>(s2, l2, name)?);
-        if dy.len() != y.len() {
-            candle_core::bail!("{name}: gradient and output differ in size");
+        let (dy, z) = (
+            view::<T>(s1, l1, K::GRAD_NAME)?,
+            view::<T>(s2, l2, K::GRAD_NAME)?,
+        );
+        if dy.len() != z.len() {
+            candle_core::bail!("{}: gradient and operand differ in size", K::GRAD_NAME);
         }
-        let d = self.d;
-        let mut dx = vec![T::zero(); y.len()];
-        dx.par_chunks_mut(d)
-            .zip(dy.par_chunks(d).zip(y.par_chunks(d)))
-            .with_min_len(ROW_BLOCK)
-            .for_each(|(dxr, (dyr, yr))| {
-                let s = T::from_f64(lane_sum2(dyr, yr, |g, v| g.to_f64() * v.to_f64()));
-                for ((o, &g), &yv) in dxr.iter_mut().zip(dyr).zip(yr) {
-                    *o = yv * (g - s);
-                }
-            });
+        let bl = self.0.block();
+        let mut dx = vec![T::zero(); z.len()];
+        dx.par_chunks_mut(bl)
+            .zip(dy.par_chunks(bl).zip(z.par_chunks(bl)))
+            .for_each(|(ob, (gb, zb))| self.0.grad(ob, gb, zb));
         Ok((T::to_cpu_storage_owned(dx), l2.shape().clone()))
     }
 }
 
-impl CustomOp2 for SoftmaxGrad {
+impl<K: RowLocal> CustomOp2 for LocalGrad<K> {
     fn name(&self) -> &'static str {
-        "softmax-last-dim-grad"
+        K::GRAD_NAME
     }
 
     fn cpu_fwd(
@@ -908,7 +912,51 @@ impl CustomOp2 for SoftmaxGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch2!(self, bwd, s1, l1, s2, l2)
+        dispatch2!(self, run, s1, l1, s2, l2)
+    }
+}
+
+/// Softmax over rows of `d`: `y = exp(x − max)/Σ exp(x − max)`, `dx = y ⊙ (dy − Σ dy⊙y)`.
+#[derive(Debug, Clone, Copy)]
+struct SoftmaxKind {
+    d: usize,
+}
+
+impl RowLocal for SoftmaxKind {
+    const NAME: &'static str = "softmax-last-dim";
+    const GRAD_NAME: &'static str = "softmax-last-dim-grad";
+    const GRAD_FROM_OUTPUT: bool = true;
+
+    fn row(&self) -> usize {
+        self.d
+    }
+
+    fn fwd<T: Float>(&self, y: &mut [T], x: &[T]) {
+        for (yr, xr) in y.chunks_mut(self.d).zip(x.chunks(self.d)) {
+            let mut m = xr[0];
+            for &v in xr {
+                if v > m {
+                    m = v;
+                }
+            }
+            for (yv, &xv) in yr.iter_mut().zip(xr) {
+                *yv = (xv - m).exp();
+            }
+            let inv = T::from_f64(1.0 / lane_sum(yr, |v| v.to_f64()));
+            for yv in yr.iter_mut() {
+                *yv *= inv;
+            }
+        }
+    }
+
+    fn grad<T: Float>(&self, dx: &mut [T], dy: &[T], y: &[T]) {
+        let d = self.d;
+        for ((dxr, dyr), yr) in dx.chunks_mut(d).zip(dy.chunks(d)).zip(y.chunks(d)) {
+            let s = T::from_f64(lane_sum2(dyr, yr, |g, v| g.to_f64() * v.to_f64()));
+            for ((o, &g), &yv) in dxr.iter_mut().zip(dyr).zip(yr) {
+                *o = yv * (g - s);
+            }
+        }
     }
 }
 
@@ -918,101 +966,41 @@ pub(super) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if d == 0 {
         return Ok(x.clone());
     }
-    Ok(x.contiguous()?.apply_op1(SoftmaxOp { d })?)
+    Ok(x.contiguous()?.apply_op1(LocalOp(SoftmaxKind { d }))?)
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// GELU (erf)
-// ---------------------------------------------------------------------------------------------------------------
+/// Exact GELU `y = x·Φ(x)` with exactly candle's `gelu_erf` values; backward `dy·(Φ(x) + x·φ(x))` in one pass
+/// (candle's own backward takes about a dozen passes and rounds `1/√(2π)` to 0.398942).
+#[derive(Debug, Clone, Copy)]
+struct GeluKind;
 
-/// Elements per parallel task of the elementwise kernels.
-const ELEM_BLOCK: usize = 1 << 14;
+impl RowLocal for GeluKind {
+    const NAME: &'static str = "gelu-erf";
+    const GRAD_NAME: &'static str = "gelu-erf-grad";
+    const GRAD_FROM_OUTPUT: bool = false;
 
-/// `y = x·Φ(x)`, exactly candle's `gelu_erf` values; backward `dy·(Φ(x) + x·φ(x))` in one pass (candle's own
-/// backward takes about a dozen passes and rounds `1/√(2π)` to 0.398942).
-struct GeluOp;
-
-fn gelu_fwd<T: Float>(x: &[T]) -> Vec<T> {
-    let half = T::from_f64(0.5);
-    let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(ELEM_BLOCK)
-        .zip(x.par_chunks(ELEM_BLOCK))
-        .for_each(|(yb, xb)| {
-            for (o, &v) in yb.iter_mut().zip(xb) {
-                *o = ((v * T::FRAC_1_SQRT_2).erf() + T::one()) * half * v;
-            }
-        });
-    y
-}
-
-impl candle_core::CustomOp1 for GeluOp {
-    fn name(&self) -> &'static str {
-        "gelu-erf"
+    fn row(&self) -> usize {
+        1
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(gelu_fwd(view::<f32>(s, l, name)?)),
-            CpuStorage::F64(_) => CpuStorage::F64(gelu_fwd(view::<f64>(s, l, name)?)),
-            _ => candle_core::bail!("{name}: only f32/f64"),
-        };
-        Ok((out, l.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op2_no_bwd(x, &GeluGrad)?))
-    }
-}
-
-/// `dx = dy·(Φ(x) + x·φ(x))` from `(dy, x)`.
-struct GeluGrad;
-
-impl GeluGrad {
-    fn bwd<T: Float>(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let name = "gelu-erf-grad";
-        let (dy, x) = (view::<T>(s1, l1, name)?, view::<T>(s2, l2, name)?);
-        if dy.len() != x.len() {
-            candle_core::bail!("{name}: gradient and input differ in size");
+    fn fwd<T: Float>(&self, y: &mut [T], x: &[T]) {
+        let half = T::from_f64(0.5);
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = ((v * T::FRAC_1_SQRT_2).erf() + T::one()) * half * v;
         }
+    }
+
+    fn grad<T: Float>(&self, dx: &mut [T], dy: &[T], x: &[T]) {
         let (half, neg_half) = (T::from_f64(0.5), T::from_f64(-0.5));
-        let mut dx = vec![T::zero(); x.len()];
-        dx.par_chunks_mut(ELEM_BLOCK)
-            .zip(dy.par_chunks(ELEM_BLOCK).zip(x.par_chunks(ELEM_BLOCK)))
-            .for_each(|(ob, (gb, xb))| {
-                for ((o, &g), &v) in ob.iter_mut().zip(gb).zip(xb) {
-                    let cdf = ((v * T::FRAC_1_SQRT_2).erf() + T::one()) * half;
-                    let pdf = (v * v * neg_half).exp() * T::FRAC_1_SQRT_2PI;
-                    *o = g * (cdf + v * pdf);
-                }
-            });
-        Ok((T::to_cpu_storage_owned(dx), l2.shape().clone()))
-    }
-}
-
-impl CustomOp2 for GeluGrad {
-    fn name(&self) -> &'static str {
-        "gelu-erf-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch2!(self, bwd, s1, l1, s2, l2)
+        for ((o, &g), &v) in dx.iter_mut().zip(dy).zip(x) {
+            let cdf = ((v * T::FRAC_1_SQRT_2).erf() + T::one()) * half;
+            let pdf = (v * v * neg_half).exp() * T::FRAC_1_SQRT_2PI;
+            *o = g * (cdf + v * pdf);
+        }
     }
 }
 
 /// Fused exact GELU; the caller checks [`supported`].
 pub(super) fn gelu(x: &Tensor) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op1(GeluOp)?)
+    Ok(x.contiguous()?.apply_op1(LocalOp(GeluKind))?)
 }

@@ -18,6 +18,10 @@
 //! | dropout from the project RNG | [`Dropout::forward_t`] | `candle_nn::Dropout` |
 //! | PyTorch-initialised layers | [`conv2d`], [`conv_transpose2d`], [`linear`], [`init`] | candle's kaiming-normal defaults |
 //! | LoRA adapters | [`LoraLinear`] | — |
+//!
+//! On the CPU in f32/f64, [`GroupNorm`], [`LayerNorm`], [`LayerNorm2d`], [`softmax`] over the last axis, [`gelu`] and
+//! [`StdConv2d::standardised_weight`] run as fused ops with hand-derived backward (`fused.rs`); elsewhere they are
+//! composed candle ops.
 mod act;
 mod batchnorm;
 mod batchnorm_fused;
