@@ -36,6 +36,7 @@ mod lora;
 mod loss;
 mod norm;
 mod pool;
+mod pool_fused;
 mod resize;
 mod resize_cache;
 mod resize_fused;
