@@ -34,18 +34,6 @@ struct Backward {
     stats: BatchStats,
 }
 
-fn contiguous<'a, T: WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [T]> {
-    if !l.is_contiguous() {
-        candle_core::bail!("batch_norm: {what} must be contiguous");
-    }
-    let data = T::cpu_storage_as_slice(s)?;
-    Ok(&data[l.start_offset()..l.start_offset() + l.shape().elem_count()])
-}
-
 /// `(B, C, H·W)` of an NCHW layout.
 fn geometry(l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
     let (b, c, h, w) = l.shape().dims4()?;
@@ -170,9 +158,9 @@ impl CustomOp3 for Forward {
         ) -> candle_core::Result<(CpuStorage, BatchStats)> {
             let (y, st) = forward(
                 op.eps,
-                contiguous::<T>(s1, l1, "input")?,
-                contiguous::<T>(s2, l2, "weight")?,
-                contiguous::<T>(s3, l3, "bias")?,
+                super::cpu_data::<T>(s1, l1, "batch_norm input")?,
+                super::cpu_data::<T>(s2, l2, "batch_norm weight")?,
+                super::cpu_data::<T>(s3, l3, "batch_norm bias")?,
                 g,
             );
             Ok((T::to_cpu_storage_owned(y), st))
@@ -245,9 +233,9 @@ impl CustomOp3 for Backward {
                 CpuStorage::F32(backward(
                     self.eps,
                     &self.stats,
-                    contiguous(s1, l1, "input")?,
-                    contiguous(s2, l2, "gradient")?,
-                    contiguous(s3, l3, "weight")?,
+                    super::cpu_data(s1, l1, "batch_norm input")?,
+                    super::cpu_data(s2, l2, "batch_norm gradient")?,
+                    super::cpu_data(s3, l3, "batch_norm weight")?,
                     g,
                 ))
             }
@@ -255,9 +243,9 @@ impl CustomOp3 for Backward {
                 CpuStorage::F64(backward(
                     self.eps,
                     &self.stats,
-                    contiguous(s1, l1, "input")?,
-                    contiguous(s2, l2, "gradient")?,
-                    contiguous(s3, l3, "weight")?,
+                    super::cpu_data(s1, l1, "batch_norm input")?,
+                    super::cpu_data(s2, l2, "batch_norm gradient")?,
+                    super::cpu_data(s3, l3, "batch_norm weight")?,
                     g,
                 ))
             }

@@ -413,19 +413,6 @@ fn bias_grad<T: Float>(g: &Geom, dy: &[T]) -> Vec<T> {
     db
 }
 
-/// The contiguous data of a storage viewed through `l`.
-fn slice<'a, T: WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [T]> {
-    if !l.is_contiguous() {
-        candle_core::bail!("conv2d_gemm: {what} must be contiguous");
-    }
-    let data = T::cpu_storage_as_slice(s)?;
-    Ok(&data[l.start_offset()..l.start_offset() + l.shape().elem_count()])
-}
-
 /// Runs `$body` with `T` bound to the storages' common element type (f32 or f64).
 macro_rules! with_float {
     ($t:ident, [$($s:expr),+], $body:expr) => {{
@@ -461,10 +448,13 @@ impl Conv {
         let bs = b.map_or(xs, |b| b.0);
         let y = with_float!(T, [xs, ws, bs], {
             let bias = match b {
-                Some((s, l)) => Some(slice::<T>(s, l, "bias")?),
+                Some((s, l)) => Some(super::cpu_data::<T>(s, l, "conv2d_gemm bias")?),
                 None => None,
             };
-            let (x, w) = (slice::<T>(xs, xl, "input")?, slice::<T>(ws, wl, "kernel")?);
+            let (x, w) = (
+                super::cpu_data::<T>(xs, xl, "conv2d_gemm input")?,
+                super::cpu_data::<T>(ws, wl, "conv2d_gemm kernel")?,
+            );
             T::to_cpu_storage_owned(forward(&self.0, x, w, bias, parallelism()))
         });
         Ok((y, self.0.y_shape()))
@@ -567,8 +557,8 @@ impl CustomOp2 for InputGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dx = with_float!(T, [s1, s2], {
             let (dy, w) = (
-                slice::<T>(s1, l1, "gradient")?,
-                slice::<T>(s2, l2, "kernel")?,
+                super::cpu_data::<T>(s1, l1, "conv2d_gemm gradient")?,
+                super::cpu_data::<T>(s2, l2, "conv2d_gemm kernel")?,
             );
             T::to_cpu_storage_owned(input_grad(&self.0, dy, w, parallelism()))
         });
@@ -590,8 +580,8 @@ impl CustomOp2 for WeightGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dw = with_float!(T, [s1, s2], {
             let (dy, x) = (
-                slice::<T>(s1, l1, "gradient")?,
-                slice::<T>(s2, l2, "input")?,
+                super::cpu_data::<T>(s1, l1, "conv2d_gemm gradient")?,
+                super::cpu_data::<T>(s2, l2, "conv2d_gemm input")?,
             );
             T::to_cpu_storage_owned(weight_grad(&self.0, dy, x, parallelism()))
         });
@@ -606,7 +596,10 @@ impl CustomOp1 for BiasGrad {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let db = with_float!(T, [s], {
-            T::to_cpu_storage_owned(bias_grad(&self.0, slice::<T>(s, l, "gradient")?))
+            T::to_cpu_storage_owned(bias_grad(
+                &self.0,
+                super::cpu_data::<T>(s, l, "conv2d_gemm gradient")?,
+            ))
         });
         Ok((db, Shape::from(self.0.c_out)))
     }

@@ -57,6 +57,20 @@ pub use resize::{bilinear_taps, nearest_indices, resize_bilinear, resize_nearest
 /// candle layer types returned by the wrappers, re-exported so callers need not name `candle_nn`.
 pub use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, Linear};
 
+/// The data of a CPU storage viewed through a contiguous layout `l`, for the fused CPU kernels; `what` names the
+/// operand (e.g. "batch_norm input") in the error for a non-contiguous one.
+fn cpu_data<'a, T: candle_core::WithDType>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
+    if !l.is_contiguous() {
+        candle_core::bail!("{what} must be contiguous");
+    }
+    let data = T::cpu_storage_as_slice(s)?;
+    Ok(&data[l.start_offset()..l.start_offset() + l.shape().elem_count()])
+}
+
 /// Converts a crate error back into a candle error for `candle_core::Module` impls.
 fn to_candle(e: crate::Error) -> candle_core::Error {
     match e {

@@ -22,14 +22,6 @@ struct PoolGrad {
     in_w: usize,
 }
 
-fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
-    if !l.is_contiguous() {
-        candle_core::bail!("max_pool: input must be contiguous");
-    }
-    let d = T::cpu_storage_as_slice(s)?;
-    Ok(&d[l.start_offset()..l.start_offset() + l.shape().elem_count()])
-}
-
 fn out_size(n: usize) -> usize {
     (n - 3) / 2 + 1
 }
@@ -87,11 +79,11 @@ impl CustomOp1 for Pool {
         let (b, c, h, w) = l.shape().dims4()?;
         let (y, idx) = match s {
             CpuStorage::F32(_) => {
-                let (y, i) = forward(data::<f32>(s, l)?, b * c, h, w);
+                let (y, i) = forward(super::cpu_data::<f32>(s, l, "max_pool input")?, b * c, h, w);
                 (CpuStorage::F32(y), i)
             }
             CpuStorage::F64(_) => {
-                let (y, i) = forward(data::<f64>(s, l)?, b * c, h, w);
+                let (y, i) = forward(super::cpu_data::<f64>(s, l, "max_pool input")?, b * c, h, w);
                 (CpuStorage::F64(y), i)
             }
             _ => candle_core::bail!("max_pool: the fused kernel takes f32/f64"),
@@ -130,12 +122,20 @@ impl CustomOp1 for PoolGrad {
         let (b, c, _, _) = l.shape().dims4()?;
         let (h, w) = (self.in_h, self.in_w);
         let dx = match s {
-            CpuStorage::F32(_) => {
-                CpuStorage::F32(backward(data::<f32>(s, l)?, &self.argmax, b * c, h, w))
-            }
-            CpuStorage::F64(_) => {
-                CpuStorage::F64(backward(data::<f64>(s, l)?, &self.argmax, b * c, h, w))
-            }
+            CpuStorage::F32(_) => CpuStorage::F32(backward(
+                super::cpu_data::<f32>(s, l, "max_pool input")?,
+                &self.argmax,
+                b * c,
+                h,
+                w,
+            )),
+            CpuStorage::F64(_) => CpuStorage::F64(backward(
+                super::cpu_data::<f64>(s, l, "max_pool input")?,
+                &self.argmax,
+                b * c,
+                h,
+                w,
+            )),
             _ => candle_core::bail!("max_pool: the fused kernel takes f32/f64"),
         };
         Ok((dx, Shape::from((b, c, h, w))))

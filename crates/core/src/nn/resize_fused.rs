@@ -28,14 +28,6 @@ struct Lerp {
 #[derive(Debug, Clone)]
 struct LerpGrad(Lerp);
 
-fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
-    if !l.is_contiguous() {
-        candle_core::bail!("resize: input must be contiguous");
-    }
-    let d = T::cpu_storage_as_slice(s)?;
-    Ok(&d[l.start_offset()..l.start_offset() + l.shape().elem_count()])
-}
-
 /// `(B·C, H, W)` of a 4-D layout.
 fn geom(l: &Layout) -> candle_core::Result<Geom> {
     let (b, c, h, w) = l.shape().dims4()?;
@@ -134,8 +126,12 @@ impl CustomOp1 for Lerp {
         let (b, c, _, _) = l.shape().dims4()?;
         let (oh, ow) = self.out_shape(g);
         let y = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(self.forward(data::<f32>(s, l)?, g)),
-            CpuStorage::F64(_) => CpuStorage::F64(self.forward(data::<f64>(s, l)?, g)),
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(self.forward(super::cpu_data::<f32>(s, l, "resize input")?, g))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(self.forward(super::cpu_data::<f64>(s, l, "resize input")?, g))
+            }
             _ => candle_core::bail!("resize: the fused axis kernel takes f32/f64"),
         };
         Ok((y, Shape::from((b, c, oh, ow))))
@@ -158,8 +154,14 @@ impl CustomOp1 for LerpGrad {
         let g = geom(l)?;
         let (b, c, h, w) = l.shape().dims4()?;
         let dx = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(self.0.backward(data::<f32>(s, l)?, g)),
-            CpuStorage::F64(_) => CpuStorage::F64(self.0.backward(data::<f64>(s, l)?, g)),
+            CpuStorage::F32(_) => CpuStorage::F32(
+                self.0
+                    .backward(super::cpu_data::<f32>(s, l, "resize input")?, g),
+            ),
+            CpuStorage::F64(_) => CpuStorage::F64(
+                self.0
+                    .backward(super::cpu_data::<f64>(s, l, "resize input")?, g),
+            ),
             _ => candle_core::bail!("resize: the fused axis kernel takes f32/f64"),
         };
         let shape = if self.0.dim == 2 {
