@@ -187,13 +187,13 @@ fn bands(g: &Geom) -> impl Iterator<Item = Range<usize>> {
 }
 
 /// The element types the GEMM path computes in (the `gemm` crate panics on any other).
-trait Float: WithDType {}
+pub(super) trait Float: WithDType {}
 impl Float for f32 {}
 impl Float for f64 {}
 
 /// A matrix view `(rows, cols)` into `data` with element `(r, c)` at `r·rs + c·cs`.
 #[derive(Clone, Copy)]
-struct View<'a, T> {
+pub(super) struct View<'a, T> {
     data: &'a [T],
     rs: usize,
     cs: usize,
@@ -201,7 +201,7 @@ struct View<'a, T> {
 
 impl<'a, T> View<'a, T> {
     /// Row-major with `cols` columns.
-    fn rm(data: &'a [T], cols: usize) -> Self {
+    pub(super) fn rm(data: &'a [T], cols: usize) -> Self {
         Self {
             data,
             rs: cols,
@@ -210,7 +210,7 @@ impl<'a, T> View<'a, T> {
     }
 
     /// `(rows, cols)` stored column-major, i.e. the transpose of a row-major `(cols, rows)` matrix.
-    fn tr(data: &'a [T], rows: usize) -> Self {
+    pub(super) fn tr(data: &'a [T], rows: usize) -> Self {
         Self {
             data,
             rs: 1,
@@ -226,7 +226,7 @@ impl<'a, T> View<'a, T> {
 /// `gemm`'s threading with candle's thread count. Samples run one after the other, each product over all threads:
 /// on the R50-ViT-B/16 convs (224², batch 4, 2 threads) this took 5.5 CPU-s for forward + both gradients against
 /// 7.1 CPU-s with the samples in parallel and single-threaded products (`conv_gemm_layer_timing`).
-fn parallelism() -> gemm::Parallelism {
+pub(super) fn parallelism() -> gemm::Parallelism {
     match candle_core::utils::get_num_threads() {
         0 | 1 => gemm::Parallelism::None,
         n => gemm::Parallelism::Rayon(n),
@@ -234,7 +234,7 @@ fn parallelism() -> gemm::Parallelism {
 }
 
 /// `dst (m, n)` (row-major, rows `dst_rs` apart) `= a (m, k) · b (k, n)`, or `+=` with `accumulate`.
-fn matmul<T: Float>(
+pub(super) fn matmul<T: Float>(
     dst: &mut [T],
     dst_rs: usize,
     (m, n, k): (usize, usize, usize),
@@ -248,7 +248,7 @@ fn matmul<T: Float>(
             && (m == 0 || (m - 1) * dst_rs + n <= dst.len())
             && a.fits(m, k)
             && b.fits(k, n),
-        "conv2d_gemm: matrix views out of bounds"
+        "gemm: matrix views out of bounds"
     );
     if m == 0 || n == 0 {
         return;
@@ -424,10 +424,111 @@ macro_rules! with_float {
             type $t = f64;
             $body
         } else {
-            candle_core::bail!("conv2d_gemm: only f32/f64 operands of equal dtype are supported")
+            candle_core::bail!("fused GEMM op: only f32/f64 operands of equal dtype are supported")
         }
     }};
 }
+pub(super) use with_float;
+
+/// `CustomOp2` (no bias) and `CustomOp3` (with bias) for a GEMM layer op `$op` with inherent methods
+/// `fwd(&self, x, w, Option<b>)` and `grads(&self, x, w, grad) -> (dx, dw)`; `$bias_grad` builds the op computing the
+/// bias gradient from `dY`, with `$me` bound to `self`.
+macro_rules! gemm_layer_op {
+    ($op:ty, $name:literal, $name_bias:literal, |$me:ident| $bias_grad:expr) => {
+        impl CustomOp2 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                s1: &CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+            ) -> candle_core::Result<(CpuStorage, Shape)> {
+                self.fwd((s1, l1), (s2, l2), None)
+            }
+
+            fn bwd(
+                &self,
+                x: &Tensor,
+                w: &Tensor,
+                _res: &Tensor,
+                grad: &Tensor,
+            ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+                self.grads(x, w, &grad.contiguous()?)
+            }
+        }
+
+        impl CustomOp3 for $op {
+            fn name(&self) -> &'static str {
+                $name_bias
+            }
+
+            fn cpu_fwd(
+                &self,
+                s1: &CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+                s3: &CpuStorage,
+                l3: &Layout,
+            ) -> candle_core::Result<(CpuStorage, Shape)> {
+                self.fwd((s1, l1), (s2, l2), Some((s3, l3)))
+            }
+
+            fn bwd(
+                &self,
+                x: &Tensor,
+                w: &Tensor,
+                b: &Tensor,
+                _res: &Tensor,
+                grad: &Tensor,
+            ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+                let grad = grad.contiguous()?;
+                let (dx, dw) = self.grads(x, w, &grad)?;
+                let $me = self;
+                let db = if b.track_op() {
+                    Some(grad.apply_op1_no_bwd(&$bias_grad)?)
+                } else {
+                    None
+                };
+                Ok((dx, dw, db))
+            }
+        }
+    };
+}
+pub(super) use gemm_layer_op;
+
+/// `CustomOp2` (forward only) for a gradient op `$op` over two f32/f64 operands named `$what_a`, `$what_b` in errors:
+/// `$body` computes the output `Vec<T>` from the slices `$a`, `$b` and the op's geometry `$g`; `$shape` is its shape.
+macro_rules! gemm_grad_op {
+    ($op:ty, $name:literal, ($what_a:literal, $what_b:literal), |$g:ident, $a:ident, $b:ident| $body:expr, $shape:expr) => {
+        impl CustomOp2 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                s1: &CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+            ) -> candle_core::Result<(CpuStorage, Shape)> {
+                let $g = &self.0;
+                let out = with_float!(T, [s1, s2], {
+                    let $a = super::cpu_data::<T>(s1, l1, $what_a)?;
+                    let $b = super::cpu_data::<T>(s2, l2, $what_b)?;
+                    T::to_cpu_storage_owned($body)
+                });
+                Ok((out, $shape))
+            }
+        }
+    };
+}
+pub(super) use gemm_grad_op;
 
 /// `y = conv2d(x, w) (+ b)`: a [`CustomOp2`] without bias, a [`CustomOp3`] with it.
 struct Conv(Geom);
@@ -481,113 +582,21 @@ impl Conv {
     }
 }
 
-impl CustomOp2 for Conv {
-    fn name(&self) -> &'static str {
-        "conv2d-gemm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.fwd((s1, l1), (s2, l2), None)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        self.grads(x, w, &grad.contiguous()?)
-    }
-}
-
-impl CustomOp3 for Conv {
-    fn name(&self) -> &'static str {
-        "conv2d-gemm-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.fwd((s1, l1), (s2, l2), Some((s3, l3)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let (dx, dw) = self.grads(x, w, &grad)?;
-        let db = if b.track_op() {
-            Some(grad.apply_op1_no_bwd(&BiasGrad(self.0))?)
-        } else {
-            None
-        };
-        Ok((dx, dw, db))
-    }
-}
-
-impl CustomOp2 for InputGrad {
-    fn name(&self) -> &'static str {
-        "conv2d-gemm-input-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dx = with_float!(T, [s1, s2], {
-            let (dy, w) = (
-                super::cpu_data::<T>(s1, l1, "conv2d_gemm gradient")?,
-                super::cpu_data::<T>(s2, l2, "conv2d_gemm kernel")?,
-            );
-            T::to_cpu_storage_owned(input_grad(&self.0, dy, w, parallelism()))
-        });
-        Ok((dx, self.0.x_shape()))
-    }
-}
-
-impl CustomOp2 for WeightGrad {
-    fn name(&self) -> &'static str {
-        "conv2d-gemm-weight-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dw = with_float!(T, [s1, s2], {
-            let (dy, x) = (
-                super::cpu_data::<T>(s1, l1, "conv2d_gemm gradient")?,
-                super::cpu_data::<T>(s2, l2, "conv2d_gemm input")?,
-            );
-            T::to_cpu_storage_owned(weight_grad(&self.0, dy, x, parallelism()))
-        });
-        Ok((dw, self.0.w_shape()))
-    }
-}
+gemm_layer_op!(Conv, "conv2d-gemm", "conv2d-gemm-bias", |op| BiasGrad(op.0));
+gemm_grad_op!(
+    InputGrad,
+    "conv2d-gemm-input-grad",
+    ("conv2d_gemm gradient", "conv2d_gemm kernel"),
+    |g, dy, w| input_grad(g, dy, w, parallelism()),
+    g.x_shape()
+);
+gemm_grad_op!(
+    WeightGrad,
+    "conv2d-gemm-weight-grad",
+    ("conv2d_gemm gradient", "conv2d_gemm input"),
+    |g, dy, x| weight_grad(g, dy, x, parallelism()),
+    g.w_shape()
+);
 
 impl CustomOp1 for BiasGrad {
     fn name(&self) -> &'static str {

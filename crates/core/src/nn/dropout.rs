@@ -40,6 +40,14 @@ impl Dropout {
         if self.p >= 1.0 {
             return Ok(x.zeros_like()?);
         }
+        if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+            let keep = bernoulli_keep_flags(x.elem_count(), self.p, seed);
+            let op = MaskScale {
+                keep: std::sync::Arc::new(keep),
+                scale: 1.0 / (1.0 - self.p),
+            };
+            return Ok(x.contiguous()?.apply_op1(op)?);
+        }
         let mask = bernoulli_keep_mask(x.elem_count(), self.p, seed);
         let mask = Tensor::from_vec(mask, x.shape(), &Device::Cpu)?
             .to_dtype(x.dtype())?
@@ -48,12 +56,74 @@ impl Dropout {
     }
 }
 
+/// Inverted dropout on the CPU as one op: `y = x·scale` where kept, `0` elsewhere. candle's `x * mask` would, in
+/// backward, also compute the (unused) gradient of the mask and allocate a zero gradient buffer for each operand;
+/// here the backward is the same masking applied to the incoming gradient. Values equal `x * mask` bit for bit
+/// (`scale` is rounded to the element type as the mask tensor's entries are).
+#[derive(Clone)]
+struct MaskScale {
+    keep: std::sync::Arc<Vec<bool>>,
+    scale: f64,
+}
+
+impl MaskScale {
+    fn apply<T: candle_core::WithDType>(&self, x: &[T]) -> Vec<T> {
+        let scale = T::from_f64(self.scale);
+        x.iter()
+            .zip(self.keep.iter())
+            .map(|(&v, &k)| if k { v * scale } else { v * T::zero() })
+            .collect()
+    }
+}
+
+impl candle_core::CustomOp1 for MaskScale {
+    fn name(&self) -> &'static str {
+        "dropout-mask"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        if l.shape().elem_count() != self.keep.len() {
+            candle_core::bail!(
+                "dropout: mask of {} for {} elements",
+                self.keep.len(),
+                l.shape().elem_count()
+            );
+        }
+        let y = match s {
+            S::F32(_) => S::F32(self.apply(super::cpu_data::<f32>(s, l, "dropout input")?)),
+            S::F64(_) => S::F64(self.apply(super::cpu_data::<f64>(s, l, "dropout input")?)),
+            _ => candle_core::bail!("dropout: only f32/f64 on the CPU"),
+        };
+        Ok((y, l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(self)?))
+    }
+}
+
+/// The keep decisions of [`bernoulli_keep_mask`] (same stream, same draws).
+fn bernoulli_keep_flags(n: usize, p: f64, seed: u64) -> Vec<bool> {
+    let mut rng = stream_rng(seed, "dropout", &[]);
+    (0..n).map(|_| rng.gen::<f64>() >= p).collect()
+}
+
 /// `n` values, each `1/(1−p)` with probability `1−p` and `0` otherwise (f64 so the scale is exact before casting).
 fn bernoulli_keep_mask(n: usize, p: f64, seed: u64) -> Vec<f64> {
-    let mut rng = stream_rng(seed, "dropout", &[]);
     let keep = 1.0 / (1.0 - p);
-    (0..n)
-        .map(|_| if rng.gen::<f64>() < p { 0.0 } else { keep })
+    bernoulli_keep_flags(n, p, seed)
+        .into_iter()
+        .map(|k| if k { keep } else { 0.0 })
         .collect()
 }
 
@@ -64,4 +134,72 @@ pub fn dropout_mask(shape: &[usize], p: f64, seed: u64) -> Result<Tensor> {
         Tensor::from_vec(bernoulli_keep_mask(n, p, seed), shape, &Device::Cpu)?
             .to_dtype(DType::F32)?,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    /// The fused CPU op equals the composed `x * mask` (the path other devices take) bit for bit, forward and
+    /// gradient, in f32 and f64.
+    #[test]
+    fn fused_cpu_path_equals_the_mask_product() {
+        for dt in [DType::F32, DType::F64] {
+            let v: Vec<f64> = (0..600)
+                .map(|i| ((i * 29 % 97) as f64 - 48.0) / 7.0)
+                .collect();
+            let x = Var::from_tensor(
+                &Tensor::from_vec(v, (4, 5, 30), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap(),
+            )
+            .unwrap();
+            let fused = Dropout::new(0.3).forward_t(x.as_tensor(), Some(5)).unwrap();
+            // The mask the other devices' path builds: f64 values cast to the element type.
+            let mask = Tensor::from_vec(bernoulli_keep_mask(600, 0.3, 5), (4, 5, 30), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let composed = x.as_tensor().mul(&mask).unwrap();
+            let flat = |t: &Tensor| {
+                t.to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+            };
+            assert_eq!(flat(&fused), flat(&composed), "{dt:?} forward");
+            let dropped = flat(&mask).iter().filter(|&&m| m == 0.0).count();
+            assert!(
+                dropped > 120 && dropped < 240,
+                "{dropped} of 600 dropped at p = 0.3"
+            );
+            let r = Tensor::arange(0f64, 600.0, &Device::Cpu)
+                .unwrap()
+                .reshape((4, 5, 30))
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let gf = (&fused * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gc = (&composed * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            assert_eq!(
+                flat(gf.get(x.as_tensor()).unwrap()),
+                flat(gc.get(x.as_tensor()).unwrap()),
+                "{dt:?} gradient"
+            );
+        }
+    }
 }

@@ -7,7 +7,7 @@ use crate::config::TransUnetConfig;
 use crate::nn::{self, LayerNorm};
 use crate::{Error, Result};
 use candle_core::Tensor;
-use candle_nn::{Init, Linear, Module, VarBuilder};
+use candle_nn::{Init, Linear, VarBuilder};
 
 pub const LN_EPS: f64 = 1e-6;
 
@@ -55,10 +55,10 @@ impl Attention {
     /// `seeds`: dropout seeds of the attention-probability and output-projection dropouts.
     pub fn forward_t(&self, x: &Tensor, seeds: Option<(u64, u64)>) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
-        let q = self.heads(&self.query.forward(x)?)?;
-        let k = self.heads(&self.key.forward(x)?)?;
-        let v = self.heads(&self.value.forward(x)?)?;
-        let scores = (q.matmul(&k.t()?.contiguous()?)? / (self.head_dim as f64).sqrt())?;
+        let q = self.heads(&nn::linear_layer(&self.query, x)?)?;
+        let k = self.heads(&nn::linear_layer(&self.key, x)?)?;
+        let v = self.heads(&nn::linear_layer(&self.value, x)?)?;
+        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
         let probs = nn::softmax(&scores, 3)?;
         let probs = self.attn_dropout.forward_t(&probs, seeds.map(|s| s.0))?;
         let ctx = probs
@@ -66,7 +66,7 @@ impl Attention {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, n, d))?;
-        let out = self.out.forward(&ctx)?;
+        let out = nn::linear_layer(&self.out, &ctx)?;
         self.proj_dropout.forward_t(&out, seeds.map(|s| s.1))
     }
 }
@@ -110,9 +110,9 @@ impl Mlp {
     }
 
     pub fn forward_t(&self, x: &Tensor, seeds: Option<(u64, u64)>) -> Result<Tensor> {
-        let y = nn::gelu(&self.fc1.forward(x)?)?;
+        let y = nn::gelu(&nn::linear_layer(&self.fc1, x)?)?;
         let y = self.dropout.forward_t(&y, seeds.map(|s| s.0))?;
-        let y = self.fc2.forward(&y)?;
+        let y = nn::linear_layer(&self.fc2, &y)?;
         self.dropout.forward_t(&y, seeds.map(|s| s.1))
     }
 }
