@@ -430,11 +430,59 @@ macro_rules! with_float {
 }
 pub(super) use with_float;
 
-/// `CustomOp2` (no bias) and `CustomOp3` (with bias) for a GEMM layer op `$op` with inherent methods
-/// `fwd(&self, x, w, Option<b>)` and `grads(&self, x, w, grad) -> (dx, dw)`; `$bias_grad` builds the op computing the
-/// bias gradient from `dY`, with `$me` bound to `self`.
+/// A GEMM layer op `$op(geometry)`: `CustomOp2` (no bias) and `CustomOp3` (with bias), whose CPU forward runs `$forward`
+/// on the f32/f64 slices `$x`, `$w`, `$bias: Option<&[T]>` and geometry `$g` (output shape `$y_shape`), and whose
+/// backward applies the gradient ops `$input_grad`, `$weight_grad`, `$bias_grad` (each built from `$geom`, with `$me`
+/// bound to the op) only for tracked operands. `$what` names the operands in errors.
 macro_rules! gemm_layer_op {
-    ($op:ty, $name:literal, $name_bias:literal, |$me:ident| $bias_grad:expr) => {
+    (
+        $op:ident, ($name:literal, $name_bias:literal), $what:literal,
+        |$g:ident, $x:ident, $w:ident, $bias:ident| $forward:expr, $y_shape:expr,
+        ($input_grad:ident, $weight_grad:ident, $bias_grad:ident), |$me:ident| $geom:expr
+    ) => {
+        impl $op {
+            fn fwd(
+                &self,
+                (xs, xl): (&CpuStorage, &Layout),
+                (ws, wl): (&CpuStorage, &Layout),
+                b: Option<(&CpuStorage, &Layout)>,
+            ) -> candle_core::Result<(CpuStorage, Shape)> {
+                let $g = &self.0;
+                let bs = b.map_or(xs, |b| b.0);
+                let y = with_float!(T, [xs, ws, bs], {
+                    let $bias = match b {
+                        Some((s, l)) => Some(super::cpu_data::<T>(s, l, concat!($what, " bias"))?),
+                        None => None,
+                    };
+                    let $x = super::cpu_data::<T>(xs, xl, concat!($what, " input"))?;
+                    let $w = super::cpu_data::<T>(ws, wl, concat!($what, " weight"))?;
+                    T::to_cpu_storage_owned($forward)
+                });
+                Ok((y, $y_shape))
+            }
+
+            /// Gradients of the input and the weight, each only where its operand is tracked.
+            fn grads(
+                &self,
+                x: &Tensor,
+                w: &Tensor,
+                grad: &Tensor,
+            ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+                let $me = self;
+                let dx = if x.track_op() {
+                    Some(grad.apply_op2_no_bwd(&w.contiguous()?, &$input_grad($geom))?)
+                } else {
+                    None
+                };
+                let dw = if w.track_op() {
+                    Some(grad.apply_op2_no_bwd(&x.contiguous()?, &$weight_grad($geom))?)
+                } else {
+                    None
+                };
+                Ok((dx, dw))
+            }
+        }
+
         impl CustomOp2 for $op {
             fn name(&self) -> &'static str {
                 $name
@@ -490,7 +538,7 @@ macro_rules! gemm_layer_op {
                 let (dx, dw) = self.grads(x, w, &grad)?;
                 let $me = self;
                 let db = if b.track_op() {
-                    Some(grad.apply_op1_no_bwd(&$bias_grad)?)
+                    Some(grad.apply_op1_no_bwd(&$bias_grad($geom))?)
                 } else {
                     None
                 };
@@ -539,50 +587,15 @@ struct WeightGrad(Geom);
 /// `db` from `dY` (no backward of its own).
 struct BiasGrad(Geom);
 
-impl Conv {
-    fn fwd(
-        &self,
-        (xs, xl): (&CpuStorage, &Layout),
-        (ws, wl): (&CpuStorage, &Layout),
-        b: Option<(&CpuStorage, &Layout)>,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let bs = b.map_or(xs, |b| b.0);
-        let y = with_float!(T, [xs, ws, bs], {
-            let bias = match b {
-                Some((s, l)) => Some(super::cpu_data::<T>(s, l, "conv2d_gemm bias")?),
-                None => None,
-            };
-            let (x, w) = (
-                super::cpu_data::<T>(xs, xl, "conv2d_gemm input")?,
-                super::cpu_data::<T>(ws, wl, "conv2d_gemm kernel")?,
-            );
-            T::to_cpu_storage_owned(forward(&self.0, x, w, bias, parallelism()))
-        });
-        Ok((y, self.0.y_shape()))
-    }
-
-    /// Gradients of the input and the kernel, each only where its operand is tracked.
-    fn grads(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = if x.track_op() {
-            Some(grad.apply_op2_no_bwd(&w.contiguous()?, &InputGrad(self.0))?)
-        } else {
-            None
-        };
-        let dw = if w.track_op() {
-            Some(grad.apply_op2_no_bwd(&x.contiguous()?, &WeightGrad(self.0))?)
-        } else {
-            None
-        };
-        Ok((dx, dw))
-    }
-}
-
-gemm_layer_op!(Conv, "conv2d-gemm", "conv2d-gemm-bias", |op| BiasGrad(op.0));
+gemm_layer_op!(
+    Conv,
+    ("conv2d-gemm", "conv2d-gemm-bias"),
+    "conv2d_gemm",
+    |g, x, w, bias| forward(g, x, w, bias, parallelism()),
+    g.y_shape(),
+    (InputGrad, WeightGrad, BiasGrad),
+    |op| op.0
+);
 gemm_grad_op!(
     InputGrad,
     "conv2d-gemm-input-grad",
@@ -677,11 +690,12 @@ pub fn conv2d_layer(conv: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use candle_core::Device;
 
-    fn ramp(shape: &[usize], scale: f64) -> Tensor {
+    /// A deterministic f64 test tensor with values in `[−scale/2, scale/2)` (shared with the fused Linear's tests).
+    pub(in crate::nn) fn ramp(shape: &[usize], scale: f64) -> Tensor {
         let n: usize = shape.iter().product();
         let v: Vec<f64> = (0..n)
             .map(|i| ((i * 7919 % 113) as f64 / 113.0 - 0.5) * scale)
@@ -741,7 +755,8 @@ mod tests {
     }
 
     /// Largest `|a − b|` over all elements, relative to `max |b|`.
-    fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    /// Largest absolute difference relative to the largest magnitude of `b`.
+    pub(in crate::nn) fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
         let max = |t: Tensor| -> f64 {
             t.to_dtype(DType::F64)
                 .unwrap()

@@ -89,49 +89,15 @@ struct WeightGrad(Geom);
 /// `db` from `dY` (no backward of its own).
 struct BiasGrad(Geom);
 
-impl Linear {
-    fn fwd(
-        &self,
-        (xs, xl): (&CpuStorage, &Layout),
-        (ws, wl): (&CpuStorage, &Layout),
-        b: Option<(&CpuStorage, &Layout)>,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let bs = b.map_or(xs, |b| b.0);
-        let y = with_float!(T, [xs, ws, bs], {
-            let bias = match b {
-                Some((s, l)) => Some(super::cpu_data::<T>(s, l, "linear bias")?),
-                None => None,
-            };
-            let x = super::cpu_data::<T>(xs, xl, "linear input")?;
-            let w = super::cpu_data::<T>(ws, wl, "linear weight")?;
-            T::to_cpu_storage_owned(forward(&self.0, x, w, bias))
-        });
-        Ok((y, self.0.y_shape()))
-    }
-
-    fn grads(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = if x.track_op() {
-            Some(grad.apply_op2_no_bwd(&w.contiguous()?, &InputGrad(self.0.clone()))?)
-        } else {
-            None
-        };
-        let dw = if w.track_op() {
-            Some(grad.apply_op2_no_bwd(&x.contiguous()?, &WeightGrad(self.0.clone()))?)
-        } else {
-            None
-        };
-        Ok((dx, dw))
-    }
-}
-
-gemm_layer_op!(Linear, "linear-gemm", "linear-gemm-bias", |op| BiasGrad(
-    op.0.clone()
-));
+gemm_layer_op!(
+    Linear,
+    ("linear-gemm", "linear-gemm-bias"),
+    "linear",
+    |g, x, w, bias| forward(g, x, w, bias),
+    g.y_shape(),
+    (InputGrad, WeightGrad, BiasGrad),
+    |op| op.0.clone()
+);
 gemm_grad_op!(
     InputGrad,
     "linear-gemm-input-grad",
@@ -211,27 +177,12 @@ mod tests {
     use candle_core::{Device, Var};
     use candle_nn::Module;
 
+    use crate::nn::conv_gemm::tests::rel_diff;
+
     fn ramp(shape: &[usize], scale: f64, dt: DType) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n)
-            .map(|i| ((i * 37 % 101) as f64 / 101.0 - 0.5) * scale)
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
-            .unwrap()
+        crate::nn::conv_gemm::tests::ramp(shape, scale)
             .to_dtype(dt)
             .unwrap()
-    }
-
-    fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
-        let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-        let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-        let (a, b) = (a.to_vec1::<f64>().unwrap(), b.to_vec1::<f64>().unwrap());
-        assert_eq!(a.len(), b.len());
-        let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
-        a.iter()
-            .zip(&b)
-            .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
-            / scale
     }
 
     /// Values and all three gradients against candle's `Linear` (broadcast matmul + broadcast add), for 2-D, 3-D and
