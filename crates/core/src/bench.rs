@@ -80,6 +80,16 @@ pub fn workloads() -> Vec<(&'static str, &'static str, Setup)> {
             transunet_train_step,
         ),
         (
+            "transunet-sgd-step",
+            "the SGD update alone (momentum 0.9, weight decay 1e-4) over the TransUNet's parameters with fixed gradients",
+            |o, c| transunet_sgd_step(o, c, true),
+        ),
+        (
+            "transunet-sgd-step-composed",
+            "as transunet-sgd-step with the composed tensor ops instead of the in-place CPU kernels (the CUDA path)",
+            |o, c| transunet_sgd_step(o, c, false),
+        ),
+        (
             "sam-encoder-forward",
             "frozen SAM image encoder forward at sam.img_size (plain tensors, fused kernels; default batch 1)",
             sam_encoder_forward,
@@ -297,6 +307,26 @@ fn transunet_train_step(opts: &BenchOptions, cfg: &Config) -> Result<Prepared> {
             train_step(&model, &mut opt, &mut sched, &x, &y, Some(seed))?;
             Ok(())
         }),
+    })
+}
+
+fn transunet_sgd_step(opts: &BenchOptions, cfg: &Config, in_place: bool) -> Result<Prepared> {
+    use crate::train::optim::Optimizer;
+    use crate::train::phase1::{build_model, make_optimizer};
+    let tcfg = cfg.model.transunet.clone();
+    let varmap = candle_nn::VarMap::new();
+    let _model = build_model(&tcfg, &varmap, 42, &opts.device, None)?;
+    let mut opt = make_optimizer(&varmap, 0.01, 0.9, 1e-4)?;
+    let mut grads = crate::train::optim::Grads::new();
+    let mut n = 0;
+    for (key, var) in &opt.groups()[0].params {
+        grads.insert(key.clone(), var.as_tensor().randn_like(0.0, 1e-3)?);
+        n += var.elem_count();
+    }
+    Ok(Prepared {
+        batch: 1,
+        items: Some(n),
+        step: Box::new(move || opt.step_with(&grads, in_place)),
     })
 }
 

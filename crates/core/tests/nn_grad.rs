@@ -801,6 +801,44 @@ fn fused_gelu_matches_candle_values_and_exact_gradient() {
 }
 
 #[test]
+fn fused_relu_matches_candle_and_has_zero_gradient_at_zero() {
+    let x = rand_t(&[3, 5, 37], -2.0, 2.0, 185);
+    for (dtype, rtol) in [(DType::F64, 0.0), (DType::F32, 0.0)] {
+        let xt = x.to_dtype(dtype).unwrap();
+        // Away from 0 both rules agree exactly: the value is x or 0 and the gradient dy or 0.
+        compare_fused(
+            &format!("relu {dtype:?}"),
+            std::slice::from_ref(&xt),
+            &[true],
+            |t| nn::relu(&t[0]),
+            |t| Ok(t[0].relu()?),
+            rtol,
+        );
+    }
+    // At exactly 0 the gradient is 0 (PyTorch's threshold_backward; candle's relu gives 1), and a transposed
+    // (non-contiguous) input works.
+    let x = Var::from_tensor(&Tensor::new(&[[-1.0f32, 0.0], [0.0, 2.5]], &Device::Cpu).unwrap())
+        .unwrap();
+    let y = nn::relu(&x.as_tensor().t().unwrap()).unwrap();
+    assert_eq!(
+        to_vec(&y.to_dtype(DType::F64).unwrap()),
+        vec![0.0, 0.0, 0.0, 2.5]
+    );
+    let w = Tensor::new(&[[3.0f32, 5.0], [7.0, 11.0]], &Device::Cpu).unwrap();
+    let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let gx = g.get(x.as_tensor()).unwrap().to_dtype(DType::F64).unwrap();
+    // y = xᵀ, so dL/dx = (w ⊙ [xᵀ > 0])ᵀ: only x[1][1] = 2.5 passes, with w[1][1] = 11.
+    assert_eq!(to_vec(&gx), vec![0.0, 0.0, 0.0, 11.0]);
+    fd_check(
+        "relu",
+        &[rand_t(&[4, 6], -3.0, 3.0, 186)],
+        |t| nn::relu(&t[0]),
+        RTOL,
+        24,
+    );
+}
+
+#[test]
 fn fused_layer_norm_2d_matches_composed() {
     let reference = |t: &[Tensor]| -> Res<Tensor> {
         let x = &t[0];

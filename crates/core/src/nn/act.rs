@@ -11,6 +11,15 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     Ok(x.gelu_erf()?)
 }
 
+/// `max(x, 0)`. On the CPU in f32/f64 one fused op whose backward is one pass; elsewhere candle's `relu`. Both give
+/// zero gradient where `x < 0`; at exactly 0 the fused op gives 0 (PyTorch) and candle 1.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    if super::fused::supported(&[x]) {
+        return super::fused::relu(x);
+    }
+    Ok(x.relu()?)
+}
+
 /// Numerically stable softmax along `dim`, built from differentiable primitives.
 ///
 /// `softmax_last_dim` has no backward (silently detaches), hence this. Over the last axis of a CPU f32/f64 tensor it

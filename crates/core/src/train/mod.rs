@@ -13,6 +13,7 @@ pub mod history;
 pub mod losses;
 pub mod metrics;
 pub mod optim;
+mod optim_fused;
 pub mod phase1;
 pub mod phase2;
 pub mod phase3;

@@ -11,6 +11,7 @@
 //! grads.clip_norm(1.0)?;                    // --grad-clip, 0 disables
 //! opt.step(&grads)?;
 //! ```
+use super::optim_fused;
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
@@ -227,7 +228,11 @@ fn take_state(tensors: &HashMap<String, Tensor>, key: &str, like: &Var) -> Resul
                     like.as_tensor().dims()
                 )));
             }
-            Ok(Some(t.to_dtype(like.dtype())?.to_device(like.device())?))
+            // A copy of its own: the CPU kernels update the optimiser state in place, and the caller's tensor
+            // (e.g. a loaded checkpoint) must not change under it.
+            Ok(Some(
+                t.to_dtype(like.dtype())?.to_device(like.device())?.copy()?,
+            ))
         }
     }
 }
@@ -258,22 +263,59 @@ impl Sgd {
     }
 }
 
-impl Optimizer for Sgd {
-    fn step(&mut self, grads: &Grads) -> Result<()> {
+impl Sgd {
+    /// [`Optimizer::step`] with the in-place CPU kernels (`true`, the default) or the composed ops (`false`, the
+    /// path CUDA takes), for benchmarks.
+    pub fn step_with(&mut self, grads: &Grads, in_place: bool) -> Result<()> {
+        self.step_impl(grads, in_place)
+    }
+
+    /// One step; `in_place` uses the fused CPU kernels of [`super::optim_fused`] where they apply (same bits as the
+    /// composed ops, which run elsewhere and in the tests).
+    fn step_impl(&mut self, grads: &Grads, in_place: bool) -> Result<()> {
         for grp in &self.groups {
             for (key, var) in &grp.params {
                 let Some(g) = grads.get(key) else { continue };
                 let theta = var.as_tensor().detach();
                 let g = g.to_dtype(theta.dtype())?;
+                let buf = self.bufs.get(key).filter(|_| self.momentum != 0.0);
+                if in_place {
+                    let g = g.contiguous()?;
+                    if let Some(b) = buf {
+                        if optim_fused::supported(&[&theta, b, &g]) {
+                            optim_fused::sgd_momentum_step(
+                                &theta,
+                                b,
+                                &g,
+                                grp.lr,
+                                self.momentum,
+                                grp.weight_decay,
+                            )?;
+                            continue;
+                        }
+                    } else if optim_fused::supported(&[&theta, &g]) {
+                        // First step: the buffer starts as the decayed gradient (a fresh tensor, never the gradient
+                        // itself, since later steps update it in place).
+                        let d = if grp.weight_decay != 0.0 {
+                            (&g + theta.affine(grp.weight_decay, 0.0)?)?
+                        } else {
+                            g.copy()?
+                        };
+                        optim_fused::sgd_apply(&theta, &d, grp.lr)?;
+                        if self.momentum != 0.0 {
+                            self.bufs.insert(key.clone(), d);
+                        }
+                        continue;
+                    }
+                }
                 let d = if grp.weight_decay != 0.0 {
                     (g + theta.affine(grp.weight_decay, 0.0)?)?
                 } else {
                     g
                 };
-                let buf = match (self.momentum != 0.0, self.bufs.get(key)) {
-                    (false, _) => d,
-                    (true, None) => d,
-                    (true, Some(b)) => (b.affine(self.momentum, 0.0)? + d)?,
+                let buf = match buf {
+                    None => d,
+                    Some(b) => (b.affine(self.momentum, 0.0)? + d)?,
                 };
                 let new = (theta - buf.affine(grp.lr, 0.0)?)?;
                 var.set(&new)?;
@@ -283,6 +325,12 @@ impl Optimizer for Sgd {
             }
         }
         Ok(())
+    }
+}
+
+impl Optimizer for Sgd {
+    fn step(&mut self, grads: &Grads) -> Result<()> {
+        self.step_impl(grads, true)
     }
     fn groups(&self) -> &[ParamGroup] {
         &self.groups
@@ -376,8 +424,9 @@ impl AdamW {
     }
 }
 
-impl Optimizer for AdamW {
-    fn step(&mut self, grads: &Grads) -> Result<()> {
+impl AdamW {
+    /// One step; `in_place` as for [`Sgd`].
+    fn step_impl(&mut self, grads: &Grads, in_place: bool) -> Result<()> {
         for grp in &self.groups {
             for (key, var) in &grp.params {
                 let Some(g) = grads.get(key) else { continue };
@@ -392,6 +441,26 @@ impl Optimizer for AdamW {
                     },
                 };
                 let step = st.step + 1;
+                let bc1 = 1.0 - self.beta1.powi(step as i32);
+                let bc2 = 1.0 - self.beta2.powi(step as i32);
+                let step_size = grp.lr / bc1;
+                let g = if in_place { g.contiguous()? } else { g };
+                if in_place && optim_fused::supported(&[&theta, &st.exp_avg, &st.exp_avg_sq, &g]) {
+                    let decay =
+                        (grp.weight_decay != 0.0).then_some(1.0 - grp.lr * grp.weight_decay);
+                    optim_fused::adamw_step(
+                        &theta,
+                        &st.exp_avg,
+                        &st.exp_avg_sq,
+                        &g,
+                        (self.beta1, self.beta2, self.eps),
+                        decay,
+                        step_size,
+                        1.0 / bc2.sqrt(),
+                    )?;
+                    self.state.insert(key.clone(), AdamState { step, ..st });
+                    continue;
+                }
                 let theta = if grp.weight_decay != 0.0 {
                     theta.affine(1.0 - grp.lr * grp.weight_decay, 0.0)?
                 } else {
@@ -402,9 +471,6 @@ impl Optimizer for AdamW {
                     (&st.exp_avg + (g.sub(&st.exp_avg)?.affine(1.0 - self.beta1, 0.0)?))?;
                 let exp_avg_sq = (st.exp_avg_sq.affine(self.beta2, 0.0)?
                     + g.sqr()?.affine(1.0 - self.beta2, 0.0)?)?;
-                let bc1 = 1.0 - self.beta1.powi(step as i32);
-                let bc2 = 1.0 - self.beta2.powi(step as i32);
-                let step_size = grp.lr / bc1;
                 let denom = exp_avg_sq.sqrt()?.affine(1.0 / bc2.sqrt(), self.eps)?;
                 let upd = exp_avg.div(&denom)?.affine(step_size, 0.0)?;
                 var.set(&(theta - upd)?)?;
@@ -419,6 +485,12 @@ impl Optimizer for AdamW {
             }
         }
         Ok(())
+    }
+}
+
+impl Optimizer for AdamW {
+    fn step(&mut self, grads: &Grads) -> Result<()> {
+        self.step_impl(grads, true)
     }
     fn groups(&self) -> &[ParamGroup] {
         &self.groups
@@ -755,5 +827,164 @@ mod tests {
         assert_eq!(acc.get("w").unwrap().to_vec1::<f64>().unwrap(), vec![6.0]);
         assert_eq!(steps_per_epoch(10, 3), 3);
         assert_eq!(steps_per_epoch(10, 1), 10);
+    }
+
+    /// Parameters and per-step gradients with values of both signs and a spread of magnitudes.
+    fn random_problem(seed: u64) -> (Vec<Vec<f64>>, Vec<Vec<Vec<f64>>>) {
+        use rand::Rng;
+        let mut rng = crate::rng::stream_rng(seed, "optim-fused-test", &[]);
+        let mut draw = |n: usize| -> Vec<f64> {
+            (0..n)
+                .map(|_| rng.gen_range(-1.0..1.0) * 10f64.powi(rng.gen_range(-3..2)))
+                .collect()
+        };
+        let params = vec![draw(70_001), draw(3), draw(1)];
+        let steps = (0..4)
+            .map(|_| params.iter().map(|p| draw(p.len())).collect())
+            .collect();
+        (params, steps)
+    }
+
+    /// Runs `steps` updates of one optimiser kind with the in-place kernels and with the composed ops and returns
+    /// both final parameter sets and state tensors.
+    fn fused_and_composed(
+        dtype: DType,
+        make: &dyn Fn(
+            Vec<ParamGroup>,
+        ) -> Box<dyn FnMut(&Grads, bool) -> Result<Vec<(String, Tensor)>>>,
+        wd: f64,
+    ) -> [Vec<Vec<f64>>; 2] {
+        let (params, steps) = random_problem(41);
+        let run = |in_place: bool| -> Vec<Vec<f64>> {
+            let vars: Vec<Var> = params
+                .iter()
+                .map(|p| {
+                    Var::from_tensor(
+                        &Tensor::new(p.as_slice(), &Device::Cpu)
+                            .unwrap()
+                            .to_dtype(dtype)
+                            .unwrap(),
+                    )
+                    .unwrap()
+                })
+                .collect();
+            let named: Vec<(String, Var)> = vars
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (format!("p{i}"), v.clone()))
+                .collect();
+            let mut step = make(vec![ParamGroup::new("g", 0.05, wd, named)]);
+            let mut state = Vec::new();
+            for gs in &steps {
+                let mut g = Grads::new();
+                for (i, v) in gs.iter().enumerate() {
+                    g.insert(
+                        format!("p{i}"),
+                        Tensor::new(v.as_slice(), &Device::Cpu)
+                            .unwrap()
+                            .to_dtype(dtype)
+                            .unwrap(),
+                    );
+                }
+                state = step(&g, in_place).unwrap();
+            }
+            let mut out: Vec<Vec<f64>> = vars
+                .iter()
+                .map(|v| {
+                    v.as_tensor()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                })
+                .collect();
+            for (_, t) in state {
+                out.push(
+                    t.to_dtype(DType::F64)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap(),
+                );
+            }
+            out
+        };
+        [run(true), run(false)]
+    }
+
+    #[test]
+    fn in_place_updates_equal_the_composed_ops_bit_for_bit() {
+        for dtype in [DType::F32, DType::F64] {
+            for wd in [0.0, 1e-4] {
+                for momentum in [0.0, 0.9] {
+                    let [a, b] = fused_and_composed(
+                        dtype,
+                        &|groups| {
+                            let mut opt = Sgd::new(groups, momentum).unwrap();
+                            Box::new(move |g: &Grads, in_place: bool| {
+                                opt.step_impl(g, in_place)?;
+                                opt.state_tensors()
+                            })
+                        },
+                        wd,
+                    );
+                    assert_eq!(a.len(), if momentum != 0.0 { 6 } else { 3 });
+                    // Bits, not values: to_bits distinguishes −0 from +0 and every rounding.
+                    let bits = |v: &Vec<Vec<f64>>| -> Vec<Vec<u64>> {
+                        v.iter()
+                            .map(|p| p.iter().map(|x| x.to_bits()).collect())
+                            .collect()
+                    };
+                    assert_eq!(
+                        bits(&a),
+                        bits(&b),
+                        "SGD {dtype:?} wd {wd} momentum {momentum}"
+                    );
+                }
+                let [a, b] = fused_and_composed(
+                    dtype,
+                    &|groups| {
+                        let mut opt = AdamW::new(groups).unwrap();
+                        Box::new(move |g: &Grads, in_place: bool| {
+                            opt.step_impl(g, in_place)?;
+                            opt.state_tensors()
+                        })
+                    },
+                    wd * 100.0,
+                );
+                assert_eq!(a.len(), 3 + 3 * 3);
+                let bits = |v: &Vec<Vec<f64>>| -> Vec<Vec<u64>> {
+                    v.iter()
+                        .map(|p| p.iter().map(|x| x.to_bits()).collect())
+                        .collect()
+                };
+                assert_eq!(bits(&a), bits(&b), "AdamW {dtype:?} wd {}", wd * 100.0);
+            }
+        }
+    }
+
+    #[test]
+    fn loaded_state_is_not_changed_by_later_steps() {
+        let w = var(&[1.0, -2.0]);
+        let group = || {
+            vec![ParamGroup::new(
+                "g",
+                0.1,
+                0.0,
+                vec![("w".into(), w.clone())],
+            )]
+        };
+        let mut opt = Sgd::new(group(), 0.9).unwrap();
+        opt.step(&grads(&[("w", &[0.5, 0.25])])).unwrap();
+        let saved: HashMap<String, Tensor> = opt.state_tensors().unwrap().into_iter().collect();
+        let before: Vec<Vec<f64>> = saved.values().map(|t| t.to_vec1().unwrap()).collect();
+        let mut resumed = Sgd::new(group(), 0.9).unwrap();
+        resumed.load_state(&saved).unwrap();
+        resumed.step(&grads(&[("w", &[1.0, 1.0])])).unwrap();
+        let after: Vec<Vec<f64>> = saved.values().map(|t| t.to_vec1().unwrap()).collect();
+        assert_eq!(before, after);
+        let buf: Vec<f64> = resumed.momentum_buffer("w").unwrap().to_vec1().unwrap();
+        assert_eq!(buf, vec![0.9 * 0.5 + 1.0, 0.9 * 0.25 + 1.0]);
     }
 }

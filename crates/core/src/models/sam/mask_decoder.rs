@@ -75,7 +75,7 @@ impl MlpBlock {
         })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.lin2.forward(&self.lin1.forward(x)?.relu()?)
+        self.lin2.forward(&crate::nn::relu(&self.lin1.forward(x)?)?)
     }
 }
 
@@ -217,7 +217,7 @@ impl Mlp {
         for (i, l) in self.layers.iter().enumerate() {
             x = l.forward(&x)?;
             if i + 1 < n {
-                x = x.relu()?;
+                x = crate::nn::relu(&x)?;
             }
         }
         Ok(x)
