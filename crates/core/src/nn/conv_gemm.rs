@@ -934,6 +934,36 @@ pub(super) mod tests {
 
     /// f32, with and without a recorded gradient and with a fused bias: within 1e-5 (relative to the largest
     /// output) of candle's conv2d + broadcast bias, over the ResNet/decoder geometries.
+    /// Non-square kernels take the shifted-view forward (stride 1) and, having no square flip, the col2im input
+    /// gradient.
+    #[test]
+    fn non_square_kernels_match_candle() {
+        for (kh, kw, pad) in [(1, 3, 1), (3, 1, 0), (2, 3, 1)] {
+            let x = candle_core::Var::from_tensor(&ramp(&[2, 3, 6, 7], 2.0)).unwrap();
+            let w = candle_core::Var::from_tensor(&ramp(&[4, 3, kh, kw], 1.0)).unwrap();
+            let ours = conv2d_gemm(x.as_tensor(), w.as_tensor(), 1, pad).unwrap();
+            let theirs = x.as_tensor().conv2d(w.as_tensor(), pad, 1, 1, 1).unwrap();
+            let case = format!("{kh}x{kw} p{pad}");
+            assert_eq!(ours.dims(), theirs.dims(), "{case}");
+            assert!(rel_diff(&ours, &theirs) < 1e-12, "{case}: forward");
+            let r = ramp(theirs.dims(), 3.0);
+            let go = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gt = (&theirs * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, v) in [("x", &x), ("w", &w)] {
+                let (a, e) = (
+                    go.get(v.as_tensor()).unwrap(),
+                    gt.get(v.as_tensor()).unwrap(),
+                );
+                assert!(rel_diff(a, e) < 1e-12, "{case}: {name} gradient");
+            }
+        }
+    }
+
     #[test]
     fn f32_forward_is_close_to_candle() {
         let cases = [

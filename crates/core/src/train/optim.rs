@@ -298,8 +298,10 @@ impl Sgd {
                         // itself, since later steps update it in place).
                         let d = if grp.weight_decay != 0.0 {
                             (&g + theta.affine(grp.weight_decay, 0.0)?)?
-                        } else {
+                        } else if self.momentum != 0.0 {
                             g.copy()?
+                        } else {
+                            g
                         };
                         optim_fused::sgd_apply(&theta, &d, grp.lr)?;
                         if self.momentum != 0.0 {
