@@ -879,43 +879,39 @@ pub(super) mod tests {
             (1, 4, 7, 5, 2, 5, 1, 4),
         ];
         for (b, c, h, w, co, k, s, p) in cases {
-            let x = candle_core::Var::from_tensor(&ramp(&[b, c, h, w], 2.0)).unwrap();
-            let wt = candle_core::Var::from_tensor(&ramp(&[co, c, k, k], 1.0)).unwrap();
-            let ours = conv2d_gemm(x.as_tensor(), wt.as_tensor(), s, p).unwrap();
-            let theirs = x.as_tensor().conv2d(wt.as_tensor(), p, s, 1, 1).unwrap();
-            let r = ramp(theirs.dims(), 3.0);
-            let diff = |a: &Tensor, b: &Tensor| -> f64 {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap()
-            };
             let case = format!("b{b} c{c} {h}x{w} co{co} k{k} s{s} p{p}");
-            assert_eq!(ours.dims(), theirs.dims(), "{case}");
-            assert!(diff(&ours, &theirs) < 1e-12, "{case}: forward");
-            let go = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let gt = (&theirs * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for (name, v) in [("input", &x), ("kernel", &wt)] {
-                let a = go.get(v.as_tensor()).unwrap();
-                let e = gt.get(v.as_tensor()).unwrap();
-                assert!(diff(a, e) < 1e-12, "{case}: {name} gradient");
-            }
+            assert_matches_candle(&[b, c, h, w], &[co, c, k, k], 1.0, (s, p), &case);
+        }
+    }
+
+    /// `conv2d_gemm` against candle's `conv2d` (f64 ramps; kernel ramp scaled by `w_scale`): the output and the input
+    /// and kernel gradients of `Σ y ⊙ r` agree to 1e-12 relative to the largest reference value.
+    fn assert_matches_candle(
+        x_shape: &[usize],
+        w_shape: &[usize],
+        w_scale: f64,
+        (s, p): (usize, usize),
+        case: &str,
+    ) {
+        let x = candle_core::Var::from_tensor(&ramp(x_shape, 2.0)).unwrap();
+        let w = candle_core::Var::from_tensor(&ramp(w_shape, w_scale)).unwrap();
+        let ours = conv2d_gemm(x.as_tensor(), w.as_tensor(), s, p).unwrap();
+        let theirs = x.as_tensor().conv2d(w.as_tensor(), p, s, 1, 1).unwrap();
+        assert_eq!(ours.dims(), theirs.dims(), "{case}");
+        assert!(rel_diff(&ours, &theirs) < 1e-12, "{case}: forward");
+        let r = ramp(theirs.dims(), 3.0);
+        let grads = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let (go, gt) = (grads(&ours), grads(&theirs));
+        for (name, v) in [("input", &x), ("kernel", &w)] {
+            let (a, e) = (
+                go.get(v.as_tensor()).unwrap(),
+                gt.get(v.as_tensor()).unwrap(),
+            );
+            assert!(rel_diff(a, e) < 1e-12, "{case}: {name} gradient");
         }
     }
 
     /// Largest `|a − b|` over all elements, relative to `max |b|`.
-    /// Largest absolute difference relative to the largest magnitude of `b`.
     pub(in crate::nn) fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
         let max = |t: Tensor| -> f64 {
             t.to_dtype(DType::F64)
@@ -939,28 +935,8 @@ pub(super) mod tests {
     #[test]
     fn non_square_kernels_match_candle() {
         for (kh, kw, pad) in [(1, 3, 1), (3, 1, 0), (2, 3, 1)] {
-            let x = candle_core::Var::from_tensor(&ramp(&[2, 3, 6, 7], 2.0)).unwrap();
-            let w = candle_core::Var::from_tensor(&ramp(&[4, 3, kh, kw], 1.0)).unwrap();
-            let ours = conv2d_gemm(x.as_tensor(), w.as_tensor(), 1, pad).unwrap();
-            let theirs = x.as_tensor().conv2d(w.as_tensor(), pad, 1, 1, 1).unwrap();
             let case = format!("{kh}x{kw} p{pad}");
-            assert_eq!(ours.dims(), theirs.dims(), "{case}");
-            assert!(rel_diff(&ours, &theirs) < 1e-12, "{case}: forward");
-            let r = ramp(theirs.dims(), 3.0);
-            let go = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let gt = (&theirs * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for (name, v) in [("x", &x), ("w", &w)] {
-                let (a, e) = (
-                    go.get(v.as_tensor()).unwrap(),
-                    gt.get(v.as_tensor()).unwrap(),
-                );
-                assert!(rel_diff(a, e) < 1e-12, "{case}: {name} gradient");
-            }
+            assert_matches_candle(&[2, 3, 6, 7], &[4, 3, kh, kw], 1.0, (1, pad), &case);
         }
     }
 
@@ -1085,27 +1061,13 @@ pub(super) mod tests {
         for (c, size, k, s, p) in [(32, 80, 7, 2, 3), (128, 40, 3, 1, 1)] {
             let g = Geom::new(&[2, c, size, size], &[3, c, k, k], s, p).unwrap();
             assert!(bands(&g).count() >= 2, "c{c} k{k}: one band only");
-            let x = candle_core::Var::from_tensor(&ramp(&[2, c, size, size], 2.0)).unwrap();
-            let w = candle_core::Var::from_tensor(&ramp(&[3, c, k, k], 0.1)).unwrap();
-            let (xt, wt) = (x.as_tensor(), w.as_tensor());
-            let ours = conv2d_gemm(xt, wt, s, p).unwrap();
-            let theirs = xt.conv2d(wt, p, s, 1, 1).unwrap();
-            assert!(rel_diff(&ours, &theirs) < 1e-12, "c{c} k{k}: forward");
-            let r = ramp(theirs.dims(), 3.0);
-            let go = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let gt = (&theirs * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for (name, v) in [("input", &x), ("kernel", &w)] {
-                let (a, e) = (
-                    go.get(v.as_tensor()).unwrap(),
-                    gt.get(v.as_tensor()).unwrap(),
-                );
-                assert!(rel_diff(a, e) < 1e-12, "c{c} k{k}: {name} gradient");
-            }
+            assert_matches_candle(
+                &[2, c, size, size],
+                &[3, c, k, k],
+                0.1,
+                (s, p),
+                &format!("c{c} k{k}"),
+            );
         }
     }
 
