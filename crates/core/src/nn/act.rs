@@ -20,6 +20,15 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
     Ok(x.relu()?)
 }
 
+/// `max(a + b, 0)` of two tensors of one shape (a residual join). On the CPU in f32/f64 one fused op with the
+/// values and gradients of `relu(a + b)`; elsewhere those two ops.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.shape() == b.shape() && super::fused::supported(&[a, b]) {
+        return super::fused::add_relu(a, b);
+    }
+    relu(&(a + b)?)
+}
+
 /// Numerically stable softmax along `dim`, built from differentiable primitives.
 ///
 /// `softmax_last_dim` has no backward (silently detaches), hence this. Over the last axis of a CPU f32/f64 tensor it

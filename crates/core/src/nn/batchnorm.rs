@@ -110,6 +110,17 @@ impl BatchNorm2d {
     /// `train = true`: normalise with the batch statistics (biased variance) and update the running statistics
     /// (momentum, **unbiased** variance, `num_batches_tracked += 1`). `train = false`: use the running statistics.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_maybe_relu(x, train, false)
+    }
+
+    /// `relu(self.forward_t(x, train))` (Conv-BN-ReLU); in train mode on the CPU in f32/f64 the ReLU is part of the
+    /// fused BatchNorm op (no separate node), with the same values and gradients.
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_maybe_relu(x, train, true)
+    }
+
+    fn forward_maybe_relu(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let then_relu = |y: Tensor| if relu { super::relu(&y) } else { Ok(y) };
         let (b, c, h, w) = x.dims4()?;
         if !train {
             let st = self.lock()?;
@@ -121,7 +132,7 @@ impl BatchNorm2d {
                 .broadcast_div(&(rv + self.eps)?.sqrt()?)?;
             let wt = self.weight.reshape((1, c, 1, 1))?;
             let bs = self.bias.reshape((1, c, 1, 1))?;
-            return Ok(y.broadcast_mul(&wt)?.broadcast_add(&bs)?);
+            return then_relu(y.broadcast_mul(&wt)?.broadcast_add(&bs)?);
         }
         let n = b * h * w;
         if n < 2 {
@@ -131,12 +142,16 @@ impl BatchNorm2d {
             )));
         }
         let (y, batch_mean, batch_var) = if fused::applies(x, &self.weight, &self.bias) {
-            let (y, st) = fused::train_forward(x, &self.weight, &self.bias, self.eps)?;
+            let (y, st) = fused::train_forward(x, &self.weight, &self.bias, self.eps, relu)?;
             let stat = |v: Vec<f64>| Tensor::new(v, x.device())?.to_dtype(x.dtype());
             (y, stat(st.mean)?, stat(st.var)?)
         } else {
             let (y, mean, var) = self.train_composed(x)?;
-            (y, mean.detach().flatten_all()?, var.detach().flatten_all()?)
+            (
+                then_relu(y)?,
+                mean.detach().flatten_all()?,
+                var.detach().flatten_all()?,
+            )
         };
         let m = self.momentum;
         let batch_var_unbiased = (batch_var * (n as f64 / (n as f64 - 1.0)))?;

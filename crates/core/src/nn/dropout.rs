@@ -3,7 +3,8 @@
 use crate::rng::stream_rng;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
-use rand::Rng;
+use rand::RngCore;
+use rayon::prelude::*;
 
 /// Inverted dropout with drop probability `p`: kept elements are scaled by `1/(1−p)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -66,13 +67,24 @@ struct MaskScale {
     scale: f64,
 }
 
+/// Elements per parallel task of the mask draw and its application.
+const MASK_BLOCK: usize = 1 << 15;
+
 impl MaskScale {
     fn apply<T: candle_core::WithDType>(&self, x: &[T]) -> Vec<T> {
         let scale = T::from_f64(self.scale);
-        x.iter()
-            .zip(self.keep.iter())
-            .map(|(&v, &k)| if k { v * scale } else { v * T::zero() })
-            .collect()
+        let mut y = vec![T::zero(); x.len()];
+        y.par_chunks_mut(MASK_BLOCK)
+            .zip(
+                x.par_chunks(MASK_BLOCK)
+                    .zip(self.keep.par_chunks(MASK_BLOCK)),
+            )
+            .for_each(|(y, (x, keep))| {
+                for ((o, &v), &k) in y.iter_mut().zip(x).zip(keep) {
+                    *o = if k { v * scale } else { v * T::zero() };
+                }
+            });
+        y
     }
 }
 
@@ -112,10 +124,24 @@ impl candle_core::CustomOp1 for MaskScale {
     }
 }
 
-/// The keep decisions of [`bernoulli_keep_mask`] (same stream, same draws).
+/// The keep decisions of [`bernoulli_keep_mask`]: element `i` keeps when the `i`-th 32-bit word `u` of the stream
+/// satisfies `u/2³² ≥ p` (compared exactly in f64). One word per element, so blocks of elements are drawn in
+/// parallel by seeking the stream to their first word; the flags do not depend on the thread count. (A word rather
+/// than a 53-bit `f64` per element halves the ChaCha work, which bounded dropout's cost; `p` is resolved to 2⁻³².)
 fn bernoulli_keep_flags(n: usize, p: f64, seed: u64) -> Vec<bool> {
-    let mut rng = stream_rng(seed, "dropout", &[]);
-    (0..n).map(|_| rng.gen::<f64>() >= p).collect()
+    let base = stream_rng(seed, "dropout", &[]);
+    let threshold = p * 4_294_967_296.0;
+    let mut keep = vec![false; n];
+    keep.par_chunks_mut(MASK_BLOCK)
+        .enumerate()
+        .for_each(|(b, flags)| {
+            let mut rng = base.clone();
+            rng.set_word_pos((b * MASK_BLOCK) as u128);
+            for f in flags {
+                *f = rng.next_u32() as f64 >= threshold;
+            }
+        });
+    keep
 }
 
 /// `n` values, each `1/(1−p)` with probability `1−p` and `0` otherwise (f64 so the scale is exact before casting).
@@ -140,6 +166,18 @@ pub fn dropout_mask(shape: &[usize], p: f64, seed: u64) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::Var;
+
+    /// The block-parallel draw equals one sequential pass over the stream, across block boundaries.
+    #[test]
+    fn parallel_flags_equal_the_sequential_stream() {
+        let n = 2 * MASK_BLOCK + 123;
+        let mut rng = stream_rng(9, "dropout", &[]);
+        let want: Vec<bool> = (0..n)
+            .map(|_| rng.next_u32() as f64 / 4_294_967_296.0 >= 0.1)
+            .collect();
+        assert_eq!(bernoulli_keep_flags(n, 0.1, 9), want);
+        assert_eq!(bernoulli_keep_flags(5, 0.1, 9), want[..5]);
+    }
 
     /// The fused CPU op equals the composed `x * mask` (the path other devices take) bit for bit, forward and
     /// gradient, in f32 and f64.

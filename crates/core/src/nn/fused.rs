@@ -9,29 +9,41 @@
 //! elementwise work is done in the tensor's dtype. The callers dispatch with [`supported`] (CPU, f32/f64).
 //!
 //! Semantics (PyTorch): biased variance, eps inside the square root, two-pass (centred) variance.
+use super::fast_math::{run_widest, Kernel};
 use crate::Result;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
-/// f32/f64 with the transcendentals the kernels need (`erf` is candle's, so GELU values are candle's bit for bit).
+/// f32/f64 with the transcendentals the kernels need. f32 uses the vectorisable forms of `fast_math` (softmax and
+/// GELU loops would otherwise call scalar libm per element); f64, used for gradient checks, uses libm.
 trait Float: WithDType {
     const FRAC_1_SQRT_2: Self;
     /// `1/√(2π)`
     const FRAC_1_SQRT_2PI: Self;
-    fn exp(self) -> Self;
-    fn erf(self) -> Self;
+    /// `eˣ` for `x ≤ 0`.
+    fn exp_nonpos(self) -> Self;
+    /// `(erf(z), e^{−z²})`.
+    fn erf_and_gauss(self) -> (Self, Self);
+    /// IEEE `maxNum` (ignores a NaN operand), which vectorises as a reduction.
+    fn max_num(self, other: Self) -> Self;
 }
 
 impl Float for f32 {
     const FRAC_1_SQRT_2: Self = std::f32::consts::FRAC_1_SQRT_2;
     const FRAC_1_SQRT_2PI: Self =
         (std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2 * 0.5) as f32;
-    fn exp(self) -> Self {
-        f32::exp(self)
+    #[inline(always)]
+    fn exp_nonpos(self) -> Self {
+        super::fast_math::exp_nonpos(self)
     }
-    fn erf(self) -> Self {
-        candle_core::cpu::erf::erf_f32(self)
+    #[inline(always)]
+    fn erf_and_gauss(self) -> (Self, Self) {
+        super::fast_math::erf_and_gauss(self)
+    }
+    #[inline(always)]
+    fn max_num(self, other: Self) -> Self {
+        self.max(other)
     }
 }
 
@@ -39,11 +51,14 @@ impl Float for f64 {
     const FRAC_1_SQRT_2: Self = std::f64::consts::FRAC_1_SQRT_2;
     const FRAC_1_SQRT_2PI: Self =
         std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2 * 0.5;
-    fn exp(self) -> Self {
-        f64::exp(self)
+    fn exp_nonpos(self) -> Self {
+        self.exp()
     }
-    fn erf(self) -> Self {
-        candle_core::cpu::erf::erf_f64(self)
+    fn erf_and_gauss(self) -> (Self, Self) {
+        (candle_core::cpu::erf::erf_f64(self), (-(self * self)).exp())
+    }
+    fn max_num(self, other: Self) -> Self {
+        self.max(other)
     }
 }
 
@@ -170,6 +185,38 @@ macro_rules! dispatch2 {
     };
 }
 
+/// `CustomOp2::cpu_fwd` that calls the op's generic `run::<T>` for f32 or f64 operands.
+macro_rules! cpu_fwd_by_dtype2 {
+    () => {
+        fn cpu_fwd(
+            &self,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            dispatch2!(self, run, s1, l1, s2, l2)
+        }
+    };
+}
+
+/// `CustomOp3::cpu_fwd` that calls the op's generic `run::<T>` for f32 or f64 operands.
+macro_rules! cpu_fwd_by_dtype3 {
+    () => {
+        fn cpu_fwd(
+            &self,
+            s1: &CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            dispatch3!(self, run, s1, l1, s2, l2, s3, l3)
+        }
+    };
+}
+
 /// Splits a concatenated gradient `[dx | dw | db]` (any part may be absent) into tensors of the operands' shapes.
 fn split_grads(
     all: &Tensor,
@@ -214,6 +261,11 @@ trait NormKind: Copy + Send + Sync + 'static {
 
     /// Rows (statistics) of an input of `len` elements with an affine of `channels`, if the sizes agree.
     fn rows(&self, len: usize, channels: usize) -> Option<usize>;
+
+    /// The forward applies `max(·, 0)` to its output (a fused ReLU), so the backward masks `dy` by `y > 0` first.
+    fn relu(&self) -> bool {
+        false
+    }
 }
 
 /// The forward op of a [`NormKind`]; keeps the statistics for the backward.
@@ -267,24 +319,14 @@ impl<K: NormKind> CustomOp3 for NormOp<K> {
         K::NAME
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch3!(self, run, s1, l1, s2, l2, s3, l3)
-    }
+    cpu_fwd_by_dtype3!();
 
     fn bwd(
         &self,
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let need = Need {
@@ -294,6 +336,13 @@ impl<K: NormKind> CustomOp3 for NormOp<K> {
         if !need.dx && !need.dwb {
             return Ok((None, None, None));
         }
+        let masked;
+        let grad = if self.kind.relu() {
+            masked = relu_grad(grad, res)?;
+            &masked
+        } else {
+            grad
+        };
         let op = NormGrad {
             kind: self.kind,
             stats: lock(&self.stats, K::NAME)?.clone(),
@@ -333,17 +382,7 @@ impl<K: NormKind> CustomOp3 for NormGrad<K> {
         K::GRAD_NAME
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch3!(self, run, s1, l1, s2, l2, s3, l3)
-    }
+    cpu_fwd_by_dtype3!();
 }
 
 /// Appends `dw, db` (f64 sums) to `dx` when they were asked for.
@@ -383,6 +422,7 @@ struct GroupNormKind {
     c: usize,
     hw: usize,
     groups: usize,
+    relu: bool,
 }
 
 impl GroupNormKind {
@@ -407,6 +447,10 @@ impl NormKind for GroupNormKind {
             .then(|| len / per_sample * self.groups)
     }
 
+    fn relu(&self) -> bool {
+        self.relu
+    }
+
     fn fwd<T: WithDType>(&self, eps: f64, x: &[T], w: &[T], b: &[T]) -> (Vec<T>, Vec<(f64, f64)>) {
         let (cg, hw, m) = (self.cg(), self.hw, self.m());
         let mut y = vec![T::zero(); x.len()];
@@ -425,6 +469,14 @@ impl NormKind for GroupNormKind {
                     let bc = b[c0 + k];
                     for (yv, &xv) in yp.iter_mut().zip(xp) {
                         *yv = (xv - mu_t) * a + bc;
+                    }
+                    if self.relu {
+                        // While the channel's plane is in cache; the same rule as `ReluKind`.
+                        for yv in yp.iter_mut() {
+                            if *yv <= T::zero() {
+                                *yv = T::zero();
+                            }
+                        }
                     }
                 }
             });
@@ -485,13 +537,15 @@ impl NormKind for GroupNormKind {
     }
 }
 
-/// Fused GroupNorm of `x (N, C, …)` with per-channel affine `w, b (C)`; the caller checks [`supported`].
+/// Fused GroupNorm of `x (N, C, …)` with per-channel affine `w, b (C)`, followed by ReLU when `relu`; the caller
+/// checks [`supported`].
 pub(super) fn group_norm(
     x: &Tensor,
     w: &Tensor,
     b: &Tensor,
     groups: usize,
     eps: f64,
+    relu: bool,
 ) -> Result<Tensor> {
     let dims = x.dims();
     if dims.len() < 2 || groups == 0 || !dims[1].is_multiple_of(groups) {
@@ -503,6 +557,7 @@ pub(super) fn group_norm(
         c: dims[1],
         hw: dims[2..].iter().product(),
         groups,
+        relu,
     };
     apply_norm(kind, eps, x, w, b)
 }
@@ -842,13 +897,48 @@ struct LocalOp<K: RowLocal>(K);
 /// The backward op of a [`RowLocal`], `(dy, z) → dx` (no backward of its own).
 struct LocalGrad<K: RowLocal>(K);
 
+/// [`RowLocal::fwd`] on one block, as a [`Kernel`] compiled per vector width.
+struct LocalFwd<'a, K, T> {
+    kind: &'a K,
+    y: &'a mut [T],
+    x: &'a [T],
+}
+
+impl<K: RowLocal, T: Float> Kernel for LocalFwd<'_, K, T> {
+    #[inline(always)]
+    fn run(self) {
+        self.kind.fwd(self.y, self.x)
+    }
+}
+
+/// [`RowLocal::grad`] on one block, as a [`Kernel`] compiled per vector width.
+struct LocalBwd<'a, K, T> {
+    kind: &'a K,
+    dx: &'a mut [T],
+    dy: &'a [T],
+    z: &'a [T],
+}
+
+impl<K: RowLocal, T: Float> Kernel for LocalBwd<'_, K, T> {
+    #[inline(always)]
+    fn run(self) {
+        self.kind.grad(self.dx, self.dy, self.z)
+    }
+}
+
 impl<K: RowLocal> LocalOp<K> {
     fn run<T: Float>(&self, x: &[T]) -> Vec<T> {
         let bl = self.0.block();
         let mut y = vec![T::zero(); x.len()];
         y.par_chunks_mut(bl)
             .zip(x.par_chunks(bl))
-            .for_each(|(yb, xb)| self.0.fwd(yb, xb));
+            .for_each(|(y, x)| {
+                run_widest(LocalFwd {
+                    kind: &self.0,
+                    y,
+                    x,
+                })
+            });
         y
     }
 }
@@ -895,7 +985,14 @@ impl<K: RowLocal> LocalGrad<K> {
         let mut dx = vec![T::zero(); z.len()];
         dx.par_chunks_mut(bl)
             .zip(dy.par_chunks(bl).zip(z.par_chunks(bl)))
-            .for_each(|(ob, (gb, zb))| self.0.grad(ob, gb, zb));
+            .for_each(|(dx, (dy, z))| {
+                run_widest(LocalBwd {
+                    kind: &self.0,
+                    dx,
+                    dy,
+                    z,
+                })
+            });
         Ok((T::to_cpu_storage_owned(dx), l2.shape().clone()))
     }
 }
@@ -905,15 +1002,7 @@ impl<K: RowLocal> CustomOp2 for LocalGrad<K> {
         K::GRAD_NAME
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch2!(self, run, s1, l1, s2, l2)
-    }
+    cpu_fwd_by_dtype2!();
 }
 
 /// Softmax over rows of `d`: `y = exp(x − max)/Σ exp(x − max)`, `dx = y ⊙ (dy − Σ dy⊙y)`.
@@ -931,16 +1020,13 @@ impl RowLocal for SoftmaxKind {
         self.d
     }
 
+    #[inline(always)]
     fn fwd<T: Float>(&self, y: &mut [T], x: &[T]) {
         for (yr, xr) in y.chunks_mut(self.d).zip(x.chunks(self.d)) {
-            let mut m = xr[0];
-            for &v in xr {
-                if v > m {
-                    m = v;
-                }
-            }
+            // `max` (not `if v > m`) so the reduction vectorises; NaN rows give NaN either way.
+            let m = xr.iter().fold(xr[0], |m, &v| m.max_num(v));
             for (yv, &xv) in yr.iter_mut().zip(xr) {
-                *yv = (xv - m).exp();
+                *yv = (xv - m).exp_nonpos();
             }
             let inv = T::from_f64(1.0 / lane_sum(yr, |v| v.to_f64()));
             for yv in yr.iter_mut() {
@@ -949,6 +1035,7 @@ impl RowLocal for SoftmaxKind {
         }
     }
 
+    #[inline(always)]
     fn grad<T: Float>(&self, dx: &mut [T], dy: &[T], y: &[T]) {
         let d = self.d;
         for ((dxr, dyr), yr) in dx.chunks_mut(d).zip(dy.chunks(d)).zip(y.chunks(d)) {
@@ -969,8 +1056,9 @@ pub(super) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(LocalOp(SoftmaxKind { d }))?)
 }
 
-/// Exact GELU `y = x·Φ(x)` with exactly candle's `gelu_erf` values; backward `dy·(Φ(x) + x·φ(x))` in one pass
-/// (candle's own backward takes about a dozen passes and rounds `1/√(2π)` to 0.398942).
+/// Exact GELU `y = x·Φ(x)`, `Φ(x) = (1 + erf(x/√2))/2` (PyTorch's formula); backward `dy·(Φ(x) + x·φ(x))` in one
+/// pass, where `φ(x) = e^{−x²/2}/√(2π)` is the Gaussian factor the erf evaluation already computed (candle's own
+/// backward takes about a dozen passes and rounds `1/√(2π)` to 0.398942).
 #[derive(Debug, Clone, Copy)]
 struct GeluKind;
 
@@ -983,19 +1071,22 @@ impl RowLocal for GeluKind {
         1
     }
 
+    #[inline(always)]
     fn fwd<T: Float>(&self, y: &mut [T], x: &[T]) {
         let half = T::from_f64(0.5);
         for (o, &v) in y.iter_mut().zip(x) {
-            *o = ((v * T::FRAC_1_SQRT_2).erf() + T::one()) * half * v;
+            let (erf, _) = (v * T::FRAC_1_SQRT_2).erf_and_gauss();
+            *o = (erf + T::one()) * half * v;
         }
     }
 
+    #[inline(always)]
     fn grad<T: Float>(&self, dx: &mut [T], dy: &[T], x: &[T]) {
-        let (half, neg_half) = (T::from_f64(0.5), T::from_f64(-0.5));
+        let half = T::from_f64(0.5);
         for ((o, &g), &v) in dx.iter_mut().zip(dy).zip(x) {
-            let cdf = ((v * T::FRAC_1_SQRT_2).erf() + T::one()) * half;
-            let pdf = (v * v * neg_half).exp() * T::FRAC_1_SQRT_2PI;
-            *o = g * (cdf + v * pdf);
+            let (erf, gauss) = (v * T::FRAC_1_SQRT_2).erf_and_gauss();
+            let cdf = (erf + T::one()) * half;
+            *o = g * (cdf + v * gauss * T::FRAC_1_SQRT_2PI);
         }
     }
 }
@@ -1020,6 +1111,7 @@ impl RowLocal for ReluKind {
         1
     }
 
+    #[inline(always)]
     fn fwd<T: Float>(&self, y: &mut [T], x: &[T]) {
         let zero = T::zero();
         for (o, &v) in y.iter_mut().zip(x) {
@@ -1028,6 +1120,7 @@ impl RowLocal for ReluKind {
         }
     }
 
+    #[inline(always)]
     fn grad<T: Float>(&self, dx: &mut [T], dy: &[T], y: &[T]) {
         let zero = T::zero();
         for ((o, &g), &v) in dx.iter_mut().zip(dy).zip(y) {
@@ -1036,7 +1129,87 @@ impl RowLocal for ReluKind {
     }
 }
 
+/// `dy·[y > 0]`: the gradient through a ReLU with output `y`, for the ops that end in a fused ReLU.
+pub(super) fn relu_grad(dy: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+    dy.contiguous()?
+        .apply_op2_no_bwd(&y.contiguous()?, &LocalGrad(ReluKind))
+}
+
 /// Fused ReLU; the caller checks [`supported`].
 pub(super) fn relu(x: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(LocalOp(ReluKind))?)
+}
+
+/// `max(a + b, 0)`, the residual join of a bottleneck, as one op: one pass instead of two in the forward, and in the
+/// backward one masked gradient `dy·[y > 0]` handed to both operands, without the intermediate sum's gradient buffer.
+/// Values and gradients equal `relu(a + b)` bit for bit.
+struct AddRelu;
+
+/// `y = max(a + b, 0)` on one block, as a [`Kernel`] compiled per vector width.
+struct AddReluBlock<'a, T> {
+    y: &'a mut [T],
+    a: &'a [T],
+    b: &'a [T],
+}
+
+impl<T: Float> Kernel for AddReluBlock<'_, T> {
+    #[inline(always)]
+    fn run(self) {
+        let zero = T::zero();
+        for ((o, &u), &v) in self.y.iter_mut().zip(self.a).zip(self.b) {
+            let s = u + v;
+            *o = if s <= zero { zero } else { s };
+        }
+    }
+}
+
+impl AddRelu {
+    fn run<T: Float>(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!(
+                "add-relu: operands {:?} and {:?} differ in shape",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let (a, b) = (
+            view::<T>(s1, l1, "add-relu")?,
+            view::<T>(s2, l2, "add-relu")?,
+        );
+        let mut y = vec![T::zero(); a.len()];
+        y.par_chunks_mut(ELEM_BLOCK)
+            .zip(a.par_chunks(ELEM_BLOCK).zip(b.par_chunks(ELEM_BLOCK)))
+            .for_each(|(y, (a, b))| run_widest(AddReluBlock { y, a, b }));
+        Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+    }
+}
+
+impl CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "add-relu"
+    }
+
+    cpu_fwd_by_dtype2!();
+
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = relu_grad(grad, res)?;
+        Ok((Some(g.clone()), Some(g)))
+    }
+}
+
+/// Fused `relu(a + b)` of two tensors of one shape; the caller checks [`supported`].
+pub(super) fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)?)
 }

@@ -28,6 +28,7 @@ mod batchnorm_fused;
 mod conv;
 mod conv_gemm;
 mod dropout;
+mod fast_math;
 mod fused;
 mod group_norm;
 pub mod init;
@@ -42,7 +43,7 @@ mod resize;
 mod resize_cache;
 mod resize_fused;
 
-pub use act::{gelu, log_softmax, relu, sigmoid, softmax};
+pub use act::{add_relu, gelu, log_softmax, relu, sigmoid, softmax};
 pub use batchnorm::BatchNorm2d;
 pub use conv::{check_strided_input, conv2d, conv_transpose2d, StdConv2d, STD_CONV_EPS};
 pub use conv_gemm::{conv2d_gemm, conv2d_gemm_bias, conv2d_layer};

@@ -33,7 +33,7 @@ impl Conv2dReLU {
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = nn::conv2d_layer(&self.conv, x)?;
-        nn::relu(&self.bn.forward_t(&y, train)?)
+        self.bn.forward_relu_t(&y, train)
     }
 
     /// The BatchNorm module and its full key prefix (e.g. `decoder.conv_more.1`).

@@ -65,10 +65,10 @@ impl Bottleneck {
             Some((ds, gn)) => gn.forward(&ds.forward(x)?)?,
             None => x.clone(),
         };
-        let y = nn::relu(&self.gn1.forward(&self.conv1.forward(x)?)?)?;
-        let y = nn::relu(&self.gn2.forward(&self.conv2.forward(&y)?)?)?;
+        let y = self.gn1.forward_relu(&self.conv1.forward(x)?)?;
+        let y = self.gn2.forward_relu(&self.conv2.forward(&y)?)?;
         let y = self.gn3.forward(&self.conv3.forward(&y)?)?;
-        nn::relu(&(residual + y)?)
+        nn::add_relu(&residual, &y)
     }
 }
 
@@ -141,7 +141,7 @@ impl ResNetV2 {
             )));
         }
         let mut features = Vec::with_capacity(3);
-        let mut x = nn::relu(&self.root_gn.forward(&self.root_conv.forward(x)?)?)?;
+        let mut x = self.root_gn.forward_relu(&self.root_conv.forward(x)?)?;
         features.push(x.clone());
         x = nn::max_pool_3x3_s2(&x)?;
         let last = self.blocks.len() - 1;
