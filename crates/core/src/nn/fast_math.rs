@@ -17,7 +17,7 @@ pub(super) trait Kernel {
 /// Runs `k` compiled for AVX-512F or AVX2 when the CPU has them, else for the baseline (SSE2 on x86-64).
 ///
 /// The kernels are plain elementwise IEEE arithmetic with no fused multiply-adds, so every copy computes bit-identical
-/// results; only the number of lanes differs (16, 8, 4). The baseline binary cannot assume AVX: on the CI and user
+/// numbers (a NaN's sign bit may differ); only the number of lanes differs (16, 8, 4). The baseline binary cannot assume AVX: on the CI and user
 /// machines alike it must run anywhere, and these loops are 2–3× faster when the wider units are used.
 #[inline(always)]
 pub(super) fn run_widest<K: Kernel>(k: K) {
@@ -152,6 +152,45 @@ mod tests {
                 (got - want).abs() <= 2.0 * ulp,
                 "exp({x}) = {got}, want {want}"
             );
+        }
+    }
+
+    /// GELU-style use of both functions, as a kernel.
+    struct Probe<'a> {
+        out: &'a mut [f32],
+        x: &'a [f32],
+    }
+
+    impl Kernel for Probe<'_> {
+        #[inline(always)]
+        fn run(self) {
+            for (o, &v) in self.out.iter_mut().zip(self.x) {
+                let (erf, gauss) = erf_and_gauss(v * std::f32::consts::FRAC_1_SQRT_2);
+                *o = (erf + 1.0) * 0.5 * v + gauss * exp_nonpos(-v.abs());
+            }
+        }
+    }
+
+    /// The wide copies (AVX-512F or AVX2 where present) compute the same bits as the baseline copy (NaN as NaN).
+    #[test]
+    fn widest_copy_equals_the_baseline_bit_for_bit() {
+        let x: Vec<f32> = grid(-12.0, 12.0, 100_003)
+            .chain([f32::NAN, f32::INFINITY, -0.0])
+            .collect();
+        let (mut wide, mut base) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+        run_widest(Probe {
+            out: &mut wide,
+            x: &x,
+        });
+        Probe {
+            out: &mut base,
+            x: &x,
+        }
+        .run();
+        for (i, (w, b)) in wide.iter().zip(&base).enumerate() {
+            // A NaN's sign bit may differ between the copies; every number is the same.
+            let same = w.to_bits() == b.to_bits() || (w.is_nan() && b.is_nan());
+            assert!(same, "x = {}: wide {w}, baseline {b}", x[i]);
         }
     }
 
