@@ -92,12 +92,7 @@ fn forward<T: WithDType>(
             *o = T::from_f64(v.to_f64() * scale + shift);
         }
         if relu {
-            // The same rule as the ReLU op, while the plane is in cache.
-            for o in out.iter_mut() {
-                if *o <= T::zero() {
-                    *o = T::zero();
-                }
-            }
+            super::fused::relu_in_place(out);
         }
     });
     (y, BatchStats { mean, var })

@@ -471,12 +471,7 @@ impl NormKind for GroupNormKind {
                         *yv = (xv - mu_t) * a + bc;
                     }
                     if self.relu {
-                        // While the channel's plane is in cache; the same rule as `ReluKind`.
-                        for yv in yp.iter_mut() {
-                            if *yv <= T::zero() {
-                                *yv = T::zero();
-                            }
-                        }
+                        relu_in_place(yp);
                     }
                 }
             });
@@ -1125,6 +1120,16 @@ impl RowLocal for ReluKind {
         let zero = T::zero();
         for ((o, &g), &v) in dx.iter_mut().zip(dy).zip(y) {
             *o = if v > zero { g } else { zero };
+        }
+    }
+}
+
+/// `max(v, 0)` in place, `ReluKind`'s rule (NaN kept), for norms that end in a fused ReLU: applied to one channel's
+/// plane right after it is written, while it is in cache.
+pub(super) fn relu_in_place<T: WithDType>(ys: &mut [T]) {
+    for v in ys {
+        if *v <= T::zero() {
+            *v = T::zero();
         }
     }
 }

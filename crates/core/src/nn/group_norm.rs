@@ -53,6 +53,16 @@ impl GroupNorm {
     /// Statistics per (sample, group) over `(C/G, H, W)`; biased variance, eps inside the sqrt (PyTorch).
     /// On the CPU in f32/f64 one fused op with a hand-derived backward; elsewhere composed candle ops.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_maybe_relu(x, false)
+    }
+
+    /// `relu(self.forward(x))`; on the CPU in f32/f64 the ReLU is part of the fused op (applied while each channel
+    /// is in cache, no separate node in the graph), with the same values and gradients.
+    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_maybe_relu(x, true)
+    }
+
+    fn forward_maybe_relu(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         if !c.is_multiple_of(self.groups) {
             return Err(Error::msg(format!(
@@ -67,7 +77,7 @@ impl GroupNorm {
                 &self.bias,
                 self.groups,
                 self.eps,
-                false,
+                relu,
             );
         }
         let xg = x.reshape((b, self.groups, (c / self.groups) * h * w))?;
@@ -79,24 +89,11 @@ impl GroupNorm {
             .reshape((b, c, h, w))?;
         let wt = self.weight.reshape((1, c, 1, 1))?;
         let bs = self.bias.reshape((1, c, 1, 1))?;
-        Ok(y.broadcast_mul(&wt)?.broadcast_add(&bs)?)
-    }
-
-    /// `relu(self.forward(x))`; on the CPU in f32/f64 one fused op (the ReLU applied while each channel is in cache,
-    /// no separate node in the graph), with the same values and gradients.
-    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, c, _, _) = x.dims4()?;
-        if c.is_multiple_of(self.groups) && super::fused::supported(&[x, &self.weight, &self.bias])
-        {
-            return super::fused::group_norm(
-                x,
-                &self.weight,
-                &self.bias,
-                self.groups,
-                self.eps,
-                true,
-            );
+        let y = y.broadcast_mul(&wt)?.broadcast_add(&bs)?;
+        if relu {
+            super::relu(&y)
+        } else {
+            Ok(y)
         }
-        super::relu(&self.forward(x)?)
     }
 }
