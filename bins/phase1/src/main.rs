@@ -162,8 +162,9 @@ fn main() {
         .with_writer(std::io::stderr)
         .try_init();
     let args = Args::parse();
-    let result =
-        options(args).and_then(|o| ultrarefiner::train::phase1::run(&o).context("phase1 failed"));
+    let result = ultrarefiner::threads::run_on_compute_pool(|| {
+        options(args).and_then(|o| ultrarefiner::train::phase1::run(&o).context("phase1 failed"))
+    });
     match result {
         Ok(outcome) => {
             let code = outcome.exit_code();

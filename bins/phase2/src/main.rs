@@ -244,7 +244,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    match run(&opts, &stop) {
+    match ultrarefiner::threads::run_on_compute_pool(|| run(&opts, &stop)) {
         Ok(o) if o.status == Phase2Status::Interrupted => std::process::exit(EXIT_TEMPFAIL),
         Ok(_) => {}
         Err(e) => {

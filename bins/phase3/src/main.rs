@@ -306,8 +306,9 @@ fn main() {
         .with_writer(std::io::stderr)
         .try_init();
     let args = Args::parse();
-    let result =
-        options(args).and_then(|o| ultrarefiner::train::phase3::run(&o).context("phase3 failed"));
+    let result = ultrarefiner::threads::run_on_compute_pool(|| {
+        options(args).and_then(|o| ultrarefiner::train::phase3::run(&o).context("phase3 failed"))
+    });
     match result {
         Ok(outcome) => {
             let code = outcome.exit_code();

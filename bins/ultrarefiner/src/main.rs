@@ -50,7 +50,7 @@ fn main() {
     ultrarefiner::malloc::keep_freed_memory();
     common::init_tracing();
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result = ultrarefiner::threads::run_on_compute_pool(|| match cli.command {
         Command::Prepare(a) => prepare::run(a),
         Command::Augment(a) => augment::run(a),
         Command::Convert(a) => convert::run(a),
@@ -59,7 +59,7 @@ fn main() {
         Command::Infer(a) => infer::run(a),
         Command::Bench(a) => bench::run(a),
         Command::GpuCheck(a) => gpu_check::run(a),
-    };
+    });
     if let Err(e) = result {
         common::exit_with(e);
     }

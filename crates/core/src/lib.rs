@@ -24,6 +24,7 @@ pub mod nn;
 pub mod refiner;
 pub mod rng;
 pub mod testing;
+pub mod threads;
 pub mod train;
 
 pub use error::{Error, Result};

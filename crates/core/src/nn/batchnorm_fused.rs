@@ -82,7 +82,8 @@ fn forward<T: WithDType>(
     .into_iter()
     .map(|s| s / n)
     .collect();
-    let mut y = vec![T::zero(); x.len()];
+    // SAFETY: every (sample, channel) plane of `y` is written below.
+    let mut y = unsafe { super::buffer::uninit_vec::<T>(x.len()) };
     y.par_chunks_mut(hw).enumerate().for_each(|(plane, out)| {
         let ch = plane % c;
         let r = 1.0 / (var[ch] + eps).sqrt();

@@ -17,6 +17,7 @@
 //! columns are built one band of output rows at a time (at most `TILE` elements, so they stay in cache), and the
 //! products of a band write into / read from the matching columns of `Y_b` / `dY_b` through strides. The products run
 //! on the `gemm` crate (candle's own CPU GEMM) with candle's thread count, in place (`read_dst` to accumulate).
+use super::buffer::uninit_vec;
 use crate::{Error, Result};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType,
@@ -200,6 +201,11 @@ pub(super) struct View<'a, T> {
 }
 
 impl<'a, T> View<'a, T> {
+    /// Element `(r, c)` at `r·rs + c·cs`.
+    pub(super) fn strided(data: &'a [T], rs: usize, cs: usize) -> Self {
+        Self { data, rs, cs }
+    }
+
     /// Row-major with `cols` columns.
     pub(super) fn rm(data: &'a [T], cols: usize) -> Self {
         Self {
@@ -301,7 +307,9 @@ fn forward<T: Float>(
         return forward_shifted(g, x, w, bias, par);
     }
     let (k, l, cx, cy) = (g.k(), g.l(), g.c * g.plane(), g.c_out * g.l());
-    let mut y = vec![T::zero(); g.b * cy];
+    // SAFETY: every sample is written in full below: by the bias fill, or by the non-accumulating products whose
+    // bands cover all output rows.
+    let mut y = unsafe { uninit_vec::<T>(g.b * cy) };
     let mut cols = Vec::new();
     for (bi, yb) in y.chunks_mut(cy.max(1)).enumerate() {
         let xb = &x[bi * cx..][..cx];
@@ -359,8 +367,10 @@ fn forward_shifted<T: Float>(
     let (cx, cy) = (g.c * g.plane(), g.c_out * l);
     // The last tap's view of the last channel runs k_w − 2 elements past the padded planes.
     let mut xp = vec![T::zero(); g.c * plane_p + g.k_w];
-    let mut yp = vec![T::zero(); g.c_out * n];
-    let mut y = vec![T::zero(); g.b * cy];
+    // SAFETY: `yp` is written in full for each sample (the bias fill, or the first tap's non-accumulating product)
+    // before it is read, and `y` by the copy of every output row from `yp`.
+    let mut yp = unsafe { uninit_vec::<T>(g.c_out * n) };
+    let mut y = unsafe { uninit_vec::<T>(g.b * cy) };
     for (bi, yb) in y.chunks_mut(cy.max(1)).enumerate() {
         let xb = &x[bi * cx..][..cx];
         // Only the interior is written, so the zero border survives from one sample to the next.
@@ -524,7 +534,12 @@ fn weight_grad_items<T: Float>(
     par: gemm::Parallelism,
 ) -> Vec<T> {
     let (k, l, cx, cy) = (g.k(), g.l(), g.c * g.plane(), g.c_out * g.l());
-    let mut dw = vec![T::zero(); g.c_out * k];
+    let mut dw = if items.is_empty() {
+        vec![T::zero(); g.c_out * k]
+    } else {
+        // SAFETY: the first item's product does not accumulate (`gemm` does not read it) and writes all of `dw`.
+        unsafe { uninit_vec::<T>(g.c_out * k) }
+    };
     let mut cols = Vec::new();
     let mut first = true;
     for (bi, rows) in items.iter().cloned() {

@@ -73,7 +73,8 @@ const MASK_BLOCK: usize = 1 << 15;
 impl MaskScale {
     fn apply<T: candle_core::WithDType>(&self, x: &[T]) -> Vec<T> {
         let scale = T::from_f64(self.scale);
-        let mut y = vec![T::zero(); x.len()];
+        // SAFETY: each parallel chunk below writes every element of its part of `y`.
+        let mut y = unsafe { super::buffer::uninit_vec::<T>(x.len()) };
         y.par_chunks_mut(MASK_BLOCK)
             .zip(
                 x.par_chunks(MASK_BLOCK)

@@ -9,6 +9,7 @@
 //! elementwise work is done in the tensor's dtype. The callers dispatch with [`supported`] (CPU, f32/f64).
 //!
 //! Semantics (PyTorch): biased variance, eps inside the square root, two-pass (centred) variance.
+use super::buffer::{uninit_vec, uninit_vec_with_spare};
 use super::fast_math::{run_widest, Kernel};
 use crate::Result;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
@@ -17,7 +18,7 @@ use std::sync::Mutex;
 
 /// f32/f64 with the transcendentals the kernels need. f32 uses the vectorisable forms of `fast_math` (softmax and
 /// GELU loops would otherwise call scalar libm per element); f64, used for gradient checks, uses libm.
-trait Float: WithDType {
+pub(super) trait Float: WithDType {
     const FRAC_1_SQRT_2: Self;
     /// `1/√(2π)`
     const FRAC_1_SQRT_2PI: Self;
@@ -386,6 +387,17 @@ impl<K: NormKind> CustomOp3 for NormGrad<K> {
 }
 
 /// Appends `dw, db` (f64 sums) to `dx` when they were asked for.
+/// The buffer of a norm's gradient: `dx` (if asked for; unspecified until written) with room for the `dw` and `db`
+/// that [`append_wb`] then appends without moving it.
+///
+/// # Safety
+/// The caller writes all `len` elements of `dx` before any is read.
+unsafe fn dx_buffer<T: WithDType>(need: Need, len: usize, channels: usize) -> Vec<T> {
+    let spare = if need.dwb { 2 * channels } else { 0 };
+    // SAFETY: the caller's contract.
+    unsafe { uninit_vec_with_spare(if need.dx { len } else { 0 }, spare) }
+}
+
 fn append_wb<T: WithDType>(mut dx: Vec<T>, need: Need, dw: Vec<f64>, db: Vec<f64>) -> Vec<T> {
     if need.dwb {
         dx.extend(dw.into_iter().chain(db).map(T::from_f64));
@@ -453,7 +465,8 @@ impl NormKind for GroupNormKind {
 
     fn fwd<T: WithDType>(&self, eps: f64, x: &[T], w: &[T], b: &[T]) -> (Vec<T>, Vec<(f64, f64)>) {
         let (cg, hw, m) = (self.cg(), self.hw, self.m());
-        let mut y = vec![T::zero(); x.len()];
+        // SAFETY: each parallel chunk below writes every element of its part of `y`.
+        let mut y = unsafe { uninit_vec::<T>(x.len()) };
         let mut stats = vec![(0.0, 0.0); x.len() / m];
         y.par_chunks_mut(m)
             .zip(x.par_chunks(m))
@@ -483,7 +496,8 @@ impl NormKind for GroupNormKind {
         let (cg, hw, m) = (self.cg(), self.hw, self.m());
         // Per (sample, channel): (Σ dy, Σ dy·x̂).
         let mut sums = vec![(0.0, 0.0); x.len() / hw];
-        let mut dx = vec![T::zero(); if need.dx { x.len() } else { 0 }];
+        // SAFETY: when allocated, each parallel chunk below writes every element of its part of `dx`.
+        let mut dx = unsafe { dx_buffer(need, x.len(), self.c) };
         let row = |r: usize, sums: &mut [(f64, f64)], dxr: Option<&mut [T]>| {
             let (mu, rstd) = stats[r];
             let (xr, dyr) = (&x[r * m..][..m], &dy[r * m..][..m]);
@@ -580,7 +594,8 @@ impl NormKind for LayerNormKind {
 
     fn fwd<T: WithDType>(&self, eps: f64, x: &[T], w: &[T], b: &[T]) -> (Vec<T>, Vec<(f64, f64)>) {
         let d = self.d;
-        let mut y = vec![T::zero(); x.len()];
+        // SAFETY: each parallel chunk below writes every element of its part of `y`.
+        let mut y = unsafe { uninit_vec::<T>(x.len()) };
         let mut stats = vec![(0.0, 0.0); x.len() / d];
         y.par_chunks_mut(d)
             .zip(x.par_chunks(d))
@@ -646,7 +661,8 @@ impl NormKind for LayerNormKind {
             a
         };
         let zero = || (vec![0f64; wb_len], vec![0f64; wb_len]);
-        let mut dx = vec![T::zero(); if need.dx { x.len() } else { 0 }];
+        // SAFETY: when allocated, each parallel chunk below writes every element of its part of `dx`.
+        let mut dx = unsafe { dx_buffer(need, x.len(), d) };
         let (dw, db) = if need.dx {
             dx.par_chunks_mut(ROW_BLOCK * d)
                 .enumerate()
@@ -755,7 +771,8 @@ impl NormKind for ChannelNormKind {
                 o.1 = 1.0 / (a / cf + eps).sqrt();
             }
         });
-        let mut y = vec![T::zero(); x.len()];
+        // SAFETY: each parallel chunk below writes every element of its part of `y`.
+        let mut y = unsafe { uninit_vec::<T>(x.len()) };
         y.par_chunks_mut(hw).enumerate().for_each(|(plane, yp)| {
             let (n, ch) = (plane / c, plane % c);
             let (wc, bc) = (w[ch], b[ch]);
@@ -817,7 +834,8 @@ impl NormKind for ChannelNormKind {
             }
             (s1, s2)
         };
-        let mut dx = vec![T::zero(); if need.dx { x.len() } else { 0 }];
+        // SAFETY: when allocated, each parallel chunk below writes every element of its part of `dx`.
+        let mut dx = unsafe { dx_buffer(need, x.len(), c) };
         let sums: Vec<(f64, f64)> = if need.dx {
             dx.par_chunks_mut(hw)
                 .enumerate()
@@ -924,7 +942,8 @@ impl<K: RowLocal, T: Float> Kernel for LocalBwd<'_, K, T> {
 impl<K: RowLocal> LocalOp<K> {
     fn run<T: Float>(&self, x: &[T]) -> Vec<T> {
         let bl = self.0.block();
-        let mut y = vec![T::zero(); x.len()];
+        // SAFETY: each parallel chunk below writes every element of its part of `y`.
+        let mut y = unsafe { uninit_vec::<T>(x.len()) };
         y.par_chunks_mut(bl)
             .zip(x.par_chunks(bl))
             .for_each(|(y, x)| {
@@ -977,7 +996,8 @@ impl<K: RowLocal> LocalGrad<K> {
             candle_core::bail!("{}: gradient and operand differ in size", K::GRAD_NAME);
         }
         let bl = self.0.block();
-        let mut dx = vec![T::zero(); z.len()];
+        // SAFETY: each parallel chunk below writes every element of its part of `dx`.
+        let mut dx = unsafe { uninit_vec::<T>(z.len()) };
         dx.par_chunks_mut(bl)
             .zip(dy.par_chunks(bl).zip(z.par_chunks(bl)))
             .for_each(|(dx, (dy, z))| {
@@ -1040,6 +1060,23 @@ impl RowLocal for SoftmaxKind {
             }
         }
     }
+}
+
+/// Softmax of rows of `d` of `x` into `y`: the fused softmax's kernel, on the calling thread.
+pub(super) fn softmax_rows<T: Float>(y: &mut [T], x: &[T], d: usize) {
+    let kind = SoftmaxKind { d };
+    run_widest(LocalFwd { kind: &kind, y, x })
+}
+
+/// The gradient `dx = y ⊙ (dy − Σ dy⊙y)` of [`softmax_rows`] from its output `y`, on the calling thread.
+pub(super) fn softmax_rows_grad<T: Float>(dx: &mut [T], dy: &[T], y: &[T], d: usize) {
+    let kind = SoftmaxKind { d };
+    run_widest(LocalBwd {
+        kind: &kind,
+        dx,
+        dy,
+        z: y,
+    })
 }
 
 /// Fused softmax over the last axis; the caller checks [`supported`].
@@ -1187,7 +1224,8 @@ impl AddRelu {
             view::<T>(s1, l1, "add-relu")?,
             view::<T>(s2, l2, "add-relu")?,
         );
-        let mut y = vec![T::zero(); a.len()];
+        // SAFETY: each parallel chunk below writes every element of its part of `y`.
+        let mut y = unsafe { uninit_vec::<T>(a.len()) };
         y.par_chunks_mut(ELEM_BLOCK)
             .zip(a.par_chunks(ELEM_BLOCK).zip(b.par_chunks(ELEM_BLOCK)))
             .for_each(|(y, (a, b))| run_widest(AddReluBlock { y, a, b }));

@@ -11,6 +11,7 @@
 //! * bias gradient: the column sums of `dY`.
 //!
 //! `Wᵀ` and `dYᵀ` are read through strides, never copied.
+use super::buffer::uninit_vec;
 use super::conv_gemm::{gemm_grad_op, gemm_layer_op, matmul, parallelism, with_float, Float, View};
 use crate::{Error, Result};
 use candle_core::{
@@ -37,7 +38,8 @@ impl Geom {
 }
 
 fn forward<T: Float>(g: &Geom, x: &[T], w: &[T], b: Option<&[T]>) -> Vec<T> {
-    let mut y = vec![T::zero(); g.m * g.n];
+    // SAFETY: written in full below: rows pre-filled with the bias, or by the non-accumulating product.
+    let mut y = unsafe { uninit_vec::<T>(g.m * g.n) };
     if let Some(b) = b {
         for row in y.chunks_mut(g.n.max(1)) {
             row.copy_from_slice(b);
@@ -57,14 +59,16 @@ fn forward<T: Float>(g: &Geom, x: &[T], w: &[T], b: Option<&[T]>) -> Vec<T> {
 }
 
 fn input_grad<T: Float>(g: &Geom, dy: &[T], w: &[T]) -> Vec<T> {
-    let mut dx = vec![T::zero(); g.m * g.k];
+    // SAFETY: written in full by the non-accumulating product (`gemm` does not read it).
+    let mut dx = unsafe { uninit_vec::<T>(g.m * g.k) };
     let (dyv, wv) = (View::rm(dy, g.n), View::rm(w, g.k));
     matmul(&mut dx, g.k, (g.m, g.k, g.n), dyv, wv, false, parallelism());
     dx
 }
 
 fn weight_grad<T: Float>(g: &Geom, dy: &[T], x: &[T]) -> Vec<T> {
-    let mut dw = vec![T::zero(); g.n * g.k];
+    // SAFETY: written in full by the non-accumulating product (`gemm` does not read it).
+    let mut dw = unsafe { uninit_vec::<T>(g.n * g.k) };
     let (dyt, xv) = (View::tr(dy, g.n), View::rm(x, g.k));
     matmul(&mut dw, g.k, (g.n, g.k, g.m), dyt, xv, false, parallelism());
     dw

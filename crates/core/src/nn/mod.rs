@@ -23,8 +23,10 @@
 //! [`StdConv2d::standardised_weight`] run as fused ops with hand-derived backward (`fused.rs`); elsewhere they are
 //! composed candle ops.
 mod act;
+mod attention_fused;
 mod batchnorm;
 mod batchnorm_fused;
+mod buffer;
 mod conv;
 mod conv_gemm;
 mod dropout;
@@ -44,6 +46,7 @@ mod resize_cache;
 mod resize_fused;
 
 pub use act::{add_relu, gelu, log_softmax, relu, sigmoid, softmax};
+pub use attention_fused::{attention, attention_supported};
 pub use batchnorm::BatchNorm2d;
 pub use conv::{check_strided_input, conv2d, conv_transpose2d, StdConv2d, STD_CONV_EPS};
 pub use conv_gemm::{conv2d_gemm, conv2d_gemm_bias, conv2d_layer};

@@ -54,20 +54,39 @@ impl Attention {
 
     /// `seeds`: dropout seeds of the attention-probability and output-projection dropouts.
     pub fn forward_t(&self, x: &Tensor, seeds: Option<(u64, u64)>) -> Result<Tensor> {
-        let (b, n, d) = x.dims3()?;
-        let q = self.heads(&nn::linear_layer(&self.query, x)?)?;
-        let k = self.heads(&nn::linear_layer(&self.key, x)?)?;
-        let v = self.heads(&nn::linear_layer(&self.value, x)?)?;
+        let q = nn::linear_layer(&self.query, x)?;
+        let k = nn::linear_layer(&self.key, x)?;
+        let v = nn::linear_layer(&self.value, x)?;
+        let prob_seed = seeds.map(|s| s.0);
+        // One fused op on the CPU (no dropout inside it; every preset's attention dropout is 0).
+        let ctx =
+            if !self.attn_dropout.is_active(prob_seed) && nn::attention_supported(&[&q, &k, &v]) {
+                nn::attention(&q, &k, &v, self.num_heads)?
+            } else {
+                self.attention_composed(&q, &k, &v, prob_seed)?
+            };
+        let out = nn::linear_layer(&self.out, &ctx)?;
+        self.proj_dropout.forward_t(&out, seeds.map(|s| s.1))
+    }
+
+    /// `softmax(Q·Kᵀ/√d_h)·V` per head from candle ops, with dropout on the probabilities.
+    fn attention_composed(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        prob_seed: Option<u64>,
+    ) -> Result<Tensor> {
+        let (b, n, d) = q.dims3()?;
+        let (q, k, v) = (self.heads(q)?, self.heads(k)?, self.heads(v)?);
         let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
         let probs = nn::softmax(&scores, 3)?;
-        let probs = self.attn_dropout.forward_t(&probs, seeds.map(|s| s.0))?;
-        let ctx = probs
+        let probs = self.attn_dropout.forward_t(&probs, prob_seed)?;
+        Ok(probs
             .matmul(&v)?
             .transpose(1, 2)?
             .contiguous()?
-            .reshape((b, n, d))?;
-        let out = nn::linear_layer(&self.out, &ctx)?;
-        self.proj_dropout.forward_t(&out, seeds.map(|s| s.1))
+            .reshape((b, n, d))?)
     }
 }
 

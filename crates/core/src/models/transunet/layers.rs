@@ -47,9 +47,14 @@ impl Dropout {
 
     pub fn forward_t(&self, x: &Tensor, seed: Option<u64>) -> Result<Tensor> {
         match seed {
-            Some(s) if self.p > 0.0 => self.inner.forward_t(x, Some(s)),
+            Some(s) if self.is_active(seed) => self.inner.forward_t(x, Some(s)),
             _ => Ok(x.clone()),
         }
+    }
+
+    /// Whether [`Self::forward_t`] with this seed changes its input (training mode and `p > 0`).
+    pub fn is_active(&self, seed: Option<u64>) -> bool {
+        seed.is_some() && self.p > 0.0
     }
 }
 
