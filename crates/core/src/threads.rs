@@ -30,3 +30,29 @@ pub fn run_on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         Err(_) => f(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The work runs on a worker of a pool of candle's thread count (not on the calling thread) and its result comes
+    /// back; rayon calls inside use that pool.
+    #[test]
+    fn runs_on_a_pool_worker_with_candles_thread_count() {
+        let caller = std::thread::current().id();
+        let (index, threads, same_thread, sum) = super::run_on_compute_pool(|| {
+            use rayon::prelude::*;
+            (
+                rayon::current_thread_index(),
+                rayon::current_num_threads(),
+                std::thread::current().id() == caller,
+                (0..1000u64).into_par_iter().sum::<u64>(),
+            )
+        });
+        if std::env::var("ULTRAREFINER_COMPUTE_POOL").is_ok_and(|v| v == "0") {
+            return;
+        }
+        assert!(index.is_some(), "not on a pool worker");
+        assert!(!same_thread);
+        assert_eq!(threads, candle_core::utils::get_num_threads());
+        assert_eq!(sum, 499_500);
+    }
+}
