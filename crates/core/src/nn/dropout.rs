@@ -129,7 +129,7 @@ impl candle_core::CustomOp1 for MaskScale {
 /// satisfies `u/2³² ≥ p` (compared exactly in f64). One word per element, so blocks of elements are drawn in
 /// parallel by seeking the stream to their first word; the flags do not depend on the thread count. (A word rather
 /// than a 53-bit `f64` per element halves the ChaCha work, which bounded dropout's cost; `p` is resolved to 2⁻³².)
-fn bernoulli_keep_flags(n: usize, p: f64, seed: u64) -> Vec<bool> {
+pub(super) fn bernoulli_keep_flags(n: usize, p: f64, seed: u64) -> Vec<bool> {
     let base = stream_rng(seed, "dropout", &[]);
     let threshold = p * 4_294_967_296.0;
     let mut keep = vec![false; n];

@@ -1123,6 +1123,25 @@ impl RowLocal for GeluKind {
     }
 }
 
+/// Exact GELU of `x` into `y`: the fused GELU's kernel, on the calling thread.
+pub(super) fn gelu_elems<T: Float>(y: &mut [T], x: &[T]) {
+    run_widest(LocalFwd {
+        kind: &GeluKind,
+        y,
+        x,
+    })
+}
+
+/// The gradient `dy·GELU'(x)` of [`gelu_elems`], on the calling thread.
+pub(super) fn gelu_elems_grad<T: Float>(dx: &mut [T], dy: &[T], x: &[T]) {
+    run_widest(LocalBwd {
+        kind: &GeluKind,
+        dx,
+        dy,
+        z: x,
+    })
+}
+
 /// Fused exact GELU; the caller checks [`supported`].
 pub(super) fn gelu(x: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(LocalOp(GeluKind))?)

@@ -129,8 +129,9 @@ impl Mlp {
     }
 
     pub fn forward_t(&self, x: &Tensor, seeds: Option<(u64, u64)>) -> Result<Tensor> {
-        let y = nn::gelu(&nn::linear_layer(&self.fc1, x)?)?;
-        let y = self.dropout.forward_t(&y, seeds.map(|s| s.0))?;
+        let y = self
+            .dropout
+            .forward_gelu_t(&nn::linear_layer(&self.fc1, x)?, seeds.map(|s| s.0))?;
         let y = nn::linear_layer(&self.fc2, &y)?;
         self.dropout.forward_t(&y, seeds.map(|s| s.1))
     }

@@ -52,6 +52,11 @@ impl Dropout {
         }
     }
 
+    /// `self.forward_t(&gelu(x), seed)`, one fused op on the CPU.
+    pub fn forward_gelu_t(&self, x: &Tensor, seed: Option<u64>) -> Result<Tensor> {
+        crate::nn::gelu_dropout(x, &self.inner, seed)
+    }
+
     /// Whether [`Self::forward_t`] with this seed changes its input (training mode and `p > 0`).
     pub fn is_active(&self, seed: Option<u64>) -> bool {
         seed.is_some() && self.p > 0.0
