@@ -396,6 +396,35 @@ fn bce_is_finite_at_extreme_logits() {
 }
 
 #[test]
+fn fd_attention() {
+    // (B, N, D) = (2, 4, 6) over 2 heads; unrelated q, k, v.
+    let q = rand_t(&[2, 4, 6], -1.5, 1.5, 61);
+    let k = rand_t(&[2, 4, 6], -1.5, 1.5, 62);
+    let v = rand_t(&[2, 4, 6], -1.5, 1.5, 63);
+    fd_check(
+        "attention",
+        &[q, k, v],
+        |t| nn::attention(&t[0], &t[1], &t[2], 2),
+        RTOL,
+        48,
+    );
+}
+
+#[test]
+fn fd_gelu_dropout() {
+    // A fixed seed fixes the mask, so the op is a deterministic function of x.
+    let x = rand_t(&[4, 50], -3.0, 3.0, 64);
+    let d = nn::Dropout::new(0.3);
+    fd_check(
+        "gelu-dropout",
+        &[x],
+        |t| nn::gelu_dropout(&t[0], &d, Some(9)),
+        RTOL,
+        200,
+    );
+}
+
+#[test]
 fn fd_gelu() {
     let x = rand_t(&[11], -4.0, 4.0, 30);
     fd_check("gelu", &[x], |t| nn::gelu(&t[0]), RTOL, 20);

@@ -17,7 +17,8 @@
 //! dropout is not part of the op; callers with a non-zero attention dropout use the composed ops.
 use super::buffer::uninit_vec;
 use super::conv_gemm::{matmul, View};
-use super::fused::{softmax_rows, softmax_rows_grad, Float};
+use super::cpu_data;
+use super::fused::{lock, softmax_rows, softmax_rows_grad, Float};
 use crate::{Error, Result};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -85,7 +86,7 @@ impl Geom {
         T::from_f64(1.0 / (self.hd as f64).sqrt())
     }
 
-    /// Offset of head `h` of sample `bi` in a `(B, N, D)` operand (its `(N, d_h)` view has row stride `D`).
+    /// Offset of the (sample, head) pair `bh` in a `(B, N, D)` operand (its `(N, d_h)` view has row stride `D`).
     fn head_offset(&self, bh: usize) -> usize {
         (bh / self.heads) * self.n * self.d + (bh % self.heads) * self.hd
     }
@@ -219,14 +220,6 @@ fn backward<T: Elem>(
     [g.merge(&dq), g.merge(&dk), g.merge(&dv)]
 }
 
-/// The contiguous elements of a CPU operand.
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&T::cpu_storage_as_slice(s)?[a..b]),
-        None => candle_core::bail!("attention: operands must be contiguous"),
-    }
-}
-
 impl Attention {
     fn run<T: Elem>(
         &self,
@@ -236,16 +229,12 @@ impl Attention {
         (s3, l3): (&CpuStorage, &Layout),
     ) -> candle_core::Result<CpuStorage> {
         let (q, k, v) = (
-            slice::<T>(s1, l1)?,
-            slice::<T>(s2, l2)?,
-            slice::<T>(s3, l3)?,
+            cpu_data::<T>(s1, l1, "attention query")?,
+            cpu_data::<T>(s2, l2, "attention key")?,
+            cpu_data::<T>(s3, l3, "attention value")?,
         );
         let (out, probs) = forward(g, q, k, v);
-        *self
-            .probs
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("attention: poisoned lock".into()))? =
-            Some(T::to_cpu_storage_owned(probs));
+        *lock(&self.probs, "attention")? = Some(T::to_cpu_storage_owned(probs));
         Ok(T::to_cpu_storage_owned(out))
     }
 
@@ -256,10 +245,7 @@ impl Attention {
         (q, k, v): (&Tensor, &Tensor, &Tensor),
         grad: &Tensor,
     ) -> candle_core::Result<[Tensor; 3]> {
-        let guard = self
-            .probs
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("attention: poisoned lock".into()))?;
+        let guard = lock(&self.probs, "attention")?;
         let Some(probs) = guard.as_ref() else {
             candle_core::bail!("attention: backward before forward");
         };
@@ -276,7 +262,7 @@ impl Attention {
             l: &Layout,
         ) -> candle_core::Result<&'a [T]> {
             match s {
-                candle_core::Storage::Cpu(c) => slice::<T>(c, l),
+                candle_core::Storage::Cpu(c) => cpu_data::<T>(c, l, "attention operand"),
                 _ => candle_core::bail!("attention: CPU operands only"),
             }
         }
@@ -428,56 +414,6 @@ mod tests {
                     );
                     assert!(rel_diff(a, e) < tol, "{what}: {name} gradient");
                 }
-            }
-        }
-    }
-
-    /// Central finite differences in f64 of `Σ r ⊙ attention(q, k, v)` for every element of every operand.
-    #[test]
-    fn gradients_match_finite_differences() {
-        let shape = [2, 4, 6];
-        let heads = 2;
-        let [q, k, v] = operands(&shape, DType::F64);
-        let r = ramp(&shape, 3.0, DType::F64);
-        let f = |args: &[Tensor; 3]| -> f64 {
-            (attention(&args[0], &args[1], &args[2], heads).unwrap() * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
-        let vars = [q.as_tensor(), k.as_tensor(), v.as_tensor()];
-        let grads = (attention(vars[0], vars[1], vars[2], heads).unwrap() * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let h = 1e-6;
-        for which in 0..3 {
-            let flat = vars[which].flatten_all().unwrap().to_vec1::<f64>().unwrap();
-            let analytic = grads
-                .get(vars[which])
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            for i in 0..flat.len() {
-                let bump = |d: f64| {
-                    let mut x = flat.clone();
-                    x[i] += d;
-                    let mut args = vars.map(|t| t.detach());
-                    args[which] = Tensor::from_vec(x, &shape, &Device::Cpu).unwrap();
-                    f(&args)
-                };
-                let numeric = (bump(h) - bump(-h)) / (2.0 * h);
-                assert!(
-                    (numeric - analytic[i]).abs() < 1e-6 * (1.0 + numeric.abs()),
-                    "operand {which} element {i}: numeric {numeric} analytic {}",
-                    analytic[i]
-                );
             }
         }
     }

@@ -157,7 +157,10 @@ fn view<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_cor
     }
 }
 
-fn lock<'a, V>(m: &'a Mutex<V>, op: &str) -> candle_core::Result<std::sync::MutexGuard<'a, V>> {
+pub(super) fn lock<'a, V>(
+    m: &'a Mutex<V>,
+    op: &str,
+) -> candle_core::Result<std::sync::MutexGuard<'a, V>> {
     m.lock()
         .map_err(|_| candle_core::Error::Msg(format!("{op}: poisoned lock")))
 }

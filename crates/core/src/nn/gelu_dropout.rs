@@ -5,6 +5,7 @@
 //! GELU's gradient reads it. Here both directions are one pass per element: forward `y = GELU(x)·m`, backward
 //! `dx = (dy·m)·GELU'(x)` with `m = 1/(1−p)` where kept and `0` elsewhere. The mask is the dropout's own (same stream,
 //! same keep decisions), and every value is computed in the order of the two ops, so results are bit-identical.
+use super::cpu_data;
 use super::dropout::bernoulli_keep_flags;
 use super::fused::{gelu_elems, gelu_elems_grad, supported, Float};
 use super::Dropout;
@@ -91,14 +92,6 @@ impl GeluDropout {
     }
 }
 
-/// The contiguous elements of a CPU operand.
-fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&T::cpu_storage_as_slice(s)?[a..b]),
-        None => candle_core::bail!("gelu-dropout: operands must be contiguous"),
-    }
-}
-
 impl CustomOp1 for GeluDropout {
     fn name(&self) -> &'static str {
         "gelu-dropout"
@@ -107,8 +100,12 @@ impl CustomOp1 for GeluDropout {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         self.check(l)?;
         let y = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(self.fwd(data::<f32>(s, l)?)),
-            CpuStorage::F64(_) => CpuStorage::F64(self.fwd(data::<f64>(s, l)?)),
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(self.fwd(cpu_data::<f32>(s, l, "gelu-dropout input")?))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(self.fwd(cpu_data::<f64>(s, l, "gelu-dropout input")?))
+            }
             _ => candle_core::bail!("gelu-dropout: only f32/f64"),
         };
         Ok((y, l.shape().clone()))
@@ -137,12 +134,14 @@ impl CustomOp2 for GeluDropoutGrad {
         self.0.check(l1)?;
         self.0.check(l2)?;
         let dx = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(self.0.grad(data::<f32>(s1, l1)?, data::<f32>(s2, l2)?))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(self.0.grad(data::<f64>(s1, l1)?, data::<f64>(s2, l2)?))
-            }
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(self.0.grad(
+                cpu_data::<f32>(s1, l1, "gelu-dropout gradient")?,
+                cpu_data::<f32>(s2, l2, "gelu-dropout input")?,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(self.0.grad(
+                cpu_data::<f64>(s1, l1, "gelu-dropout gradient")?,
+                cpu_data::<f64>(s2, l2, "gelu-dropout input")?,
+            )),
             _ => candle_core::bail!("gelu-dropout-grad: only f32/f64 operands of one type"),
         };
         Ok((dx, l2.shape().clone()))
